@@ -25,6 +25,21 @@ Batched example (leading batch dim B omitted below):
   orig_size      int32   [2]         (height, width) of the image before resize/pad.
   example_valid  bool    []          False on examples that only pad the last eval batch.
 
+Reader output ("decoded example", unpadded, before preprocessing; every reader yields this,
+as a dict of tensors inside tf.data):
+
+  image          uint8   [h, w, 3]
+  segment_map    int32   [h, w]      -1 = void / unlabelled; k = row k of the segment table.
+                                     Box-only data: all -1.
+  seg_class      int32   [n]         contiguous class id (0..V-1) in the dataset's vocabulary.
+  seg_box        float32 [n, 4]      (y0, x0, y1, x1) in pixels of `image`.
+  seg_is_thing   bool    [n]
+  seg_is_crowd   bool    [n]
+  image_id       int64   []
+
+Dataset vocabularies (class names, is-thing flags, original ids) live in dataseg/vocab as
+COCO-panoptic-style category JSON files.
+
 `segment_map` is the one mask source: for instance data with overlapping masks the
 later segment wins where they overlap (evaluation of overlapping instances reads the
 original annotations instead).

@@ -1,0 +1,348 @@
+"""Pixel decoders: backbone features -> multi-scale memory + per-pixel mask features.
+
+Two choices, picked by `config.pixel_decoder.name`:
+
+* `msdeform` (Mask2Former's `MSDeformAttnPixelDecoder`): a 6-layer multi-scale
+  deformable-attention encoder over strides 8/16/32, then FPN-style lateral fusion
+  down to stride 4 and a 1x1 mask-feature projection. The deformable sampling is
+  written in pure JAX (bilinear sampling with gathers, zero padding,
+  `align_corners=False`, exactly like `grid_sample` inside `MSDeformAttn`'s
+  PyTorch reference), so it runs on any backend and shards like any other op.
+* `fpn`: a light top-down FPN (Mask2Former's `BasePixelDecoder`) for CPU runs.
+
+Both return `(memory, mask_features)`:
+  memory         list of 3 [B, h_i, w_i, dim], strides 32, 16, 8 in that order
+                 (the order the transformer decoder cycles over).
+  mask_features  [B, H/4, W/4, dim].
+
+This module also holds the small parameter-annotated layer helpers shared by the
+model (every parameter carries logical axis names; see `dataseg_model.LOGICAL_AXES`).
+"""
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros
+_ones = nn.initializers.ones
+
+
+# ---------------------------------------------------------------------------
+# Shared layer helpers (logical axis names on every parameter).
+# ---------------------------------------------------------------------------
+
+
+def dense(features: int, axes: tuple[str, str], *, dtype: Dtype = jnp.float32,
+          kernel_init=_xavier, bias_init=_zeros, use_bias: bool = True,
+          name: str | None = None) -> nn.Dense:
+  """nn.Dense with fp32 params, `dtype` compute and logical axis names."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)),
+      name=name)
+
+
+def conv(features: int, kernel: int, *, dtype: Dtype = jnp.float32,
+         use_bias: bool = True, name: str | None = None) -> nn.Conv:
+  """NHWC conv, 'SAME' padding, annotated [conv_h, conv_w, conv_in, conv_out]."""
+  return nn.Conv(
+      features, (kernel, kernel), padding="SAME", use_bias=use_bias,
+      dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(
+          _xavier, ("conv_h", "conv_w", "conv_in", "conv_out")),
+      bias_init=nn.with_logical_partitioning(_zeros, ("conv_out",)),
+      name=name)
+
+
+def layer_norm(*, dtype: Dtype = jnp.float32, name: str | None = None):
+  return nn.LayerNorm(
+      epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(_ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(_zeros, ("norm",)), name=name)
+
+
+def group_norm(groups: int = 32, *, dtype: Dtype = jnp.float32,
+               name: str | None = None):
+  """GroupNorm: batch-independent, so it behaves the same under any sharding."""
+  return nn.GroupNorm(
+      num_groups=groups, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(_ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(_zeros, ("norm",)), name=name)
+
+
+def position_embedding_sine(height: int, width: int, dim: int,
+                            temperature: float = 10000.0) -> jnp.ndarray:
+  """Mask2Former's `PositionEmbeddingSine(dim // 2, normalize=True)` -> [H, W, dim].
+
+  Computed from static shapes (no padding mask, as in Mask2Former), so it is a
+  constant under jit. Channel order: [pos_y (dim/2), pos_x (dim/2)].
+  """
+  npf = dim // 2
+  eps, scale = 1e-6, 2 * math.pi
+  y = np.arange(1, height + 1, dtype=np.float32) / (height + eps) * scale
+  x = np.arange(1, width + 1, dtype=np.float32) / (width + eps) * scale
+  dim_t = temperature ** (2 * (np.arange(npf) // 2) / npf)
+
+  def enc(v):  # [n] -> [n, npf], interleaved sin/cos as in the torch code.
+    p = v[:, None] / dim_t
+    return np.stack([np.sin(p[:, 0::2]), np.cos(p[:, 1::2])], -1).reshape(
+        len(v), npf)
+
+  py = np.broadcast_to(enc(y)[:, None, :], (height, width, npf))
+  px = np.broadcast_to(enc(x)[None, :, :], (height, width, npf))
+  return jnp.asarray(np.concatenate([py, px], -1))
+
+
+def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+  """[B, h, w, C] -> [B, height, width, C]; torch `interpolate(bilinear,
+  align_corners=False)` (half-pixel centres, no antialiasing)."""
+  b, _, _, c = x.shape
+  return jax.image.resize(x, (b, height, width, c), "linear", antialias=False)
+
+
+# ---------------------------------------------------------------------------
+# Multi-scale deformable attention.
+# ---------------------------------------------------------------------------
+
+
+def ms_deform_attn_core(value: jnp.ndarray,
+                        spatial_shapes: Sequence[tuple[int, int]],
+                        sampling_locations: jnp.ndarray,
+                        attention_weights: jnp.ndarray) -> jnp.ndarray:
+  """Pure-JAX `ms_deform_attn_core_pytorch`.
+
+  Args:
+    value: [B, S, M, D] values of all levels, flattened row-major per level and
+      concatenated (S = sum h_l * w_l); M heads of width D.
+    spatial_shapes: static ((h_0, w_0), ...) for the L levels.
+    sampling_locations: [B, Lq, M, L, P, 2] (x, y) normalised to [0, 1] per level;
+      pixel centres sit at (i + 0.5) / size (align_corners=False).
+    attention_weights: [B, Lq, M, L, P], normalised over (L, P).
+  Returns:
+    [B, Lq, M * D]. Samples outside the map read zeros (zero padding).
+  """
+  b, _, m, d = value.shape
+  _, lq, _, num_levels, p, _ = sampling_locations.shape
+  out = jnp.zeros((b, m, lq, p, d), jnp.float32)
+  start = 0
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    v = value[:, start:start + h * w].transpose(0, 2, 1, 3)  # [B, M, hw, D]
+    start += h * w
+    loc = sampling_locations[:, :, :, lvl].astype(jnp.float32)  # [B,Lq,M,P,2]
+    loc = loc.transpose(0, 2, 1, 3, 4)  # [B, M, Lq, P, 2]
+    x = loc[..., 0] * w - 0.5
+    y = loc[..., 1] * h - 0.5
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    fx, fy = x - x0, y - y0
+    attn = attention_weights[:, :, :, lvl].astype(jnp.float32).transpose(
+        0, 2, 1, 3)  # [B, M, Lq, P]
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+      for dx, wx in ((0, 1 - fx), (1, fx)):
+        xi, yi = x0 + dx, y0 + dy
+        inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+        idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).astype(
+            jnp.int32)  # [B, M, Lq, P]
+        g = jnp.take_along_axis(
+            v, idx.reshape(b, m, lq * p, 1), axis=2).reshape(b, m, lq, p, d)
+        wgt = jnp.where(inside, wx * wy, 0.0) * attn
+        out = out + g.astype(jnp.float32) * wgt[..., None]
+  out = out.sum(axis=3)  # [B, M, Lq, D]
+  return out.transpose(0, 2, 1, 3).reshape(b, lq, m * d).astype(value.dtype)
+
+
+def _sampling_offset_bias(heads: int, levels: int, points: int):
+  """Deformable DETR's init: head h looks along direction 2*pi*h/heads, point k
+  at distance k+1 (in pixels of each level)."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    thetas = np.arange(heads, dtype=np.float32) * (2.0 * math.pi / heads)
+    grid = np.stack([np.cos(thetas), np.sin(thetas)], -1)
+    grid = grid / np.abs(grid).max(-1, keepdims=True)
+    grid = np.tile(grid[:, None, None, :], (1, levels, points, 1))
+    grid = grid * np.arange(1, points + 1, dtype=np.float32)[None, None, :, None]
+    return jnp.asarray(grid.reshape(shape), dtype)
+  return init
+
+
+class MSDeformAttn(nn.Module):
+  """Multi-scale deformable attention (Zhu et al. 2021), Mask2Former settings."""
+  dim: int = 256
+  heads: int = 8
+  levels: int = 3
+  points: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query, reference_points, value_in, spatial_shapes):
+    """query [B, Lq, C]; reference_points [B, Lq, L, 2] (x, y) in [0, 1];
+    value_in [B, S, C]; spatial_shapes static ((h, w), ...) -> [B, Lq, C]."""
+    b, lq, _ = query.shape
+    m, nl, p = self.heads, self.levels, self.points
+    value = dense(self.dim, ("embed", "heads"), dtype=self.dtype,
+                  name="value_proj")(value_in)
+    value = value.reshape(b, value.shape[1], m, self.dim // m)
+    n_off = m * nl * p * 2
+    offsets = nn.Dense(
+        n_off, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(_zeros, ("embed", "kv")),
+        bias_init=nn.with_logical_partitioning(
+            _sampling_offset_bias(m, nl, p), ("kv",)),
+        name="sampling_offsets")(query)
+    offsets = offsets.astype(jnp.float32).reshape(b, lq, m, nl, p, 2)
+    logits = dense(m * nl * p, ("embed", "kv"), dtype=self.dtype,
+                   kernel_init=_zeros, name="attention_weights")(query)
+    weights = jax.nn.softmax(
+        logits.astype(jnp.float32).reshape(b, lq, m, nl * p), -1)
+    weights = weights.reshape(b, lq, m, nl, p)
+    normalizer = jnp.asarray([(w, h) for h, w in spatial_shapes], jnp.float32)
+    loc = (reference_points[:, :, None, :, None, :]
+           + offsets / normalizer[None, None, None, :, None, :])
+    out = ms_deform_attn_core(value, spatial_shapes, loc, weights)
+    return dense(self.dim, ("heads", "embed"), dtype=self.dtype,
+                 name="output_proj")(out)
+
+
+class MSDeformEncoderLayer(nn.Module):
+  """Post-norm encoder layer: deformable self-attention + FFN."""
+  dim: int = 256
+  heads: int = 8
+  levels: int = 3
+  points: int = 4
+  ffn: int = 1024
+  spatial_shapes: tuple[tuple[int, int], ...] = ()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, src, pos, reference_points):
+    attn = MSDeformAttn(self.dim, self.heads, self.levels, self.points,
+                        self.dtype, name="self_attn")(
+                            src + pos, reference_points, src,
+                            self.spatial_shapes)
+    src = layer_norm(dtype=self.dtype, name="norm1")(src + attn)
+    y = dense(self.ffn, ("embed", "mlp"), dtype=self.dtype, name="linear1")(src)
+    y = dense(self.dim, ("mlp", "embed"), dtype=self.dtype,
+              name="linear2")(nn.relu(y))
+    return layer_norm(dtype=self.dtype, name="norm2")(src + y)
+
+
+def _reference_points(spatial_shapes) -> jnp.ndarray:
+  """Pixel centres of every level, normalised: [S, 2] (x, y).
+
+  Images are padded to the static shape and treated as fully valid (no
+  valid_ratios), as Mask2Former does with its all-false padding mask.
+  """
+  refs = []
+  for h, w in spatial_shapes:
+    y, x = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w,
+                       indexing="ij")
+    refs.append(np.stack([x.reshape(-1), y.reshape(-1)], -1))
+  return jnp.asarray(np.concatenate(refs, 0), jnp.float32)
+
+
+class _FPNFuse(nn.Module):
+  """Top-down fusion to the finer levels: lateral 1x1+GN, add upsampled, 3x3+GN+ReLU."""
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, coarse, lateral_in):
+    lat = conv(self.dim, 1, dtype=self.dtype, use_bias=False,
+               name="lateral")(lateral_in)
+    lat = group_norm(dtype=self.dtype, name="lateral_norm")(lat)
+    y = lat + resize_bilinear(coarse, lat.shape[1], lat.shape[2]).astype(
+        lat.dtype)
+    y = conv(self.dim, 3, dtype=self.dtype, use_bias=False, name="output")(y)
+    return nn.relu(group_norm(dtype=self.dtype, name="output_norm")(y))
+
+
+class MSDeformPixelDecoder(nn.Module):
+  """Mask2Former's MSDeformAttnPixelDecoder (encoder over strides 8/16/32)."""
+  dim: int = 256
+  layers: int = 6
+  heads: int = 8
+  points: int = 4
+  ffn: int = 1024
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, features: dict[str, jnp.ndarray], train: bool = False):
+    del train  # No dropout (Mask2Former uses 0.0 in the pixel decoder).
+    names = ("stride32", "stride16", "stride8")  # coarse -> fine.
+    nl = len(names)
+    level_embed = self.param(
+        "level_embed", nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("levels", "embed")), (nl, self.dim))
+    srcs, poss, shapes = [], [], []
+    for i, n in enumerate(names):
+      x = conv(self.dim, 1, dtype=self.dtype, name=f"input_proj_{i}")(
+          features[n].astype(self.dtype))
+      x = group_norm(dtype=self.dtype, name=f"input_norm_{i}")(x)
+      b, h, w, c = x.shape
+      shapes.append((h, w))
+      pos = position_embedding_sine(h, w, self.dim) + level_embed[i]
+      srcs.append(x.reshape(b, h * w, c))
+      poss.append(jnp.broadcast_to(pos.reshape(1, h * w, c), (b, h * w, c)))
+    src = jnp.concatenate(srcs, 1)
+    pos = jnp.concatenate(poss, 1).astype(self.dtype)
+    shapes = tuple(shapes)
+    ref = jnp.broadcast_to(_reference_points(shapes)[None, :, None, :],
+                           (src.shape[0], src.shape[1], nl, 2))
+    layer_cls = MSDeformEncoderLayer
+    if self.remat:
+      layer_cls = nn.remat(layer_cls)
+    for i in range(self.layers):
+      src = layer_cls(self.dim, self.heads, nl, self.points, self.ffn, shapes,
+                      self.dtype, name=f"encoder_{i}")(src, pos, ref)
+    memory, start = [], 0
+    for h, w in shapes:
+      memory.append(src[:, start:start + h * w].reshape(-1, h, w, self.dim))
+      start += h * w
+    y = _FPNFuse(self.dim, self.dtype, name="fpn_stride4")(
+        memory[-1], features["stride4"].astype(self.dtype))
+    mask_features = conv(self.dim, 1, dtype=self.dtype,
+                         name="mask_features")(y)
+    return memory, mask_features
+
+
+class FPNPixelDecoder(nn.Module):
+  """Light top-down FPN (Mask2Former's BasePixelDecoder) for CPU runs."""
+  dim: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: dict[str, jnp.ndarray], train: bool = False):
+    del train
+    y = conv(self.dim, 3, dtype=self.dtype, use_bias=False, name="output_32")(
+        features["stride32"].astype(self.dtype))
+    y = nn.relu(group_norm(dtype=self.dtype, name="output_norm_32")(y))
+    memory = [y]
+    for s in (16, 8, 4):
+      y = _FPNFuse(self.dim, self.dtype, name=f"fpn_stride{s}")(
+          y, features[f"stride{s}"].astype(self.dtype))
+      if s != 4:
+        memory.append(y)
+    mask_features = conv(self.dim, 1, dtype=self.dtype,
+                         name="mask_features")(y)
+    return memory, mask_features
+
+
+def build_pixel_decoder(config, dtype: Dtype, remat: bool = False,
+                        name: str | None = None) -> nn.Module:
+  """`config`: the model's `pixel_decoder` sub-config."""
+  if config.name == "msdeform":
+    return MSDeformPixelDecoder(
+        dim=config.dim, layers=config.layers, heads=config.heads,
+        points=config.points, ffn=config.ffn, dtype=dtype, remat=remat,
+        name=name)
+  if config.name == "fpn":
+    return FPNPixelDecoder(dim=config.dim, dtype=dtype, name=name)
+  raise ValueError(f"Unknown pixel decoder {config.name!r}; "
+                   "expected 'msdeform' or 'fpn'.")

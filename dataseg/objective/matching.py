@@ -1,0 +1,303 @@
+"""Exact Hungarian matching (linear sum assignment) inside `jax.jit`.
+
+Mask2Former and DETR match proposals to targets with
+`scipy.optimize.linear_sum_assignment` on the host. Inside one jitted, sharded
+train step that means a device -> host -> device round trip per step and per
+decoder layer (every layer is re-matched), and it serialises the step on the
+host CPU. Approximate matchers (auction with a fixed epsilon, Sinkhorn) avoid
+the round trip but return a *different* matching on ties and near ties, so the
+loss is no longer that of the method. This module solves the assignment
+problem exactly in pure JAX, at static shapes, with no host callback.
+
+Algorithm (mirrors scipy's `rectangular_lsap.cpp`, i.e. D. F. Crouse, "On
+implementing 2D rectangular assignment algorithms", IEEE TAES 2016, a
+Jonker-Volgenant shortest augmenting path method):
+  * rows are added one at a time; for each, Dijkstra over the columns on the
+    reduced costs `c[i, j] - u[i] - v[j]` finds the shortest augmenting path to
+    a free column (`shortestPathCosts`, `path`, `SR`, `SC`, `remaining` as in
+    scipy; ties prefer a free column, as scipy does);
+  * the duals `u` (rows) and `v` (columns) are updated exactly as in scipy and
+    the path is flipped.
+What differs from scipy:
+  * every Dijkstra step is a vectorised `jnp` op over all columns (masked
+    instead of a `remaining` list), so the only sequential loops are over
+    rows and path steps (`lax.while_loop`);
+  * before the first augmentation we do Jonker-Volgenant's cheap
+    initialisation (row reduction `u[i] = min_j c[i, j]` plus a greedy
+    assignment of each row to its row minimum when that column is not claimed
+    by an earlier row); it keeps the invariants of Crouse's method (feasible
+    duals, tight assigned pairs, `v = 0` on free columns) and usually leaves
+    only a handful of rows to augment;
+  * the rows of the solved problem are the smaller side: with N queries and
+    M <= N targets we solve the transposed [M, N] problem (targets are rows),
+    so that padded targets are simply rows that are never added.
+Complexity: O(R^2 C) time in the worst case for R = min side, C = max side
+(R augmentations, each at most R Dijkstra steps of O(C) vector work), O(R C)
+memory. In practice most rows are assigned by the greedy start.
+
+Non-finite costs: NaN and +inf are replaced by a finite cost larger than any
+finite assignment can gain (so they are avoided whenever an assignment
+avoiding them exists; scipy would raise "infeasible" when it does not), -inf by
+its negative. Finite costs are clipped to +-finfo.max / (8 (N + M + 1)) so the
+dual arithmetic can never overflow into inf - inf = NaN. Computation is in
+float32, or float64 when `jax_enable_x64` is on and the costs are float64.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+UNMATCHED = -1
+
+
+def _sanitize(cost: jax.Array, valid_cols: jax.Array) -> jax.Array:
+  """Makes costs finite and safe for the dual arithmetic. [N, M] -> [N, M]."""
+  n, m = cost.shape
+  dtype = jnp.float64 if cost.dtype == jnp.float64 else jnp.float32
+  cost = cost.astype(dtype)
+  clip = float(jnp.finfo(dtype).max) / (8 * (n + m + 1))
+  finite = jnp.isfinite(cost)
+  counted = finite & valid_cols[None, :]
+  max_abs = jnp.max(jnp.where(counted, jnp.minimum(jnp.abs(cost), clip), 0.0),
+                    initial=0.0)
+  # Exceeds the total of any finite assignment of min(n, m) pairs.
+  forbidden = jnp.minimum(2.0 * (max_abs + 1.0) * (min(n, m) + 1), clip)
+  cost = jnp.clip(cost, -clip, clip)
+  cost = jnp.where(jnp.isnan(cost) | (cost == jnp.inf), forbidden, cost)
+  return jnp.where(cost == -jnp.inf, -forbidden, cost)
+
+
+def _solve_rows(cost: jax.Array, row_valid: jax.Array,
+                col_valid: jax.Array) -> jax.Array:
+  """Crouse's shortest augmenting path on a [R, C] problem.
+
+  Args:
+    cost: [R, C] finite costs.
+    row_valid: [R] bool, rows to assign.
+    col_valid: [C] bool, columns that may be used. Requires
+      sum(row_valid) <= sum(col_valid).
+
+  Returns:
+    col4row: [R] int32, the column of each valid row, -1 for invalid rows.
+  """
+  r, c = cost.shape
+  dtype = cost.dtype
+  inf = jnp.array(jnp.inf, dtype)
+  rows = jnp.arange(r, dtype=jnp.int32)
+  masked = jnp.where(col_valid[None, :], cost, inf)
+
+  # Jonker-Volgenant start: row reduction and greedy tight assignment.
+  u = jnp.where(row_valid, jnp.min(masked, axis=1, initial=inf), 0.0)
+  u = u.astype(dtype)
+  v = jnp.zeros((c,), dtype)
+  best = jnp.argmin(masked, axis=1).astype(jnp.int32)
+  claim = jnp.full((c,), r, jnp.int32).at[best].min(
+      jnp.where(row_valid, rows, r))
+  row4col = jnp.where(claim < r, claim, -1)
+  won = row_valid & (claim[best] == rows)
+  col4row = jnp.where(won, best, -1)
+
+  todo = row_valid & ~won
+  order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
+  num_todo = jnp.sum(todo)
+
+  def augment_row(k, u, v, row4col, col4row):
+    cur = order[k]
+
+    def search_cond(s):
+      return s['sink'] == -1
+
+    def search_body(s):
+      i = s['i']
+      sr = s['sr'].at[i].set(True)
+      reduced = s['min_val'] + cost[i] - u[i] - v
+      better = ~s['sc'] & (reduced < s['spc'])
+      path = jnp.where(better, i, s['path'])
+      spc = jnp.where(better, reduced, s['spc'])
+      remaining_spc = jnp.where(s['sc'], inf, spc)
+      low = jnp.min(remaining_spc)
+      cand = remaining_spc == low
+      free_cand = cand & (row4col < 0)
+      j = jnp.where(jnp.any(free_cand), jnp.argmax(free_cand),
+                    jnp.argmax(cand)).astype(jnp.int32)
+      owner = row4col[j]
+      # low == inf only if no column is left (an infeasible problem, excluded
+      # by the caller); stop with sink = -2 rather than loop forever.
+      sink = jnp.where(low == inf, -2, jnp.where(owner < 0, j, -1))
+      return dict(i=jnp.maximum(owner, 0), min_val=low, sink=sink, spc=spc,
+                  path=path, sr=sr, sc=s['sc'].at[j].set(True))
+
+    init = dict(i=cur, min_val=jnp.zeros((), dtype),
+                sink=jnp.array(-1, jnp.int32),
+                spc=jnp.full((c,), inf, dtype),
+                path=jnp.full((c,), -1, jnp.int32),
+                sr=jnp.zeros((r,), bool), sc=~col_valid)
+    s = jax.lax.while_loop(search_cond, search_body, init)
+    ok = s['sink'] >= 0
+    min_val, spc = s['min_val'], s['spc']
+    visited_cols = s['sc'] & col_valid
+
+    # Dual update, as in scipy (uses col4row before the path is flipped).
+    others = s['sr'] & (rows != cur)
+    du = jnp.where(others, min_val - spc[jnp.maximum(col4row, 0)], 0.0)
+    du = du.at[cur].set(min_val)
+    dv = jnp.where(visited_cols, min_val - spc, 0.0)
+    u = jnp.where(ok, u + du, u)
+    v = jnp.where(ok, v - dv, v)
+
+    def flip_cond(a):
+      return ~a[1]
+
+    def flip_body(a):
+      j, _, row4col, col4row = a
+      i = s['path'][j]
+      row4col = row4col.at[j].set(i)
+      nxt = col4row[i]
+      col4row = col4row.at[i].set(j)
+      return nxt, i == cur, row4col, col4row
+
+    _, _, row4col, col4row = jax.lax.while_loop(
+        flip_cond, flip_body, (jnp.maximum(s['sink'], 0), ~ok, row4col,
+                               col4row))
+    return u, v, row4col, col4row
+
+  def outer_cond(a):
+    return a[0] < num_todo
+
+  def outer_body(a):
+    k, u, v, row4col, col4row = a
+    return (k + 1,) + augment_row(k, u, v, row4col, col4row)
+
+  *_, col4row = jax.lax.while_loop(
+      outer_cond, outer_body, (jnp.array(0, num_todo.dtype), u, v, row4col,
+                               col4row))
+  return jnp.where(row_valid, col4row, -1).astype(jnp.int32)
+
+
+def _invert(target_to_query: jax.Array, num_queries: int) -> jax.Array:
+  """[M] query per target (-1 none) -> [N] target per query (-1 none)."""
+  m = target_to_query.shape[0]
+  index = jnp.where(target_to_query >= 0, target_to_query, num_queries)
+  return jnp.full((num_queries,), UNMATCHED, jnp.int32).at[index].set(
+      jnp.arange(m, dtype=jnp.int32), mode='drop')
+
+
+def linear_sum_assignment(cost: jax.Array,
+                          valid_cols: Optional[jax.Array] = None) -> jax.Array:
+  """Exact minimum-cost matching of queries (rows) to targets (columns).
+
+  Same optimum as `scipy.optimize.linear_sum_assignment(cost[:, valid_cols])`:
+  min(N, number of valid targets) pairs of least total cost. Jit-able,
+  vmap-able, static shapes.
+
+  Args:
+    cost: [N, M] cost of matching query n to target m.
+    valid_cols: [M] bool, False for padded targets, which are never matched.
+      None means all valid.
+
+  Returns:
+    query_to_target: [N] int32, the target matched to each query, or
+      UNMATCHED (-1).
+  """
+  n, m = cost.shape
+  if valid_cols is None:
+    valid_cols = jnp.ones((m,), bool)
+  valid_cols = jnp.asarray(valid_cols, bool)
+  if n == 0 or m == 0:
+    return jnp.full((n,), UNMATCHED, jnp.int32)
+  cost = _sanitize(jnp.asarray(cost), valid_cols)
+
+  def targets_as_rows():
+    t2q = _solve_rows(cost.T, valid_cols, jnp.ones((n,), bool))
+    return _invert(t2q, n)
+
+  def queries_as_rows():
+    q2t = _solve_rows(cost, jnp.ones((n,), bool), valid_cols)
+    return q2t
+
+  if m <= n:
+    return targets_as_rows()
+  # More target slots than queries: which side is smaller depends on how many
+  # targets are real.
+  return jax.lax.cond(jnp.sum(valid_cols) <= n, targets_as_rows,
+                      queries_as_rows)
+
+
+def batched_linear_sum_assignment(
+    cost: jax.Array, valid_cols: Optional[jax.Array] = None) -> jax.Array:
+  """`linear_sum_assignment` over a batch: [B, N, M], [B, M] -> [B, N]."""
+  if valid_cols is None:
+    valid_cols = jnp.ones((cost.shape[0], cost.shape[2]), bool)
+  return jax.vmap(linear_sum_assignment)(cost, valid_cols)
+
+
+def _scipy_host(cost: np.ndarray, valid_cols: np.ndarray) -> np.ndarray:
+  """Host side of the 'scipy' matcher; any leading batch dimensions."""
+  cost = np.asarray(cost)
+  valid_cols = np.broadcast_to(np.asarray(valid_cols, bool),
+                               cost.shape[:-2] + cost.shape[-1:])
+  lead = cost.shape[:-2]
+  n, m = cost.shape[-2:]
+  flat_cost = cost.reshape((-1, n, m))
+  flat_valid = valid_cols.reshape((-1, m))
+  out = np.full((flat_cost.shape[0], n), UNMATCHED, np.int32)
+  for b in range(flat_cost.shape[0]):
+    cols = np.flatnonzero(flat_valid[b])
+    rows_idx, cols_idx = scipy.optimize.linear_sum_assignment(
+        flat_cost[b][:, cols])
+    out[b, rows_idx] = cols[cols_idx]
+  return out.reshape(lead + (n,))
+
+
+def scipy_linear_sum_assignment(
+    cost: jax.Array, valid_cols: Optional[jax.Array] = None) -> jax.Array:
+  """Scipy's solver through `jax.pure_callback`; same contract as the JAX one.
+
+  Kept as the reference and as a config alternative: it leaves jit via a host
+  round trip (batched into one callback under vmap).
+  """
+  n, m = cost.shape[-2:]
+  if valid_cols is None:
+    valid_cols = jnp.ones(cost.shape[:-2] + (m,), bool)
+  valid_cols = jnp.asarray(valid_cols, bool)
+  if n == 0 or m == 0:
+    return jnp.full(cost.shape[:-1], UNMATCHED, jnp.int32)
+  cost = jnp.asarray(cost)
+  batch = jnp.broadcast_shapes(cost.shape[:-2], valid_cols.shape[:-1])
+  cost = jnp.broadcast_to(cost, batch + (n, m))
+  valid_cols = jnp.broadcast_to(valid_cols, batch + (m,))
+  cost = jnp.vectorize(_sanitize, signature='(n,m),(m)->(n,m)')(
+      cost, valid_cols)
+  return jax.pure_callback(
+      _scipy_host, jax.ShapeDtypeStruct(batch + (n,), jnp.int32), cost,
+      valid_cols, vmap_method='broadcast_all')
+
+
+def match(cost: jax.Array, valid_cols: Optional[jax.Array] = None,
+          method: str = 'jax') -> jax.Array:
+  """Query -> target matching, [..., N, M], [..., M] -> [..., N] int32.
+
+  Args:
+    cost: [..., N, M] matching costs (leading batch dimensions allowed).
+    valid_cols: [..., M] bool validity of targets, or None.
+    method: 'jax' (exact, in-graph) or 'scipy' (host callback).
+
+  Returns:
+    [..., N] target index per query, UNMATCHED (-1) where none.
+  """
+  if method == 'scipy':
+    return scipy_linear_sum_assignment(cost, valid_cols)
+  if method != 'jax':
+    raise ValueError(f'Unknown matching method {method!r}.')
+  lead = cost.shape[:-2]
+  n, m = cost.shape[-2:]
+  if valid_cols is None:
+    valid_cols = jnp.ones(lead + (m,), bool)
+  valid_cols = jnp.broadcast_to(jnp.asarray(valid_cols, bool), lead + (m,))
+  fn = linear_sum_assignment
+  for _ in lead:
+    fn = jax.vmap(fn)
+  return fn(cost, valid_cols)
