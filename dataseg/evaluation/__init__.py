@@ -1,0 +1,10 @@
+"""Evaluators (panoptic PQ, semantic mIoU, COCO mask / box AP) and standard-format exports.
+
+`make_evaluator(name, class_names=..., is_thing=...)` builds one by name; see evaluators.py
+for the add / state / gather / result protocol.
+"""
+
+from dataseg.evaluation.evaluators import Evaluator
+from dataseg.evaluation.evaluators import gather
+from dataseg.evaluation.evaluators import make_evaluator
+from dataseg.evaluation.evaluators import register

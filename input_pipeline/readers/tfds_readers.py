@@ -1,0 +1,179 @@
+"""TFDS datasets -> decoded examples: coco/2017_panoptic, coco/2017, scene_parse150, objects365.
+
+The decode functions are pure TF on one TFDS feature dict and return
+`(decoded, ok)`; `ok` is False for bad input found only after decoding (a panoptic PNG
+id missing from `panoptic_objects`, a label value that is no class), which `read`
+filters out and counts (input_pipeline/bad_input.py).
+
+Feature layouts (tensorflow_datasets/object_detection/coco.py, scene_parse150):
+  coco/2017_panoptic: image [h, w, 3], image/id, panoptic_image [h, w, 3] (RGB ids),
+    panoptic_objects {id, bbox (normalised ymin, xmin, ymax, xmax), label (133, in
+    panoptic category-file order), is_crowd, area}.
+  coco/2017 and objects365 (objects365_builder.py): image, image/id, objects {id, bbox,
+    label, is_crowd, area}. TFDS coco/2017 has NO instance masks: it is read as boxes
+    ('boxes' task / box evaluation); instance masks need the raw JSON (coco.py).
+  scene_parse150: image, annotation [h, w, 3]; channel 0 is read as the 150-class label
+    (0 void). TFDS builds this dataset from the ChallengeData2017 `annotations_instance`
+    archive; prefer the raw ADEChallengeData2016 folder (semantic_png.py) when the
+    exact ADE20k-150 semantic labels matter (see README).
+
+TFDS class labels are mapped into the vocabulary by name (`label_map`), so label order
+differences between TFDS and dataseg/vocab cannot silently mislabel.
+"""
+
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from input_pipeline import preprocess
+from input_pipeline import readers
+from input_pipeline.bad_input import BadInputCounter
+
+_DEFAULT_VOCAB = {"coco/2017_panoptic": "coco_panoptic", "coco/2017": "coco_panoptic",
+                  "scene_parse150": "ade20k", "objects365": "objects365"}
+
+
+def _objects(features, key, label_map, is_thing):
+  image = features["image"]
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  obj = features[key]
+  labels = tf.gather(tf.constant(label_map, tf.int32), tf.cast(obj["label"], tf.int32))
+  box = tf.reshape(tf.cast(obj["bbox"], tf.float32), [-1, 4])
+  table = dict(
+      seg_class=labels,
+      seg_box=box * tf.concat([hw, hw], 0),
+      seg_is_thing=tf.gather(tf.constant(np.asarray(is_thing, bool)), labels),
+      seg_is_crowd=tf.cast(obj["is_crowd"], tf.bool),
+      image_id=tf.cast(features["image/id"], tf.int64),
+      image=tf.cast(image, tf.uint8))
+  return table
+
+
+def decode_coco_panoptic(features, *, label_map, is_thing):
+  """coco/2017_panoptic features -> (decoded, ok)."""
+  out = _objects(features, "panoptic_objects", label_map, is_thing)
+  rgb = tf.cast(features["panoptic_image"], tf.int32)
+  ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+  seg_ids = tf.cast(features["panoptic_objects"]["id"], tf.int32)
+  # A sentinel id -1 keeps the search valid on images with no segment.
+  keys = tf.concat([[-1], seg_ids], 0)
+  order = tf.argsort(keys, stable=True)
+  sorted_ids = tf.gather(keys, order)
+  flat = tf.reshape(ids, [-1])
+  pos = tf.minimum(tf.searchsorted(sorted_ids, flat), tf.size(keys) - 1)
+  found = tf.gather(sorted_ids, pos) == flat
+  seg_map = tf.where(found, tf.gather(order, pos) - 1, -1)
+  out["segment_map"] = tf.reshape(seg_map, tf.shape(ids))
+  ok = ~tf.reduce_any(~found & (flat != 0))
+  return out, ok
+
+
+def decode_detection(features, *, label_map, is_thing):
+  """coco/2017 / objects365 features -> (decoded, ok); boxes only (map all -1).
+
+  Zero-area boxes are kept here and dropped by preprocessing (the Objects365 builder
+  already drops and counts them when it builds the dataset).
+  """
+  out = _objects(features, "objects", label_map, is_thing)
+  out["segment_map"] = -tf.ones(tf.shape(features["image"])[:2], tf.int32)
+  return out, tf.constant(True)
+
+
+def decode_scene_parse150(features, *, value_lookup, is_thing):
+  """scene_parse150 features -> (decoded, ok): one segment per class present.
+
+  `value_lookup[v]`: contiguous class of label value v, -1 void, -2 unknown.
+  """
+  num_classes = len(is_thing)
+  values = tf.cast(features["annotation"][..., 0], tf.int32)
+  lookup = tf.constant(value_lookup, tf.int32)
+  values = tf.minimum(values, tf.size(lookup) - 1)
+  cls_map = tf.gather(lookup, values)
+  ok = ~tf.reduce_any(cls_map == -2)
+  cls_map = tf.maximum(cls_map, -1)
+  flat = tf.reshape(cls_map, [-1])
+  counts = tf.math.unsorted_segment_sum(tf.ones_like(flat), tf.where(flat >= 0, flat,
+                                                                     num_classes),
+                                        num_classes + 1)[:num_classes]
+  classes = tf.cast(tf.where(counts > 0)[:, 0], tf.int32)
+  row = tf.tensor_scatter_nd_update(-tf.ones([num_classes + 1], tf.int32),
+                                    classes[:, None], tf.range(tf.size(classes)))
+  seg_map = tf.gather(row, tf.where(cls_map >= 0, cls_map, num_classes))
+  _, box = preprocess.segment_stats(seg_map, tf.size(classes))
+  out = dict(
+      image=tf.cast(features["image"], tf.uint8), segment_map=seg_map,
+      seg_class=classes, seg_box=box,
+      seg_is_thing=tf.gather(tf.constant(np.asarray(is_thing, bool)), classes),
+      seg_is_crowd=tf.zeros(tf.shape(classes), tf.bool),
+      image_id=tf.cast(features.get("image/id", tf.constant(0, tf.int64)), tf.int64))
+  return out, ok
+
+
+def label_map_by_name(tfds_names, vocab):
+  """TFDS ClassLabel names -> contiguous vocabulary ids (raises on a name not found)."""
+  index = {n.lower(): i for i, n in enumerate(vocab.raw_names)}
+  missing = [n for n in tfds_names if n.lower() not in index]
+  if missing:
+    raise ValueError(f"TFDS labels {missing[:5]} are not in vocabulary {vocab.name!r}")
+  return np.array([index[n.lower()] for n in tfds_names], np.int32)
+
+
+def ade_value_lookup(vocab, void_values=(0,)):
+  size = max(int(i) for i in vocab.original_ids) + 2
+  lookup = -2 * np.ones(size, np.int32)
+  lookup[list(void_values)] = -1
+  for original, contiguous in vocab.id_to_contiguous.items():
+    lookup[int(original)] = contiguous
+  lookup[-1] = -2  # Values beyond the vocabulary are clamped here: unknown.
+  return lookup
+
+
+def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None):
+  """TFDS spec -> (tf.data.Dataset of this host's decoded examples, Vocabulary).
+
+  Each host reads `tfds.even_splits(split, shard_count)[shard_index]`.
+  """
+  name = spec["tfds_name"]
+  base = name.split(":")[0]
+  counter = counter or BadInputCounter(spec.get("on_bad_input", "skip"), name)
+  vocab = readers.vocab_from(dict(spec, vocab=spec.get("vocab") or _DEFAULT_VOCAB.get(
+      base)))
+  if base.startswith("objects365"):
+    from input_pipeline.readers import objects365_builder  # pylint: disable=g-import-not-at-top,unused-import
+  builder = tfds.builder(name, data_dir=spec.get("data_dir"))
+  split = tfds.even_splits(spec.get("split", "train"), n=shard_count)[shard_index]
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  features = builder.info.features
+  if base == "coco/2017_panoptic":
+    fn = lambda f: decode_coco_panoptic(f, label_map=label_map_by_name(
+        features["panoptic_objects"]["label"].names, vocab), is_thing=vocab.is_thing)
+  elif base == "scene_parse150":
+    lookup = ade_value_lookup(vocab)
+    fn = lambda f: decode_scene_parse150(f, value_lookup=lookup, is_thing=vocab.is_thing)
+  elif "objects" in features:
+    label_map = label_map_by_name(features["objects"]["label"].names, vocab)
+    fn = lambda f: decode_detection(f, label_map=label_map, is_thing=vocab.is_thing)
+  else:
+    raise ValueError(f"no decoder for TFDS dataset {name!r}; supported: "
+                     f"{', '.join(_DEFAULT_VOCAB)}")
+  logging.info("TFDS %s split %s -> vocabulary %s", name, split, vocab.name)
+  return filter_bad(ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE), counter, name), vocab
+
+
+def filter_bad(ds, counter, name):
+  """Drops `(decoded, ok=False)` elements, reporting each to `counter`."""
+
+  def keep(example, ok):
+    def report(ok_, image_id):
+      if not ok_:
+        counter.report("unannotated_segment" if "panoptic" in name else "unknown_category",
+                       image_id=int(image_id), file=name, field="annotation",
+                       reason="decoded labels do not match the annotation table")
+      return ok_
+    return tf.ensure_shape(tf.numpy_function(report, [ok, example["image_id"]],
+                                             tf.bool), [])
+
+  return ds.filter(keep).map(readers._first)  # pylint: disable=protected-access

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's test command: set-up (.venv + pinned requirements) and the whole suite.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../launch/setup_env.sh"
+export JAX_PLATFORMS=cpu
+python -m pytest tests -q -p no:cacheprovider "$@"
