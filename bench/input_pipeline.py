@@ -97,6 +97,7 @@ def main():
       next(it)
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
+    del it  # Stop the prefetch threads before the files go away.
   images = args.batches * args.batch_size
   rate = images / elapsed
   per_core = rate / args.cores

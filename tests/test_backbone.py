@@ -106,7 +106,12 @@ def test_jit_grad_and_remat(case, remat):
     return (jax.value_and_grad(lambda p: loss(model, p, x))(p),
             jax.grad(lambda p: loss(model_r if remat else model, p, x))(p))
 
-  (value, grads), grads_r = both(variables["params"], _images())
+  # Gradients are checked for correctness, not speed: skip XLA's slow passes.
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    (value, grads), grads_r = both(variables["params"], _images())
+  finally:
+    jax.config.update("jax_disable_most_optimizations", False)
   assert np.isfinite(value) and value > 0
   for (path, g), g_r in zip(jax.tree_util.tree_leaves_with_path(grads),
                             jax.tree.leaves(grads_r)):
@@ -160,10 +165,10 @@ def test_no_batch_statistics(case):
 
 
 # bf16 compute with fp32 params: error relative to each output's RMS.
-BF16_RTOL = 0.05
+BF16_RTOL = 0.03  # Measured ~0.6-1.2% (R18 frozen/GN, tiny ViTDet, 64px).
 
 
-@pytest.mark.parametrize("case", ["r18_frozen", "vitdet_tiny"])
+@pytest.mark.parametrize("case", ["r18_frozen", "r18_gn", "vitdet_tiny"])
 def test_bf16_matches_fp32(case):
   model, variables, forward = inited(case)
   model16 = _build(CASES[case][0], dtype="bfloat16")
@@ -216,8 +221,9 @@ def test_window_covering_the_grid_is_global_attention():
   block = lambda window: bb.ViTBlock(width=32, heads=4, mlp=64, window=window)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 32))
   params = nn.unbox(random_variables(block(0), x))
-  np.testing.assert_allclose(block(4).apply(params, x),
-                             block(0).apply(params, x), rtol=1e-5, atol=1e-5)
+  windowed, full = jax.jit(lambda p, x: (block(4).apply(p, x),
+                                         block(0).apply(p, x)))(params, x)
+  np.testing.assert_allclose(windowed, full, rtol=1e-5, atol=1e-5)
 
 
 def test_build_backbone_rejects_unknown():

@@ -229,3 +229,46 @@ def test_files_equal_reference(fixture_files):
   for image_id, p, g in pairs:
     ev.add(image_id, p, g)
   _check_against_reference(ev.result(), ev.state(), stat, ref_result, cats)
+
+
+def _random_ids(rng, n):
+  return rng.choice(np.arange(1, 2 ** 24), n, replace=False)
+
+
+@pytest.mark.parametrize("num_segments", [0, 5, 40, 600])
+def test_id_map_fast_path_equals_row_maps(num_segments):
+  # COCO-style random 24-bit ids; 600 segments takes the no-hash fallback.
+  rng = np.random.default_rng(num_segments)
+  h, w = 60, 70
+  results = []
+  for _ in range(3):
+    n, m = num_segments, num_segments + 2
+    gt_rows = rng.integers(-1, n, (h, w)) if n else np.full((h, w), -1)
+    pred_rows = np.where(rng.random((h, w)) < 0.7, gt_rows, rng.integers(-1, m, (h, w)))
+    gt_cls, pred_cls = rng.integers(0, NUM_CLASSES, n), rng.integers(0, NUM_CLASSES, m)
+    crowd = rng.random(n) < 0.2
+    gt_ids, pred_ids = _random_ids(rng, n), _random_ids(rng, m)
+    to_ids = lambda rows, ids: np.concatenate([[0], ids])[rows + 1].astype(np.uint32)
+    fast = panoptic.pq_image_stats_from_ids(to_ids(gt_rows, gt_ids), gt_ids, gt_cls, crowd,
+                                            to_ids(pred_rows, pred_ids), pred_ids, pred_cls,
+                                            NUM_CLASSES)
+    slow = panoptic.pq_image_stats(gt_rows, gt_cls, crowd, pred_rows, pred_cls, NUM_CLASSES)
+    for a, b in zip(fast, slow):
+      np.testing.assert_array_equal(a, b)
+    results.append(slow)
+  if num_segments >= 5:
+    assert sum(r[1].sum() for r in results) > 0  # some true positives
+
+
+def test_unlisted_png_ids_are_rejected():
+  rng = np.random.default_rng(0)
+  ids = _random_ids(rng, 6)
+  gt = np.repeat(np.concatenate([[0], ids]), 10)[None].astype(np.uint32)
+  for bad in (ids[0] + 1, 2 ** 24 - 1):
+    pred = gt.copy()
+    pred[0, 3] = bad
+    with pytest.raises(ValueError, match="missing from the JSON"):
+      panoptic.pq_image_stats_from_ids(gt, ids, np.zeros(6, int), np.zeros(6, bool),
+                                       pred, ids, np.zeros(6, int), NUM_CLASSES)
+  with pytest.raises(ValueError, match="not in the JSON"):
+    exports.panoptic_from_ids(pred, [{"id": int(i), "category_id": 1} for i in ids], {1: 0})

@@ -95,3 +95,12 @@ def test_schema_style_ground_truth():
   ev = semantic.SemanticEvaluator(class_names=NAMES)
   ev.add(0, np.array([[2, 2], [1, 0]]), gt)
   assert ev.result()["mIoU"] == 1.0
+
+
+def test_gather_single_process_keeps_evaluator():
+  ev = semantic.SemanticEvaluator(class_names=NAMES)
+  ev.add(0, np.zeros((2, 2), int), np.zeros((2, 2), int))
+  gathered = evaluators.gather(ev)
+  np.testing.assert_array_equal(gathered.state()["confusion"], ev.state()["confusion"])
+  with pytest.raises(ValueError, match="Unknown evaluator"):
+    evaluators.make_evaluator("nope", class_names=NAMES)

@@ -273,9 +273,9 @@ def test_resnet50_table_covers_torchvision_and_model(tmp_path):
   model = bb.ResNet(depth=50)
   init = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                         jax.ShapeDtypeStruct((1, IMG, IMG, 3), jnp.float32))
-  merged, report = weights.merge_pretrained({"wrapper": 0, **{
-      k: {"backbone": v} for k, v in init.items()}}, converted, "backbone",
-                                            strict=True)
+  merged, report = weights.merge_pretrained(
+      {k: {"backbone": v} for k, v in init.items()}, converted, "backbone",
+      strict=True)
   assert not report.missing and not report.unexpected
   assert len(report.loaded) == n_leaves
   leaf = merged["params"]["backbone"]["layer3_2"]["conv2"]["kernel"]
@@ -340,12 +340,14 @@ def test_torch_reference_resnet(module_prefix):
       {"params": params, bb.FROZEN_COLLECTION: frozen}, strict=True)
   out = model.apply(variables, x)
   with torch.no_grad():
-    t = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     t = tm.maxpool(tm.relu(tm.bn1(tm.conv1(t))))
     for i, layer in enumerate((tm.layer1, tm.layer2, tm.layer3, tm.layer4)):
       t = layer(t)
-      np.testing.assert_allclose(out[f"stride{4 * 2**i}"],
-                                 t.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+      want = t.numpy().transpose(0, 2, 3, 1)
+      scale = np.abs(want).max()  # Random init: compare at unit scale.
+      np.testing.assert_allclose(out[f"stride{4 * 2**i}"] / scale,
+                                 want / scale, atol=1e-4)
 
 
 # --------------------------------------------------------------------- ViT
@@ -390,8 +392,8 @@ def test_vit_from_mae_computes_the_blocks():
   assert not report.missing and not report.unexpected
   assert report.missing_by_design and all(
       "/simfp_" in k for k in report.missing_by_design)
-  _, inter = model.apply(variables, x, capture_intermediates=True,
-                         mutable="intermediates")
+  _, inter = jax.jit(lambda v, x: model.apply(
+      v, x, capture_intermediates=True, mutable="intermediates"))(variables, x)
   want = _np_vit_trunk(x[0].astype(np.float64), state, TINY["heads"], 3, (1,))
   for i, w in enumerate(want):
     got = inter["intermediates"][f"blocks_{i}"]["__call__"][0][0]
@@ -456,6 +458,6 @@ def test_torch_reference_timm_vit():
                          mutable="intermediates")
   with torch.no_grad():
     t = tm.blocks(tm._pos_embed(tm.patch_embed(
-        torch.from_numpy(x.transpose(0, 3, 1, 2)))))
+        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))))
   got = inter["intermediates"]["blocks_1"]["__call__"][0]
   np.testing.assert_allclose(got.reshape(t.shape), t.numpy(), atol=1e-4)

@@ -140,23 +140,23 @@ def pq_from_stats(iou_sum: np.ndarray, tp: np.ndarray, fp: np.ndarray, fn: np.nd
   return out
 
 
-def _perfect_hash(seg_ids: np.ndarray) -> tuple[int, int]:
+def _perfect_hash(seg_ids: np.ndarray, max_bits: int = 11) -> tuple[int, int] | None:
   """(multiplier a, bits b): h(x) = (a * x mod 2^32) >> (32 - b) is injective on seg_ids.
 
-  Searched per image over a few random odd multipliers with b = ceil(log2(n)) + 2 bits
-  first (a tiny table), so the per-pixel work is two integer ops and no gather.
+  Searched per image over a few random odd multipliers, from about 2 log2(n) bits (where a
+  random hash is injective with fair odds) up to `max_bits`, so the per-pixel work is two
+  integer ops and no gather. None when n is too large for a small table.
   """
   x = np.asarray(seg_ids, np.uint64)
-  bits = max(1, int(np.ceil(np.log2(max(x.size, 2)))) + 2)
+  log_n = int(np.ceil(np.log2(max(x.size, 2))))
   rng = np.random.default_rng(x.size)
-  while bits <= 24:
-    for _ in range(64):
+  for bits in range(max(log_n + 2, 2 * log_n - 3), max_bits + 1):
+    for _ in range(32):
       a = int(rng.integers(0, 2 ** 31)) * 2 + 1
       h = ((x * np.uint64(a)) & np.uint64(0xFFFFFFFF)) >> np.uint64(32 - bits)
       if np.unique(h).size == x.size:
         return a, bits
-    bits += 1
-  raise ValueError("no injective hash found")  # only with duplicate ids
+  return None
 
 
 def _hash_map(ids: np.ndarray, a: int, bits: int) -> np.ndarray:
@@ -176,34 +176,35 @@ def pq_image_stats_from_ids(gt_ids: np.ndarray, gt_seg_ids: np.ndarray,
   to its table row (a gather per pixel), each side's ids go through a perfect hash into a
   few bits, one bincount counts the (gt bucket, pred bucket) pairs, and the [n+1, m+1]
   table is read out of that. PNG ids missing from the JSON are rejected: pixels in unlisted
-  buckets, or a per-side checksum (sum of ids) that disagrees, raise ValueError.
+  buckets, or a per-side checksum (sum of ids mod 2^32) that disagrees, raise ValueError.
   """
   gt_class, gt_is_crowd, pred_class = _check_tables(gt_class, gt_is_crowd, pred_class,
                                                     num_classes)
   gt_ids, pred_ids = np.asarray(gt_ids, np.uint32), np.asarray(pred_ids, np.uint32)
   if gt_ids.shape != pred_ids.shape:
     raise ValueError(f"gt map {gt_ids.shape} and prediction map {pred_ids.shape} differ")
-  sides = []
-  for name, seg_ids in (("gt", gt_seg_ids), ("prediction", pred_seg_ids)):
-    listed = np.concatenate([[0], np.asarray(seg_ids, np.int64).reshape(-1)])
-    if np.unique(listed).size != listed.size or listed.max() >= 2 ** 24:
+  listed = [np.concatenate([[0], np.asarray(ids, np.int64).reshape(-1)])
+            for ids in (gt_seg_ids, pred_seg_ids)]
+  for name, ids in zip(("gt", "prediction"), listed):
+    if np.unique(ids).size != ids.size or ids.max() >= 2 ** 24:
       raise ValueError(f"{name} segment ids must be distinct, non-zero and < 2^24")
-    a, bits = _perfect_hash(listed)
-    buckets = ((listed.astype(np.uint64) * np.uint64(a)) & np.uint64(0xFFFFFFFF)
-               ) >> np.uint64(32 - bits)
-    sides.append((listed, a, bits, buckets.astype(np.intp)))
-  (g_listed, ga, gbits, g_buckets), (p_listed, pa, pbits, p_buckets) = sides
-  if gbits + pbits > 26:  # the pair table would not be small: map rows instead
+  hashes = [_perfect_hash(ids) for ids in listed]
+  if None in hashes:  # many segments: the pair table would not be small; map rows instead
     rows = []
-    for ids, listed in ((gt_ids, g_listed), (pred_ids, p_listed)):
-      order = np.argsort(listed)
-      pos = np.minimum(np.searchsorted(listed[order], ids), listed.size - 1)
-      if not np.array_equal(listed[order][pos], ids):
+    for ids, lst in zip((gt_ids, pred_ids), listed):
+      order = np.argsort(lst)
+      pos = np.minimum(np.searchsorted(lst[order], ids), lst.size - 1)
+      if not np.array_equal(lst[order][pos], ids):
         raise ValueError("segment ids in the PNG are missing from the JSON")
       rows.append(order[pos] - 1)
     return pq_image_stats(rows[0], gt_class, gt_is_crowd, rows[1], pred_class, num_classes)
+  (ga, gbits), (pa, pbits) = hashes
+  g_listed, p_listed = listed
+  g_buckets, p_buckets = (
+      (((ids.astype(np.uint64) * np.uint64(a)) & np.uint64(0xFFFFFFFF))
+       >> np.uint64(32 - bits)).astype(np.intp) for ids, (a, bits) in zip(listed, hashes))
 
-  pair = _hash_map(gt_ids, ga, gbits)  # uint32: gbits + pbits <= 26
+  pair = _hash_map(gt_ids, ga, gbits)  # uint32: gbits + pbits <= 22 bits
   pair <<= np.uint32(pbits)
   pair |= _hash_map(pred_ids, pa, pbits)
   table = np.bincount(pair.ravel(), minlength=1 << (gbits + pbits))
@@ -211,10 +212,10 @@ def pq_image_stats_from_ids(gt_ids: np.ndarray, gt_seg_ids: np.ndarray,
   counts = table[np.ix_(g_buckets, p_buckets)]
   if counts.sum() != gt_ids.size:
     raise ValueError("segment ids in the PNG are missing from the JSON")
-  for ids, listed, area in ((gt_ids, g_listed, counts.sum(1)),
-                            (pred_ids, p_listed, counts.sum(0))):
+  for ids, lst, area in ((gt_ids, g_listed, counts.sum(1)),
+                         (pred_ids, p_listed, counts.sum(0))):
     # Checksum mod 2^32: an unlisted id hashed into a listed id's bucket changes it.
-    if int(ids.sum(dtype=np.uint32)) != int(np.dot(area, listed)) % 2 ** 32:
+    if int(ids.sum(dtype=np.uint32)) != int(np.dot(area, lst)) % 2 ** 32:
       raise ValueError("segment ids in the PNG are missing from the JSON")
   return stats_from_counts(counts, gt_class, gt_is_crowd, pred_class, num_classes)
 

@@ -99,13 +99,11 @@ def importance_points(
   num_sampled = int(num_points * oversample)
   num_uncertain = int(importance_ratio * num_points)
   num_random = num_points - num_uncertain
-  rng_cand, rng_rand = jax.random.split(rng)
-  cand = uniform_points(rng_cand, (n, num_sampled))
-  parts = []
-  if num_uncertain > 0:
-    unc = uncertainty_fn(point_sample(maps, cand))
-    _, idx = jax.lax.top_k(unc, num_uncertain)
-    parts.append(jnp.take_along_axis(cand, idx[..., None], axis=1))
-  if num_random > 0:
-    parts.append(uniform_points(rng_rand, (n, num_random)))
-  return jnp.concatenate(parts, axis=1)
+  # One draw for candidates and fresh points (one PRNG kernel instead of two).
+  pts = uniform_points(rng, (n, num_sampled + num_random))
+  cand, fresh = pts[:, :num_sampled], pts[:, num_sampled:]
+  if num_uncertain == 0:
+    return fresh
+  unc = uncertainty_fn(point_sample(maps, cand))
+  _, idx = jax.lax.top_k(unc, num_uncertain)
+  return jnp.concatenate([jnp.take_along_axis(cand, idx[..., None], axis=1), fresh], 1)

@@ -21,6 +21,7 @@ TFDS class labels are mapped into the vocabulary by name (`label_map`), so label
 differences between TFDS and dataseg/vocab cannot silently mislabel.
 """
 
+import importlib
 import logging
 from typing import Any, Mapping
 
@@ -142,7 +143,7 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
   vocab = readers.vocab_from(dict(spec, vocab=spec.get("vocab") or _DEFAULT_VOCAB.get(
       base)))
   if base.startswith("objects365"):
-    from input_pipeline.readers import objects365_builder  # pylint: disable=g-import-not-at-top,unused-import
+    importlib.import_module("input_pipeline.readers.objects365_builder")  # Registers it.
   builder = tfds.builder(name, data_dir=spec.get("data_dir"))
   split = tfds.even_splits(spec.get("split", "train"), n=shard_count)[shard_index]
   ds = builder.as_dataset(split=split, shuffle_files=False)
