@@ -1,5 +1,6 @@
 """Masked attention against numpy references (including the empty-mask fallback)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,10 +86,9 @@ def test_multi_head_attention_module_matches_numpy():
   mem = rng.normal(size=(1, 5, dim)).astype(np.float32)
   attend = np.array([[[1, 1, 0, 0, 0], [0, 0, 0, 0, 1], [1] * 5]], bool)
   mha = td.MultiHeadAttention(dim, heads)
-  params = jax.tree.map(np.asarray, jax.jit(mha.init)(
+  params = nn.meta.unbox(jax.jit(mha.init)(
       jax.random.key(0), x, mem, mem, attend)["params"])
-  params = jax.tree.map(lambda a: a, params)
-  p = {k: (np.asarray(v["kernel"].value), np.asarray(v["bias"].value))
+  p = {k: (np.asarray(v["kernel"]), np.asarray(v["bias"]))
        for k, v in params.items()}
   got = np.asarray(mha.apply({"params": params}, x, mem, mem, attend))
 
