@@ -9,7 +9,6 @@ Slurm, or explicit --coordinator_address/--num_processes/--process_id) are joine
 `jax.distributed.initialize` before anything touches a device.
 """
 
-import json
 import os
 
 from absl import app
@@ -54,8 +53,7 @@ def main(argv):
     results = loop.train_and_evaluate(config, _WORKDIR.value)
   else:
     results = loop.evaluate_only(config, _WORKDIR.value)
-  if results:
-    print(json.dumps(results, indent=1, sort_keys=True))
+  del results  # the loop printed the table; the full metrics are in <workdir>/eval_<step>.json.
 
 
 if __name__ == "__main__":

@@ -366,6 +366,12 @@ def test_compute_loss_jit_grad_edge_cases(task):
     assert float(metrics['loss_mask_bce']) > 0 and float(metrics['loss_dice']) > 0
   if task == 'instance':
     assert float(metrics['num_targets']) == np.sum(eligible)
+  if task in ('semantic', 'panoptic'):
+    # Image 0 has merged (stuff / per-class) targets: every proposal contributes
+    # p_i(c) sigmoid(m_i) to them, so every proposal's mask logits get a gradient
+    # (unmatched ones only through the merged maps), in every layer.
+    gm = np.abs(np.asarray(grads['mask_logits'])[:, 0]).reshape(2, Q, -1).sum(-1)
+    assert np.all(gm > 0), gm
   for name in losses.TERMS:  # summed over 2 layers >= last layer
     assert float(metrics[name]) >= float(metrics['last/' + name]) - 1e-6
   # All-padding batch through the same compiled function.

@@ -1,0 +1,210 @@
+r"""One full training step, ours against the reference Mask2Former, timed in one run.
+
+  bash bench/ref_env.sh      # once: the reference's own venv (torch CPU build pinned)
+  PYTHONPATH=. python bench/train_step.py --sizes 256,512 --batch 2
+
+Ours: dataseg's R50 model (`model_config('r50')`: ResNet-50, msdeform pixel decoder,
+100 queries, 9 decoder layers), text classifier over a random [133, 512] text table,
+`losses.compute_loss` (task 'panoptic', in-graph Hungarian matching, 112x112
+importance-sampled points, deep supervision), AdamW (`optimizer.make` with the base
+config), the whole step one `jax.jit` program built by `trainer.make_train_step`, run
+under `jax.transfer_guard('disallow')` (so no hidden host round trip can hide in it).
+Reference: bench/reference_mask2former.py in bench/.ref_venv (a subprocess, after ours
+has finished, so the two never share the CPU).
+
+Both draw the same synthetic panoptic batch (reference_mask2former.synthetic_panoptic:
+~20 Voronoi segments per image, things and stuff). Times: warm-up excluded, median of
+`--steps` steps; compile time is reported separately. Threads: XLA CPU uses every core
+of the machine (stated in the output); torch is set to `--threads` (default 2).
+
+Other modes:
+  --profile DIR       writes a jax.profiler trace of 2 steps of ours (TensorBoard/Perfetto).
+  --demo_memory       peak resident memory of the demo's training (configs/demo.py,
+                      default args) for a few steps of each of its tasks.
+  --dtype bfloat16    compute dtype of ours (GPU runs; see bench/gpu.sh).
+MFU (GPU): model FLOPs per step from XLA's cost analysis of the compiled step.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import common  # pylint: disable=wrong-import-position
+from dataseg.model import configs as model_configs  # pylint: disable=wrong-import-position
+from dataseg.train import trainer  # pylint: disable=wrong-import-position
+
+REF_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ref_venv", "bin",
+                          "python")
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM).
+
+
+def bench_config(size, batch, model="r50", dtype="float32", remat=False, max_segments=100):
+  c = common.base_config()
+  c.image_size = c.eval_image_size = size
+  c.batch_size = batch
+  c.max_segments = max_segments
+  c.total_steps = 1000
+  c.model = model_configs.model_config(model)
+  c.model.dtype = dtype
+  c.model.remat = remat
+  c.model.classifier.text_dim = 512
+  return c
+
+
+def vocab_arrays(text_dim=512, num_classes=ref.NUM_CLASSES, seed=0):
+  rng = np.random.default_rng(seed)
+  return dict(text=rng.normal(size=(num_classes, text_dim)).astype(np.float32),
+              valid=np.ones((num_classes,), bool),
+              is_thing=np.arange(num_classes) < ref.NUM_THINGS,
+              index=np.int32(0))
+
+
+def peak_flops(device):
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_BF16.items():
+    if name in kind:
+      return flops
+  return None
+
+
+def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
+              profile_dir="", max_segments=100):
+  """Compiles and times our jitted train step; returns a dict of figures."""
+  config = bench_config(size, batch, model, dtype, remat, max_segments)
+  s = trainer.setup(config, num_datasets=1, vocab_size=ref.NUM_CLASSES)
+  state = trainer.init_state(s)
+  fields, _ = ref.synthetic_panoptic(0, batch, size, max_segments)
+  batch_arrays = trainer.global_batch(fields, s.mesh)
+  vocab = jax.device_put(vocab_arrays(config.model.classifier.text_dim))
+  step = trainer.make_train_step(s, "panoptic")
+  t0 = time.perf_counter()
+  lowered = step.lower(state, batch_arrays, vocab)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  times = []
+  with jax.transfer_guard("disallow"):
+    for i in range(steps + 1):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch_arrays, vocab)
+      jax.block_until_ready((state, metrics))
+      if i:
+        times.append(time.perf_counter() - start)
+    if profile_dir:
+      with jax.profiler.trace(profile_dir):
+        for _ in range(2):
+          state, metrics = compiled(state, batch_arrays, vocab)
+          jax.block_until_ready((state, metrics))
+  loss = float(jax.device_get(metrics["loss"]))
+  med = float(np.median(times))
+  dev = jax.devices()[0]
+  out = dict(side="ours", backend=jax.default_backend(), device=dev.device_kind,
+             devices=jax.device_count(), cpu_cores=os.cpu_count(), size=size, batch=batch,
+             dtype=dtype, remat=remat, trace_s=t1 - t0, compile_s=t2 - t1, seconds=med,
+             images_per_s=batch / med, all_seconds=times, loss=loss,
+             finite=bool(jax.device_get(metrics["finite"])), flops_per_step=flops,
+             transfer_guard="disallow")
+  peak = peak_flops(dev)
+  if peak and flops:
+    out["mfu"] = flops / (med * peak * jax.device_count())
+  return out
+
+
+def run_reference(mode, size, batch, steps=3, threads=2, extra=()):
+  """Runs bench/reference_mask2former.py in the reference venv; its JSON or an error."""
+  python = os.environ.get("REF_PYTHON", REF_PYTHON)
+  if not os.path.exists(python):
+    return dict(side="reference", error=f"{python} missing: run bash bench/ref_env.sh")
+  cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "reference_mask2former.py"),
+         "--mode", mode, "--size", str(size), "--batch", str(batch), "--steps", str(steps),
+         "--threads", str(threads), *extra]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    return dict(side="reference", error=proc.stderr[-2000:])
+  return json.loads(lines[-1])
+
+
+def demo_memory(steps=3):
+  """Peak RSS of the demo's training config: a few jitted steps of each of its tasks."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("")
+  num_vocab, text_dim = 16, config.model.classifier.text_dim
+  s = trainer.setup(config, num_datasets=len(config.datasets), vocab_size=num_vocab)
+  state = trainer.init_state(s)
+  vocab = jax.device_put(vocab_arrays(text_dim, num_vocab))
+  for name in config.datasets:
+    task = config.datasets[name].task
+    fields, _ = ref.synthetic_panoptic(1, config.batch_size, config.image_size,
+                                       config.max_segments, num_segments=8, num_things=3)
+    fields["seg_class"] = np.where(fields["seg_valid"], fields["seg_class"] % num_vocab, -1)
+    batch_arrays = trainer.global_batch(fields, s.mesh)
+    step = trainer.make_train_step(s, task)
+    with jax.transfer_guard("disallow"):
+      for _ in range(steps):
+        state, metrics = step(state, batch_arrays, vocab)
+    jax.block_until_ready(metrics)
+  peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return dict(mode="demo_memory", config="configs/demo.py (default args)",
+              image_size=config.image_size, batch=config.batch_size,
+              tasks=[config.datasets[n].task for n in config.datasets],
+              steps_per_task=steps, peak_rss_gib=peak_kib / 2**20)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="256")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--ref_steps", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=2, help="torch threads (reference)")
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--max_segments", type=int, default=100)
+  parser.add_argument("--side", choices=("both", "ours", "reference"), default="both")
+  parser.add_argument("--ref_args", default="", help="extra args for the reference, e.g. "
+                      "'--device cuda --bf16'")
+  parser.add_argument("--profile", default="")
+  parser.add_argument("--demo_memory", action="store_true")
+  args = parser.parse_args()
+  if args.demo_memory:
+    print(json.dumps(demo_memory()))
+    return
+  print(f"# ours: jax {jax.__version__} on {jax.default_backend()} "
+        f"({jax.device_count()} device(s), {os.cpu_count()} CPU cores; XLA CPU uses all); "
+        f"reference: torch threads {args.threads}", flush=True)
+  for size in (int(x) for x in args.sizes.split(",")):
+    ours = theirs = None
+    if args.side in ("both", "ours"):
+      ours = time_ours(size, args.batch, args.steps, args.dtype, args.remat,
+                       profile_dir=args.profile, max_segments=args.max_segments)
+      print(json.dumps(ours), flush=True)
+    if args.side in ("both", "reference"):
+      theirs = run_reference("train", size, args.batch, args.ref_steps, args.threads,
+                             args.ref_args.split())
+      print(json.dumps(theirs), flush=True)
+    if ours and theirs and "seconds" in theirs:
+      print(f"train step {size}x{size} batch {args.batch}: ours {ours['seconds']:.3f} s, "
+            f"reference {theirs['seconds']:.3f} s, ratio ours/ref "
+            f"{ours['seconds'] / theirs['seconds']:.2f} (target <= 0.5); "
+            f"our compile {ours['compile_s']:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+  main()

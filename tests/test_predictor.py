@@ -1,0 +1,234 @@
+"""The notebook Predictor and `python -m dataseg.evaluate` on a real (smoke) checkpoint.
+
+The checkpoint comes from `python -m dataseg.main --config=configs/demo.py:smoke`, built
+once and cached under /tmp keyed on the training code (`smoke_workdir`; set
+DATASEG_TEST_SMOKE_WORKDIR to reuse an existing workdir). References: the trainer's own
+evaluation program on the same eval batches, tf.image.resize for the resize back, PIL
+for the written PNG, numpy for the file-scoring path.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_NOT_TRAINING = {"dataseg/predictor.py", "dataseg/evaluate.py"}
+
+
+def _code_key():
+  """Hash of the code a smoke run depends on (so a stale cache is never reused)."""
+  h = hashlib.sha256()
+  for folder in ("dataseg", "configs", "input_pipeline"):
+    for path in sorted((ROOT / folder).rglob("*")):
+      rel = path.relative_to(ROOT).as_posix()
+      if path.suffix in (".py", ".json") and rel not in _NOT_TRAINING:
+        h.update(rel.encode() + b"\0" + path.read_bytes())
+  return h.hexdigest()[:16]
+
+
+def smoke_workdir() -> pathlib.Path:
+  """A trained smoke workdir, built once per code version (file lock: parallel-safe)."""
+  if os.environ.get("DATASEG_TEST_SMOKE_WORKDIR"):
+    return pathlib.Path(os.environ["DATASEG_TEST_SMOKE_WORKDIR"])
+  base = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"dataseg_smoke_{_code_key()}"
+  base.mkdir(parents=True, exist_ok=True)
+  workdir, done = base / "workdir", base / "DONE"
+  with open(base / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      if workdir.exists():
+        subprocess.run(["rm", "-rf", str(workdir)], check=True)
+      env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+      proc = subprocess.run(
+          [sys.executable, "-m", "dataseg.main", "--config=configs/demo.py:smoke",
+           f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True)
+      if proc.returncode:
+        raise RuntimeError(f"smoke training failed:\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+      done.write_text("ok\n")
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def workdir():
+  return smoke_workdir()
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+  from dataseg.predictor import Predictor
+  return Predictor.from_workdir(workdir)
+
+
+def _eval_examples(p, key, n):
+  """(first eval batch, original images in the same order) of eval entry `key`."""
+  from dataseg.train import data as data_lib
+  from input_pipeline import pipeline
+  config = p.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.eval_batch_size = n
+    config.max_eval_examples = n
+  entry = config.eval_datasets[key]
+  vocab = p.run.vocabs[f"eval:{key}"]
+  data_dir = os.path.join(p.run.workdir, "data")
+  batch = next(data_lib.eval_batches(config, entry, data_dir, vocab))
+  reader = data_lib.reader_for(entry, data_dir, entry.eval_split, vocab.is_thing)
+  originals = [ex for ex in pipeline.host_dataset(reader, 0, 1).take(n).as_numpy_iterator()]
+  assert [int(e["image_id"]) for e in originals] == list(batch["image_id"][:n])
+  return batch, originals, vocab
+
+
+def _class_per_pixel(seg_map, seg_class):
+  seg_class = np.asarray(seg_class)
+  return np.where(seg_map >= 0, seg_class[np.clip(seg_map, 0, None)], -1)
+
+
+def _same_partition(a, b):
+  """True when two segment-id maps split the pixels identically (ids may differ)."""
+  pairs = set(zip(a.ravel().tolist(), b.ravel().tolist()))
+  return (len({x for x, _ in pairs}) == len(pairs) == len({y for _, y in pairs}))
+
+
+def test_predictor_equals_training_time_evaluation(predictor):
+  """Same images, same checkpoint: the trainer's eval program and the Predictor agree."""
+  from dataseg.train import evaluation
+  names = ("panoptic", "semantic", "instance")
+  batch, originals, vocab = _eval_examples(predictor, "shapes_panoptic", 2)
+  run = evaluation._predict_program(predictor.run.setup, names)  # pylint: disable=protected-access
+  ref = jax.device_get(run(predictor.run.state, batch["image"], batch["valid"],
+                           vocab.arrays()))
+  for i, ex in enumerate(originals):
+    valid = batch["valid"][i]
+    h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
+    pan = predictor.predict(ex["image"], "panoptic", original_size=False)
+    np.testing.assert_array_equal(pan["image"], batch["image"][i][:h, :w])
+    ref_map = ref["panoptic"]["segment_map"][i][:h, :w]
+    ref_cls = ref["panoptic"]["seg_class"][i]
+    ours_cls = [s["class"] for s in pan["segments"]]
+    np.testing.assert_array_equal(_class_per_pixel(pan["segment_map"], ours_cls),
+                                  _class_per_pixel(ref_map, ref_cls))
+    assert _same_partition(pan["segment_map"], ref_map)
+    present = sorted(set(np.unique(ref_map).tolist()) - {-1})
+    np.testing.assert_allclose(sorted(s["score"] for s in pan["segments"]),
+                               sorted(ref["panoptic"]["seg_score"][i][present]), rtol=1e-5)
+
+    sem = predictor.predict(ex["image"], "semantic", original_size=False)
+    np.testing.assert_array_equal(sem["class_map"], ref["semantic"][i][:h, :w])
+
+    inst = predictor.predict(ex["image"], "instance", original_size=False)
+    r = ref["instance"]
+    keep = r["classes"][i] >= 0
+    order = np.argsort(-r["scores"][i][keep], kind="stable")
+    np.testing.assert_array_equal(inst["classes"], r["classes"][i][keep][order])
+    np.testing.assert_allclose(inst["scores"], r["scores"][i][keep][order], rtol=1e-5)
+    np.testing.assert_array_equal(inst["masks"], r["masks"][i][keep][order][:, :h, :w])
+    assert inst["names"] == [vocab.names[c] for c in inst["classes"]]
+
+
+def test_original_size_is_nearest_resize_of_eval_resolution(predictor):
+  import tensorflow as tf
+  from input_pipeline import synthetic
+  image = synthetic.generate_example("shapes_panoptic", "validation", 3)["image"]
+  small = predictor.predict(image, "semantic", original_size=False)
+  full = predictor.predict(image, "semantic")
+  assert full["class_map"].shape == image.shape[:2]
+  ref = tf.image.resize(small["class_map"][..., None], image.shape[:2],
+                        method="nearest").numpy()[..., 0]
+  np.testing.assert_array_equal(full["class_map"], ref)
+  np.testing.assert_array_equal(full["image"], image)
+  pan = predictor.predict(image, "panoptic")
+  assert pan["segment_map"].shape == image.shape[:2]
+  assert pan["segment_map"].max() < len(pan["segments"])
+  for s in pan["segments"]:
+    assert s["area"] == int((pan["segment_map"] == s["id"]).sum()) > 0
+
+
+def test_open_vocabulary_without_new_parameters(predictor):
+  """Any names work; a permuted list permutes the answer; one program per padded size."""
+  from input_pipeline import synthetic
+  image = synthetic.generate_example("shapes_transfer", "validation", 0)["image"]
+  leaves = [id(x) for x in jax.tree.leaves(predictor.run.state)]
+  names = ["ball", "tile", "pyramid", "ocean", "lawn", "sky", "road"]
+  perm = np.array([3, 0, 6, 1, 5, 2, 4])
+  a = predictor.predict(image, "semantic", class_names=names)
+  b = predictor.predict(image, "semantic", class_names=[names[k] for k in perm])
+  assert a["class_names"] == names and a["class_map"].max() < len(names)
+  # b's class j is a's class perm[j]: nearly every pixel agrees (ties aside).
+  agree = np.mean(perm[b["class_map"]] == a["class_map"])
+  assert agree > 0.999, agree
+  assert predictor._program("semantic")._cache_size() == 1  # pylint: disable=protected-access
+  # A list longer than the run's static size pads further and still runs.
+  many = names + [f"thing number {k}" for k in range(predictor.run.vocab_size)]
+  c = predictor.predict(image, "panoptic", class_names=many)
+  assert predictor.vocabulary(many).valid.shape[0] % 64 == 0
+  assert all(s["name"] == many[s["class"]] for s in c["segments"])
+  assert [id(x) for x in jax.tree.leaves(predictor.run.state)] == leaves
+  # The default vocabulary is the first training dataset's, spelled out or not.
+  default = list(predictor.default_vocab.names)
+  np.testing.assert_array_equal(
+      predictor.predict(image, "semantic")["class_map"],
+      predictor.predict(image, "semantic", class_names=default)["class_map"])
+
+
+def test_overlay_png(predictor, tmp_path):
+  from input_pipeline import synthetic
+  image = synthetic.generate_example("shapes_panoptic", "validation", 1)["image"]
+  for task in ("panoptic", "semantic", "instance"):
+    result = predictor.predict(image, task)
+    picture = predictor.overlay(result, min_score=0.0)
+    path = predictor.save_overlay(result, tmp_path / f"{task}.png", min_score=0.0)
+    with Image.open(path) as im:
+      np.testing.assert_array_equal(np.asarray(im), picture)
+    h, w = image.shape[:2]
+    assert picture.shape[0] == h and picture.shape[1] >= w
+    if task == "semantic":  # every pixel has a class: a legend panel is appended.
+      assert picture.shape[1] > w
+    if task == "panoptic":  # void pixels show the image unchanged.
+      void = result["segment_map"] == -1
+      np.testing.assert_array_equal(picture[:, :w][void], image[void])
+
+
+def test_direct_transfer_command(workdir, tmp_path):
+  out = tmp_path / "transfer.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  proc = subprocess.run(
+      [sys.executable, "-m", "dataseg.evaluate", f"--workdir={workdir}",
+       "--dataset=shapes_transfer", "--max_eval_examples=2", f"--output_json={out}"],
+      cwd=ROOT, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "direct transfer" in proc.stdout and "shapes_transfer" in proc.stdout
+  metrics = json.loads(out.read_text())["metrics"]
+  for key in ("shapes_transfer/panoptic/PQ", "shapes_transfer/semantic/mIoU"):
+    assert 0.0 <= metrics[key] <= 100.0
+
+
+def test_prediction_files_are_forwarded(tmp_path):
+  """`--pred_*` scores another system's semantic PNGs (numpy mIoU as the reference)."""
+  from dataseg import evaluate
+  rng = np.random.default_rng(0)
+  (tmp_path / "gt").mkdir()
+  (tmp_path / "pred").mkdir()
+  k, inter, union = 3, np.zeros(3), np.zeros(3)
+  for n in range(2):
+    gt = rng.integers(0, k, (8, 9)).astype(np.uint8)
+    gt[0, :3] = 255
+    pred = np.where(rng.random((8, 9)) < 0.7, gt, rng.integers(0, k, (8, 9))).astype(np.uint8)
+    pred[gt == 255] = rng.integers(0, k, int((gt == 255).sum()))
+    Image.fromarray(gt).save(tmp_path / "gt" / f"{n}.png")
+    Image.fromarray(pred).save(tmp_path / "pred" / f"{n}.png")
+    ok = gt != 255
+    for c in range(k):
+      inter[c] += np.sum((gt == c) & (pred == c) & ok)
+      union[c] += np.sum(((gt == c) | (pred == c)) & ok)
+  metrics = evaluate.main(["--task=semantic", f"--gt_dir={tmp_path / 'gt'}",
+                           f"--pred_dir={tmp_path / 'pred'}", "--num_classes=3"])
+  assert metrics["mIoU"] == pytest.approx(np.mean(inter / union))
