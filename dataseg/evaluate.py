@@ -95,7 +95,8 @@ def _check_learned(run_config, config, workdir):
 
 def evaluate(workdir, *, config=None, step=None, dataset=None, task=None, split=None,
              vocab=None, class_names=None, evaluators=None, max_eval_examples=None,
-             eval_batch_size=None, out_dir=None, mesh=None) -> tuple[int, dict[str, Any]]:
+             eval_batch_size=None, out_dir=None, mesh=None, run=None
+             ) -> tuple[int, dict[str, Any]]:
   """(step, {'<dataset>/<evaluator>/<metric>': value}) of a workdir's checkpoint.
 
   Args:
@@ -111,18 +112,29 @@ def evaluate(workdir, *, config=None, step=None, dataset=None, task=None, split=
     max_eval_examples, eval_batch_size: overrides (0 examples = whole split).
     out_dir: where overlay PNGs go (none when None).
     mesh: default: every device on the batch axis.
+    run: an already restored `predictor.Run` of this workdir (e.g. a Predictor's
+      `.run`) to score instead of restoring the checkpoint again (`step` and `mesh`
+      are then the run's).
   """
   # Heavy imports here: `--help` and the file-scoring path stay light.
   from dataseg import predictor  # pylint: disable=g-import-not-at-top
+  from dataseg.train import data as data_lib  # pylint: disable=g-import-not-at-top
   from dataseg.train import evaluation  # pylint: disable=g-import-not-at-top
   workdir = os.fspath(workdir)
-  run_config = config if config is not None else predictor.load_config(workdir)
+  if config is None:
+    config = run.config if run is not None else predictor.load_config(workdir)
+  run_config = config
   config = eval_config(run_config, dataset=dataset, task=task, split=split, vocab=vocab,
                        evaluators=evaluators, max_eval_examples=max_eval_examples,
                        eval_batch_size=eval_batch_size)
   _check_learned(run_config, config, workdir)
-  run = predictor.load_run(workdir, config=config, step=step,
-                           mesh=mesh or predictor.data_parallel_mesh())
+  if run is None:
+    run = predictor.load_run(workdir, config=config, step=step,
+                             mesh=mesh or predictor.data_parallel_mesh())
+  else:  # the restored parameters do not depend on the padded vocabulary size.
+    vocabs = data_lib.build_vocabularies(config, workdir)
+    run = dataclasses.replace(run, config=config, vocabs=vocabs,
+                              vocab_size=data_lib.vocab_size(config, vocabs))
   if class_names is not None:
     _rename_classes(run, class_names)
   data_dir = config.data_dir or os.path.join(workdir, "data")

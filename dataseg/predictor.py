@@ -1,7 +1,7 @@
 """Notebook inference: a trained workdir -> panoptic / semantic / instance results.
 
   p = Predictor.from_workdir("workdirs/demo")
-  result = p.predict(image, task="panoptic")                    # the run's first vocabulary
+  result = p.predict(image, task="panoptic")                    # the run's own vocabulary
   result = p.predict("photo.png", task="semantic",
                      class_names=["sky", "grass", "dog"])       # any names: open vocabulary
   p.save_overlay(result, "overlay.png")
@@ -26,6 +26,7 @@ new list of names needs no new parameters.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -177,15 +178,58 @@ def eval_preprocess(image: np.ndarray, image_size: int) -> tuple[np.ndarray, np.
   return out["image"].numpy(), out["valid"].numpy()
 
 
+
+@functools.lru_cache(maxsize=None)
+def _program(s: trainer.Setup, task: str, top_k: int):
+  """jit((state, images [1,S,S,3], valid [S,S], vocab, thresholds) -> task outputs).
+
+  Cached per (run set-up, task): compiled once per padded vocabulary size. The panoptic
+  thresholds are arguments, so changing them in a notebook needs no recompilation.
+  """
+  predict = trainer.make_predict_fn(s)
+
+  @jax.jit
+  def run(state, images, valid, vocab, thresholds):
+    class_logits, mask_logits = predict(state, images, vocab)
+    class_logits, mask_logits = class_logits[0], mask_logits[0]  # [Q, V+1], [Q, h, w]
+    logits = postprocess.resize_to_image(mask_logits, valid.shape)
+    if task == "semantic":
+      return dict(class_map=postprocess.semantic_inference(
+          class_logits, logits, vocab["valid"]))
+    if task == "panoptic":
+      seg_map, cls, thing, score, seg_valid = postprocess.panoptic_inference(
+          class_logits, logits, vocab["valid"], vocab["is_thing"], **thresholds)
+      return dict(segment_map=seg_map, seg_class=jnp.where(seg_valid, cls, -1),
+                  seg_is_thing=thing, seg_score=score)
+    masks, classes, scores = postprocess.instance_inference(
+        class_logits, logits, vocab["valid"], vocab["is_thing"], top_k=top_k)
+    return dict(masks=masks, classes=classes, scores=scores)
+  return run
+
+
 class Predictor:
   """Inference with one restored checkpoint for any image, task and vocabulary."""
 
   def __init__(self, run: Run):
     self.run = run
     self.config = run.config
-    train_key = next(iter(run.config.datasets.keys()))
-    self.default_vocab = run.vocabs[train_key]
-    self._programs = {}
+
+  def default_vocab_key(self, task: str | None = None) -> str:
+    """The training dataset whose vocabulary `class_names=None` means.
+
+    The first (in the config's order) trained on `task` ('boxes' counting as
+    'instance'), else the first training dataset.
+    """
+    keys = list(self.config.datasets.keys())
+    for key in keys:
+      trained = self.config.datasets[key].task
+      if trained == task or (task == "instance" and trained == "boxes"):
+        return key
+    return keys[0]
+
+  @property
+  def default_vocab(self) -> trainer.Vocab:
+    return self.run.vocabs[self.default_vocab_key("panoptic")]
 
   @classmethod
   def from_workdir(cls, workdir, step: int | None = None, *, config=None, device=None):
@@ -212,14 +256,14 @@ class Predictor:
         return bool(vocab.is_thing[vocab.names.index(name)])
     return True
 
-  def vocabulary(self, class_names=None, is_thing=None) -> trainer.Vocab:
-    """A padded vocabulary for `class_names` (None: the run's first training dataset's).
+  def vocabulary(self, class_names=None, is_thing=None, task=None) -> trainer.Vocab:
+    """A padded vocabulary for `class_names` (None: `default_vocab_key(task)`'s).
 
     `is_thing` defaults to the flag of the same name in the run's vocabularies, else
     True (a thing: one segment per proposal).
     """
     if class_names is None:
-      vocab = self.default_vocab
+      vocab = self.run.vocabs[self.default_vocab_key(task)]
       if is_thing is None:
         return vocab
       class_names = list(vocab.names)
@@ -253,34 +297,6 @@ class Predictor:
         text=np.pad(np.asarray(text, np.float32), ((0, pad), (0, 0))),
         index=max(index, 0))
 
-  # ------------------------------------------------------------------- programs.
-  def _program(self, task):
-    """One jitted (state, image [1,S,S,3], valid [S,S], vocab) -> outputs per task."""
-    if task not in self._programs:
-      predict = trainer.make_predict_fn(self.run.setup)
-      post = self.config.loss.post
-
-      @jax.jit
-      def run(state, images, valid, vocab):
-        class_logits, mask_logits = predict(state, images, vocab)
-        class_logits, mask_logits = class_logits[0], mask_logits[0]  # [Q, V+1], [Q, h, w]
-        logits = postprocess.resize_to_image(mask_logits, valid.shape)
-        if task == "semantic":
-          return dict(class_map=postprocess.semantic_inference(
-              class_logits, logits, vocab["valid"]))
-        if task == "panoptic":
-          seg_map, cls, thing, score, seg_valid = postprocess.panoptic_inference(
-              class_logits, logits, vocab["valid"], vocab["is_thing"],
-              score_threshold=post.score_threshold, overlap_threshold=post.overlap_threshold,
-              mask_threshold=post.mask_threshold)
-          return dict(segment_map=seg_map, seg_class=jnp.where(seg_valid, cls, -1),
-                      seg_is_thing=thing, seg_score=score)
-        masks, classes, scores = postprocess.instance_inference(
-            class_logits, logits, vocab["valid"], vocab["is_thing"], top_k=post.top_k)
-        return dict(masks=masks, classes=classes, scores=scores)
-      self._programs[task] = run
-    return self._programs[task]
-
   # ------------------------------------------------------------------ inference.
   def predict(self, image, task: str = "panoptic", class_names: Sequence[str] | None = None,
               is_thing: Sequence[bool] | None = None, original_size: bool = True
@@ -290,7 +306,8 @@ class Predictor:
     Args:
       image: uint8 [H, W, 3] array or an image file path.
       task: 'panoptic' | 'semantic' | 'instance'.
-      class_names: the vocabulary, any names (None: the run's first training dataset's).
+      class_names: the vocabulary, any names (None: the vocabulary the run trained
+        `task` on, see `default_vocab_key`).
       is_thing: [V] thing flags for `class_names` (see `vocabulary`).
       original_size: results at [H, W] (True) or at the eval resolution, i.e. the
         resized image's valid region, exactly as training-time evaluation scores them.
@@ -306,11 +323,14 @@ class Predictor:
     if task not in TASKS:
       raise ValueError(f"task {task!r} is unknown; allowed: {', '.join(TASKS)}")
     image = _read_image(image)
-    vocab = self.vocabulary(class_names, is_thing)
+    vocab = self.vocabulary(class_names, is_thing, task)
     names = list(vocab.names)
     padded, valid = eval_preprocess(image, self.config.eval_image_size)
-    out = jax.device_get(self._program(task)(
-        self.run.state, padded[None], valid, vocab.arrays()))
+    post = self.config.loss.post
+    thresholds = {k: np.float32(post[k]) for k in
+                  ("score_threshold", "overlap_threshold", "mask_threshold")}
+    out = jax.device_get(_program(self.run.setup, task, post.top_k)(
+        self.run.state, padded[None], valid, vocab.arrays(), thresholds))
     h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
     if original_size:
       size = image.shape[:2]

@@ -14,5 +14,5 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 echo "[demo] workdir: $WORKDIR (TensorBoard: tensorboard --logdir $WORKDIR)"
 start=$(date +%s)
 python -m dataseg.main --config="configs/demo.py${CONFIG_ARGS:+:$CONFIG_ARGS}" \
-  --workdir="$WORKDIR" "$@"
+  --workdir="$WORKDIR" --verbosity=-1 "$@"
 echo "[demo] done in $(( $(date +%s) - start )) s; overlays: $WORKDIR/eval_*/<dataset>/*.png"

@@ -7,6 +7,7 @@ evaluation program on the same eval batches, tf.image.resize for the resize back
 for the written PNG, numpy for the file-scoring path.
 """
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -88,8 +89,29 @@ def _eval_examples(p, key, n):
 
 
 def _class_per_pixel(seg_map, seg_class):
-  seg_class = np.asarray(seg_class)
-  return np.where(seg_map >= 0, seg_class[np.clip(seg_map, 0, None)], -1)
+  seg_class = np.asarray(list(seg_class) + [-1], np.int64)  # a row for void (-1).
+  return seg_class[np.where(seg_map >= 0, seg_map, len(seg_class) - 1)]
+
+
+def _foreground_variant(p):
+  """(Predictor, set-up) of the checkpoint with its background embedding negated and
+  low post-processing thresholds.
+
+  Six smoke steps teach the model mostly 'background': as saved, its panoptic output
+  is all void. Both code paths below get this same variant (the same parameters and
+  thresholds), so the comparison gets segments to compare. The Predictor keeps the
+  run's set-up (its thresholds are call arguments: its programs are reused); the
+  trainer's program reads them from the set-up's config.
+  """
+  from dataseg.predictor import Predictor
+
+  def negate(path, x):
+    return -x if jax.tree_util.keystr(path).endswith("['background']") else x
+  state = jax.tree_util.tree_map_with_path(negate, p.run.state)
+  config = p.config.copy_and_resolve_references()
+  config.loss.post.update(score_threshold=0.0, overlap_threshold=0.0, mask_threshold=0.2)
+  setup = dataclasses.replace(p.run.setup, config=config)
+  return Predictor(dataclasses.replace(p.run, config=config, state=state)), setup
 
 
 def _same_partition(a, b):
@@ -98,18 +120,25 @@ def _same_partition(a, b):
   return (len({x for x, _ in pairs}) == len(pairs) == len({y for _, y in pairs}))
 
 
-def test_predictor_equals_training_time_evaluation(predictor):
+@pytest.mark.parametrize("variant", ["as_saved", "foreground"])
+def test_predictor_equals_training_time_evaluation(predictor, variant):
   """Same images, same checkpoint: the trainer's eval program and the Predictor agree."""
   from dataseg.train import evaluation
+  setup = predictor.run.setup
+  if variant == "foreground":
+    predictor, setup = _foreground_variant(predictor)
   names = ("panoptic", "semantic", "instance")
-  batch, originals, vocab = _eval_examples(predictor, "shapes_panoptic", 2)
-  run = evaluation._predict_program(predictor.run.setup, names)  # pylint: disable=protected-access
+  batch, originals, vocab = _eval_examples(predictor, "shapes_panoptic", 4)
+  segments = 0
+  kw = dict(class_names=list(vocab.names), is_thing=vocab.is_thing[:len(vocab.names)],
+            original_size=False)
+  run = evaluation._predict_program(setup, names)  # pylint: disable=protected-access
   ref = jax.device_get(run(predictor.run.state, batch["image"], batch["valid"],
                            vocab.arrays()))
   for i, ex in enumerate(originals):
     valid = batch["valid"][i]
     h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
-    pan = predictor.predict(ex["image"], "panoptic", original_size=False)
+    pan = predictor.predict(ex["image"], "panoptic", **kw)
     np.testing.assert_array_equal(pan["image"], batch["image"][i][:h, :w])
     ref_map = ref["panoptic"]["segment_map"][i][:h, :w]
     ref_cls = ref["panoptic"]["seg_class"][i]
@@ -117,14 +146,15 @@ def test_predictor_equals_training_time_evaluation(predictor):
     np.testing.assert_array_equal(_class_per_pixel(pan["segment_map"], ours_cls),
                                   _class_per_pixel(ref_map, ref_cls))
     assert _same_partition(pan["segment_map"], ref_map)
+    segments += len(pan["segments"])
     present = sorted(set(np.unique(ref_map).tolist()) - {-1})
     np.testing.assert_allclose(sorted(s["score"] for s in pan["segments"]),
                                sorted(ref["panoptic"]["seg_score"][i][present]), rtol=1e-5)
 
-    sem = predictor.predict(ex["image"], "semantic", original_size=False)
+    sem = predictor.predict(ex["image"], "semantic", **kw)
     np.testing.assert_array_equal(sem["class_map"], ref["semantic"][i][:h, :w])
 
-    inst = predictor.predict(ex["image"], "instance", original_size=False)
+    inst = predictor.predict(ex["image"], "instance", **kw)
     r = ref["instance"]
     keep = r["classes"][i] >= 0
     order = np.argsort(-r["scores"][i][keep], kind="stable")
@@ -132,6 +162,8 @@ def test_predictor_equals_training_time_evaluation(predictor):
     np.testing.assert_allclose(inst["scores"], r["scores"][i][keep][order], rtol=1e-5)
     np.testing.assert_array_equal(inst["masks"], r["masks"][i][keep][order][:, :h, :w])
     assert inst["names"] == [vocab.names[c] for c in inst["classes"]]
+  if variant == "foreground":
+    assert segments >= 3  # the comparison was not between two empty outputs.
 
 
 def test_original_size_is_nearest_resize_of_eval_resolution(predictor):
@@ -154,6 +186,7 @@ def test_original_size_is_nearest_resize_of_eval_resolution(predictor):
 
 def test_open_vocabulary_without_new_parameters(predictor):
   """Any names work; a permuted list permutes the answer; one program per padded size."""
+  from dataseg import predictor as predictor_lib
   from input_pipeline import synthetic
   image = synthetic.generate_example("shapes_transfer", "validation", 0)["image"]
   leaves = [id(x) for x in jax.tree.leaves(predictor.run.state)]
@@ -165,15 +198,18 @@ def test_open_vocabulary_without_new_parameters(predictor):
   # b's class j is a's class perm[j]: nearly every pixel agrees (ties aside).
   agree = np.mean(perm[b["class_map"]] == a["class_map"])
   assert agree > 0.999, agree
-  assert predictor._program("semantic")._cache_size() == 1  # pylint: disable=protected-access
+  program = predictor_lib._program(  # pylint: disable=protected-access
+      predictor.run.setup, "semantic", predictor.config.loss.post.top_k)
+  assert program._cache_size() == 1  # one compilation for both lists.
   # A list longer than the run's static size pads further and still runs.
   many = names + [f"thing number {k}" for k in range(predictor.run.vocab_size)]
   c = predictor.predict(image, "panoptic", class_names=many)
   assert predictor.vocabulary(many).valid.shape[0] % 64 == 0
   assert all(s["name"] == many[s["class"]] for s in c["segments"])
   assert [id(x) for x in jax.tree.leaves(predictor.run.state)] == leaves
-  # The default vocabulary is the first training dataset's, spelled out or not.
-  default = list(predictor.default_vocab.names)
+  # The default vocabulary is the one the run trained the task on, spelled out or not.
+  assert predictor.config.datasets[predictor.default_vocab_key("semantic")].task == "semantic"
+  default = list(predictor.run.vocabs[predictor.default_vocab_key("semantic")].names)
   np.testing.assert_array_equal(
       predictor.predict(image, "semantic")["class_map"],
       predictor.predict(image, "semantic", class_names=default)["class_map"])
@@ -197,7 +233,9 @@ def test_overlay_png(predictor, tmp_path):
       np.testing.assert_array_equal(picture[:, :w][void], image[void])
 
 
-def test_direct_transfer_command(workdir, tmp_path):
+def test_direct_transfer_command(workdir, predictor, tmp_path):
+  """The one command; its numbers equal the in-process evaluation of the same run."""
+  from dataseg import evaluate
   out = tmp_path / "transfer.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   proc = subprocess.run(
@@ -209,6 +247,17 @@ def test_direct_transfer_command(workdir, tmp_path):
   metrics = json.loads(out.read_text())["metrics"]
   for key in ("shapes_transfer/panoptic/PQ", "shapes_transfer/semantic/mIoU"):
     assert 0.0 <= metrics[key] <= 100.0
+  step, same = evaluate.evaluate(workdir, dataset="shapes_transfer", max_eval_examples=2,
+                                 run=predictor.run)
+  assert step == predictor.step
+  same = {k: float(v) for k, v in same.items() if np.isscalar(v)}
+  assert same == pytest.approx(metrics, nan_ok=True)
+  # Other names for the same classes (open vocabulary): the table speaks them.
+  names = ["orb", "slab", "cone", "sea", "field", "dunes", "street"]
+  _, renamed = evaluate.evaluate(workdir, dataset="shapes_transfer", max_eval_examples=2,
+                                 run=predictor.run, class_names=names)
+  assert "shapes_transfer/semantic/IoU/street" in renamed
+  assert "shapes_transfer/semantic/IoU/road" not in renamed
 
 
 def test_prediction_files_are_forwarded(tmp_path):
