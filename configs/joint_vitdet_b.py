@@ -1,6 +1,7 @@
 r"""DaTaSeg's joint run with the ViTDet-B backbone (configs/joint_r50.py, backbone=vitdet_b).
 
-  python -m dataseg.main --config=configs/joint_vitdet_b.py --workdir=gs://BUCKET/dataseg/joint_vitdet_b \
+  python -m dataseg.main --config=configs/joint_vitdet_b.py \
+      --workdir=gs://BUCKET/dataseg/joint_vitdet_b \
       --config.data_dir=gs://BUCKET/tensorflow_datasets
   python -m dataseg.plan --config=configs/joint_vitdet_b.py --mesh=data=64
 

@@ -7,7 +7,7 @@ r"""Scores a checkpoint on datasets, including ones it never saw (direct transfe
   # the same images under other names (one per class, in the dataset's class order),
   # or another packaged vocabulary of the same classes:
   python -m dataseg.evaluate --workdir=W --dataset=shapes_transfer --task=semantic \
-      --class_names=grass,sky,water,sand,circle,square,triangle
+      --class_names=orb,slab,cone,sea,field,dunes,street
   # prediction files of any other system (COCO panoptic PNG+JSON, COCO results JSON,
   # semantic PNGs): every flag is forwarded to `python -m dataseg.evaluate_files`:
   python -m dataseg.evaluate --task=panoptic --gt_json=G.json --gt_dir=G \

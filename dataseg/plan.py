@@ -75,9 +75,9 @@ if __name__ == "__main__":
     except ValueError:
       pass  # reported by main() with the flag's context.
     else:
+      _slow = ("--nofast_compile", "--fast_compile=false", "--fast_compile=0")
       _simulate_devices(_sizes["data"] * _sizes["fsdp"] * _sizes["model"],
-                        fast_compile=not any(a in ("--nofast_compile", "--fast_compile=false")
-                                             for a in sys.argv))
+                        fast_compile=not any(a.lower() in _slow for a in sys.argv))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
@@ -230,14 +230,16 @@ def format_report(report, config_name=""):
   ]
   for task, e in report["tasks"].items():
     if "argument_bytes" in e:
-      mem = "".join(" " + _gib(e[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes",
-                                               "alias_bytes", "code_bytes", "peak_bytes"))
+      mem = "".join(" " + (_gib(e[k]) if e[k] or k != "code_bytes" else f"{'n/a':>8}")
+                    for k in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+                              "code_bytes", "peak_bytes"))
     else:
       mem = f"{'(no memory analysis on this backend)':>54}"
     lines.append(f"  {task:<10}{mem}{e['flops'] / 1e9:12.1f}"
                  f"{e['lower_s'] + e['compile_s']:11.1f}")
   lines.append("  peak = args + output + temp - aliased (donated state); FLOPs and bytes "
-               "are per device, from XLA's CPU compiler: an estimate for TPU/GPU.")
+               "are per device, from XLA's CPU compiler: an estimate for TPU/GPU (code: n/a "
+               "where the backend does not report it).")
   return "\n".join(lines)
 
 

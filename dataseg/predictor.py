@@ -178,7 +178,6 @@ def eval_preprocess(image: np.ndarray, image_size: int) -> tuple[np.ndarray, np.
   return out["image"].numpy(), out["valid"].numpy()
 
 
-
 @functools.lru_cache(maxsize=None)
 def _program(s: trainer.Setup, task: str, top_k: int):
   """jit((state, images [1,S,S,3], valid [S,S], vocab, thresholds) -> task outputs).

@@ -107,13 +107,18 @@ def train_and_evaluate(config, workdir):
     if not bool(jax.device_get(m["finite"])):
       host = jax.device_get(m)
       bad = sorted(k for k, v in host.items() if np.ndim(v) == 0 and not np.isfinite(v))
+      # The state kept the last good parameters (finite guard) but its step counter (and
+      # the pipeline) moved past the bad batch: save under the state's own step, which
+      # may already be a regular checkpoint (saving `step` again would clash with one).
+      good = int(jax.device_get(state["step"]))
       ckpt.wait()
-      save(step, force=True)  # the state kept the last good parameters (finite guard).
+      if good not in ckpt.all_steps():
+        save(good, force=True)
       ckpt.wait()
       raise NonFiniteLossError(
           f"non-finite loss at step {step} on dataset {name!r} "
           f"(task {config.datasets[name].task}); non-finite terms: {', '.join(bad)}. "
-          f"Last good parameters saved to {ckpt.directory}/{step}.")
+          f"Last good parameters saved to {ckpt.directory}/{good}.")
 
   try:
     with jax.transfer_guard("disallow" if config.transfer_guard else "allow"):
