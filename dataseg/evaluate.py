@@ -168,7 +168,7 @@ def _print_results(step, results, config_datasets):
     summary = {k[len(r) + 1:]: v for k, v in results.items()
                if k.startswith(r + "/") and k.count("/") == 2 and np.isscalar(v)}
     print(f"\n{r}" + ("  (direct transfer: never trained on)"
-                      if r not in config_datasets else ""))
+                      if r not in config_datasets else "") + "  [fractions of 1]")
     for k, v in summary.items():
       print(f"  {k:28s}{v:10.4f}")
 

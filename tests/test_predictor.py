@@ -9,12 +9,15 @@ for the written PNG, numpy for the file-scoring path.
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -36,9 +39,10 @@ def _code_key():
   return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)  # one workdir per pytest session, even if code changes.
 def smoke_workdir() -> pathlib.Path:
   """A trained smoke workdir, built once per code version (file lock: parallel-safe)."""
-  if os.environ.get("DATASEG_TEST_SMOKE_WORKDIR"):
+  if os.environ.get("DATASEG_TEST_SMOKE_WORKDIR"):  # reuse a given workdir as is.
     return pathlib.Path(os.environ["DATASEG_TEST_SMOKE_WORKDIR"])
   base = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"dataseg_smoke_{_code_key()}"
   base.mkdir(parents=True, exist_ok=True)
@@ -47,7 +51,7 @@ def smoke_workdir() -> pathlib.Path:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not done.exists():
       if workdir.exists():
-        subprocess.run(["rm", "-rf", str(workdir)], check=True)
+        shutil.rmtree(workdir)
       env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
       proc = subprocess.run(
           [sys.executable, "-m", "dataseg.main", "--config=configs/demo.py:smoke",
@@ -56,7 +60,17 @@ def smoke_workdir() -> pathlib.Path:
         raise RuntimeError(f"smoke training failed:\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-3000:]}")
       done.write_text("ok\n")
+      _prune_stale(base)
+  os.utime(done)  # last use, for pruning.
   return workdir
+
+
+def _prune_stale(keep, max_age_s=2 * 3600):
+  """Drops smoke workdirs of older code (~200 MB each) unused for `max_age_s`."""
+  for other in keep.parent.glob("dataseg_smoke_*"):
+    done = other / "DONE"
+    if other != keep and done.exists() and time.time() - done.stat().st_mtime > max_age_s:
+      shutil.rmtree(other, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

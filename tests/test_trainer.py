@@ -24,10 +24,15 @@ from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
 
 # Tolerances of the mesh comparison (float32; the meshes differ only in how the batch
-# and the parameters are split, i.e. in the order of reductions). Losses are O(20),
-# parameters O(0.1) after 3 Adam steps of lr <= 3e-4.
+# and the parameters are split, i.e. in the order of reductions). Losses (O(20)) agree
+# to LOSS_RTOL. Parameters after 3 Adam steps (lr 0, 1.5e-4, 3e-4): at least 99.9% of
+# the elements agree to PARAM_ATOL_BULK (measured 99.986%); every element to
+# PARAM_ATOL_ALL, because Adam normalises the gradient: an element whose true gradient
+# is ~0 (e.g. attention key biases, to which softmax is invariant) moves by up to lr
+# per step in a direction set by rounding noise (measured worst case 1.7e-5).
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 2e-6
+PARAM_ATOL_BULK = 1e-6
+PARAM_ATOL_ALL = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +58,14 @@ def test_train_step_on_meshes_matches_one_device(mesh_results, mesh):
   np.testing.assert_allclose(r[f"{mesh}/loss"], r["1/loss"], rtol=LOSS_RTOL)
   keys = [k[len("1/params/"):] for k in r if k.startswith("1/params/")]
   assert len(keys) > 50
-  moved = 0
+  diffs = []
   for key in keys:
     want = r[f"1/params/{key}"]
-    np.testing.assert_allclose(r[f"{mesh}/params/{key}"], want, rtol=0, atol=PARAM_ATOL,
+    np.testing.assert_allclose(r[f"{mesh}/params/{key}"], want, rtol=0, atol=PARAM_ATOL_ALL,
                                err_msg=key)
-    moved += int(np.any(want != 0))
-  assert moved > 50
+    diffs.append(np.abs(r[f"{mesh}/params/{key}"] - want).ravel())
+  diffs = np.concatenate(diffs)
+  assert np.mean(diffs <= PARAM_ATOL_BULK) >= 0.999
 
 
 def test_restore_onto_another_mesh(mesh_results):
@@ -151,7 +157,7 @@ def test_step_ema_and_adam_match_numpy(monkeypatch):
   decay = 0.9
   s, state = _fake_setup(monkeypatch, decay)
   step = trainer.make_train_step(s, "semantic")
-  p0 = np.asarray(state["params"]["head"]["kernel"])
+  p0 = np.asarray(state["params"]["head"]["kernel"], np.float64)
   batches = [_batch(i) for i in range(3)]
   vocab = {}
   p, grads = p0, []
@@ -165,8 +171,9 @@ def test_step_ema_and_adam_match_numpy(monkeypatch):
   for b in batches:
     state, m = step(state, trainer.global_batch(b, s.mesh), vocab)
     assert bool(m["finite"])
-  np.testing.assert_allclose(state["params"]["head"]["kernel"], ps[-1], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state["ema"]["head"]["kernel"], ema, rtol=1e-5, atol=1e-6)
+  # float32 step vs float64 numpy; steps are ~lr = 0.1, so 1e-5 is a 1e-4 relative error.
+  np.testing.assert_allclose(state["params"]["head"]["kernel"], ps[-1], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(state["ema"]["head"]["kernel"], ema, rtol=0, atol=1e-5)
   assert int(state["step"]) == 3
   np.testing.assert_allclose(float(m["lr"]), 0.1, rtol=1e-6)
 

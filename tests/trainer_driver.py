@@ -2,7 +2,7 @@ r"""The trainer tests' tiny config, and a `dataseg.main` driver with test-only h
 
 As a config file (`--config=tests/trainer_driver.py:data=DIR,emb=FILE,steps=8`):
 `get_config` returns `tiny_config`, the demo's smoke setting shrunk further (one
-dataset, 4 queries, 1 decoder layer, 32-wide text embeddings read from a .npy) so a
+dataset, 4 queries, 1 decoder layer, no deep supervision, 32-wide text embeddings read from a .npy) so a
 train step compiles in well under a minute on a loaded 2-core CPU.
 
 As a script (`python tests/trainer_driver.py <dataseg.main flags>`) it runs
@@ -56,6 +56,7 @@ def tiny_config(data_dir="", emb="", steps=8):
   c.model.pixel_decoder.dim = 32
   c.model.classifier.text_dim = TEXT_DIM
   c.loss.num_points = 64
+  c.loss.deep_supervision = False  # halves the loss graph (compile time).
   c.optimizer.warmup_steps = 2
   c.optimizer.schedule = "poly"
   return c
@@ -71,11 +72,16 @@ def load_checkpoint(workdir, step):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  with ocp.StandardCheckpointer() as checkpointer:
+    # Restored onto this process's first device, whatever topology wrote it.
+    meta = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          meta)
+    restored = checkpointer.restore(path, target)
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-          jax.tree_util.tree_flatten_with_path(jax.device_get(restored["state"]))[0]}
+          jax.tree_util.tree_flatten_with_path(jax.device_get(restored))[0]}
 
 
 def _install_hooks():

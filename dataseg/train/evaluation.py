@@ -155,7 +155,7 @@ HEADLINE = ("panoptic/PQ", "panoptic/PQ_th", "panoptic/PQ_st", "semantic/mIoU",
 
 
 def format_table(results):
-  """One results table: a row per eval dataset, a column per headline metric."""
+  """One results table: a row per eval dataset, a column per headline metric, in %."""
   rows = sorted({k.split("/")[0] for k in results})
   cols = [c for c in HEADLINE if any(f"{r}/{c}" in results for r in rows)]
   lines = [f"{'dataset':<20}" + "".join(f"{c:>16}" for c in cols)]
@@ -163,6 +163,7 @@ def format_table(results):
     cells = []
     for c in cols:
       v = results.get(f"{r}/{c}")
-      cells.append(f"{v:>16.2f}" if v is not None else f"{'-':>16}")
+      ok = v is not None and np.isfinite(v) and v >= 0  # COCOeval's -1: no such objects.
+      cells.append(f"{100 * v:>16.1f}" if ok else f"{'-':>16}")
     lines.append(f"{r:<20}" + "".join(cells))
   return "\n".join(lines)

@@ -78,6 +78,14 @@ def train_and_evaluate(config, workdir):
   if data_state is not None:
     data.restore(data_state)
   start = int(jax.device_get(state["step"]))
+  finished = os.path.join(workdir, f"eval_{start}.json")
+  if start >= config.total_steps and os.path.exists(finished):
+    print(f"Training already finished at step {start}; reusing {finished} "
+          f"(delete it to re-evaluate, or raise --config.total_steps to train on)", flush=True)
+    with open(finished) as f:
+      results = json.load(f)
+    print(evaluation_lib.format_table(results), flush=True)
+    return results
   writer = metrics_lib.Writer(workdir, config.total_steps)
   if start == 0 and jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

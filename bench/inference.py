@@ -1,0 +1,126 @@
+r"""Panoptic inference throughput (model + post-processing), ours against the reference.
+
+  bash bench/ref_env.sh      # once: the reference's own venv (torch CPU build pinned)
+  PYTHONPATH=. python bench/inference.py --sizes 512,1024 --batches 1,8
+
+Ours: the R50 model (as bench/train_step.py) and the evaluator's panoptic
+post-processing (final-layer logits -> bilinear resize of the mask logits to the image
+size -> `postprocess.panoptic_inference`: score / overlap thresholds 0.8, stuff merged
+per class), one jitted program per (size, batch), vmapped over the batch, outputs fetched
+to the host. Reference: transformers' Mask2Former forward + `Mask2FormerImageProcessor.
+post_process_panoptic_segmentation(target_sizes=input size)` (bench/reference_mask2former.py,
+its own venv, run as a subprocess after ours). images/s = batch / median seconds per
+batch, warm-up excluded; compile time reported apart. Threads: XLA CPU uses every core;
+torch `--threads` (default 2).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from dataseg.objective import postprocess  # pylint: disable=wrong-import-position
+from dataseg.train import trainer  # pylint: disable=wrong-import-position
+
+
+def make_program(s):
+  """Jitted (state, images, vocab) -> panoptic outputs at the image size."""
+  predict = trainer.make_predict_fn(s)
+  post = s.config.loss.post
+
+  def one(class_logits, mask_logits, vocab, size):
+    logits = postprocess.resize_to_image(mask_logits, size)
+    seg_map, cls, _, score, seg_valid = postprocess.panoptic_inference(
+        class_logits, logits, vocab["valid"], vocab["is_thing"],
+        score_threshold=post.score_threshold, overlap_threshold=post.overlap_threshold,
+        mask_threshold=post.mask_threshold)
+    return dict(segment_map=seg_map, seg_class=jnp.where(seg_valid, cls, -1),
+                seg_score=score)
+
+  @jax.jit
+  def run(state, images, vocab):
+    class_logits, mask_logits = predict(state, images, vocab)
+    size = images.shape[1:3]
+    return jax.vmap(lambda c, m: one(c, m, vocab, size))(class_logits, mask_logits)
+  return run
+
+
+def time_ours(size, batch, steps=3, dtype="float32"):
+  config = train_step.bench_config(size, batch, dtype=dtype)
+  s = trainer.setup(config, num_datasets=1, vocab_size=ref.NUM_CLASSES)
+  state = trainer.init_state(s)
+  fields, _ = ref.synthetic_panoptic(0, batch, size)
+  images = jax.device_put(fields["image"])
+  vocab = jax.device_put(train_step.vocab_arrays())
+  run = make_program(s)
+  t0 = time.perf_counter()
+  compiled = run.lower(state, images, vocab).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  times = []
+  with jax.transfer_guard_device_to_host("allow"), jax.transfer_guard_host_to_device(
+      "disallow"):
+    for i in range(steps + 1):
+      start = time.perf_counter()
+      out = jax.device_get(compiled(state, images, vocab))  # results on the host.
+      if i:
+        times.append(time.perf_counter() - start)
+  med = float(np.median(times))
+  res = dict(side="ours", backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+             size=size, batch=batch, dtype=dtype, compile_s=compile_s, seconds=med,
+             images_per_s=batch / med, all_seconds=times, flops_per_batch=flops,
+             segments_per_image=float(np.mean(np.sum(out["seg_class"] >= 0, -1))))
+  peak = train_step.peak_flops(jax.devices()[0])
+  if peak and flops:
+    res["mfu"] = flops / (med * peak)
+  return res
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="512,1024")
+  parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--ref_steps", type=int, default=2)
+  parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--side", choices=("both", "ours", "reference"), default="both")
+  parser.add_argument("--ref_args", default="")
+  parser.add_argument("--skip", default="", help="size x batch pairs to skip, e.g. 1024x8")
+  args = parser.parse_args()
+  skip = set(filter(None, args.skip.split(",")))
+  print(f"# ours: jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU "
+        f"cores; XLA CPU uses all); reference: torch threads {args.threads}", flush=True)
+  for size in (int(x) for x in args.sizes.split(",")):
+    for batch in (int(x) for x in args.batches.split(",")):
+      if f"{size}x{batch}" in skip:
+        print(f"# skipped {size}x{size} batch {batch}", flush=True)
+        continue
+      ours = theirs = None
+      if args.side in ("both", "ours"):
+        ours = time_ours(size, batch, args.steps, args.dtype)
+        print(json.dumps(ours), flush=True)
+      if args.side in ("both", "reference"):
+        theirs = train_step.run_reference("infer", size, batch, args.ref_steps, args.threads,
+                                          args.ref_args.split())
+        print(json.dumps(theirs), flush=True)
+      if ours and theirs and "images_per_s" in theirs:
+        print(f"panoptic inference {size}x{size} batch {batch}: ours "
+              f"{ours['images_per_s']:.3f} img/s, reference {theirs['images_per_s']:.3f} "
+              f"img/s, speed-up {ours['images_per_s'] / theirs['images_per_s']:.2f}x "
+              f"(target >= 2)", flush=True)
+
+
+if __name__ == "__main__":
+  main()
