@@ -2,8 +2,8 @@ r"""The trainer tests' tiny config, and a `dataseg.main` driver with test-only h
 
 As a config file (`--config=tests/trainer_driver.py:data=DIR,emb=FILE,steps=8`):
 `get_config` returns `tiny_config`, the demo's smoke setting shrunk further (one
-dataset, 4 queries, 1 decoder layer, no deep supervision, 32-wide text embeddings read from a .npy) so a
-train step compiles in well under a minute on a loaded 2-core CPU.
+dataset, 4 queries, 1 decoder layer, no deep supervision, 32-wide text embeddings read
+from a .npy) so a train step compiles in well under a minute on a loaded 2-core CPU.
 
 As a script (`python tests/trainer_driver.py <dataseg.main flags>`) it runs
 `dataseg.main` unchanged, after applying the hooks named by environment variables:
