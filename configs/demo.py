@@ -35,7 +35,7 @@ VARIANTS = ("joint", "panoptic_only", "semantic_only", "boxes_only", "learned_cl
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, smoke=False, steps=3000, res=128, variant="joint")
+  arg = common.parse_arg(arg, smoke=False, steps=600, res=128, variant="joint")
   if arg.variant not in VARIANTS:
     raise ValueError(f"variant={arg.variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
   c = common.base_config()

@@ -11,6 +11,7 @@ mesh restores onto another (orbax re-shards). A latest checkpoint that fails to 
 
 import logging
 import os
+import time
 
 import jax
 import numpy as np
@@ -102,7 +103,18 @@ class Checkpointer:
                       self.directory, step, type(e).__name__, e)
         print(f"WARNING: checkpoint {self.directory}/{step} failed to restore "
               f"({type(e).__name__}); falling back to the previous one", flush=True)
+        self._set_aside(step)
     return None
+
+  def _set_aside(self, step):
+    """Renames a broken step folder so that orbax neither restores it nor refuses to save
+    over its step number again (it skips saves at steps <= its latest)."""
+    path = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0 and os.path.isdir(path):
+      aside = f"{path}.corrupt-{time.time_ns()}"
+      os.replace(path, aside)
+      print(f"WARNING: moved {path} to {aside}", flush=True)
+    self._manager.reload()
 
   def wait(self):
     self._manager.wait_until_finished()
