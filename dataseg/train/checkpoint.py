@@ -22,6 +22,8 @@ class Checkpointer:
   """Wraps an orbax CheckpointManager over `<workdir>/checkpoints` (and `best/`)."""
 
   def __init__(self, directory, *, keep=3, best_metric="", async_save=True):
+    if "://" not in directory:  # orbax needs absolute local paths (gs://... stays as is).
+      directory = os.path.abspath(directory)
     self.directory = directory
     self.best_metric = best_metric
     self._manager = ocp.CheckpointManager(
