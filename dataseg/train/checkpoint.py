@@ -135,6 +135,8 @@ def restore_params(directory, abstract_params):
   Returns (params, report) where report lists missing and unexpected keys; missing
   parameters keep their fresh initialisation.
   """
+  if "://" not in directory:
+    directory = os.path.abspath(directory)
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()
   if step is None:
