@@ -74,8 +74,7 @@ def base_config():
   c.classifier = "text"  # 'text' (the paper) | 'learned' (per-dataset learned, an ablation).
   c.model = model_configs.model_config("r50")
   c.loss = objective_config.loss_config()
-  c.postprocess = ml_collections.ConfigDict(dict(score_threshold=0.8, overlap_threshold=0.8,
-                                                 top_k=100))
+  # Post-processing thresholds live in c.loss.post (dataseg/objective/config.py).
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, weight_decay=0.05, backbone_multiplier=0.1, schedule="poly", poly_power=0.9,
       warmup_steps=0, step_boundaries=(0.89, 0.96), step_factor=0.1, clip_norm=0.01,
