@@ -28,6 +28,7 @@ MFU (GPU): model FLOPs per step from XLA's cost analysis of the compiled step.
 import argparse
 import json
 import os
+import shutil
 import resource
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
 def run_reference(mode, size, batch, steps=3, threads=2, extra=()):
   """Runs bench/reference_mask2former.py in the reference venv; its JSON or an error."""
   python = os.environ.get("REF_PYTHON", REF_PYTHON)
+  python = shutil.which(python) or python  # REF_PYTHON may be a bare name (GPU image: python3).
   if not os.path.exists(python):
     return dict(side="reference", error=f"{python} missing: run bash bench/ref_env.sh")
   cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)),
