@@ -70,6 +70,17 @@ def load_label_png(path: str) -> np.ndarray:
     return np.asarray(im)
 
 
+def load_or_report(load_fn, path, counter, image_id, field,
+                   errors=(OSError, ValueError, SyntaxError)):
+  """`load_fn(path)`, or None after reporting an undecodable file to `counter`."""
+  try:
+    return load_fn(path)
+  except errors as e:
+    counter.report("corrupt_image", image_id=image_id, file=path, field=field,
+                   reason=f"cannot decode: {e}")
+    return None
+
+
 def empty_decoded(image_id: int = 0):
   return dict(image=np.zeros([1, 1, 3], np.uint8),
               segment_map=-np.ones([1, 1], np.int32),

@@ -154,11 +154,9 @@ def _table(rec):
 
 
 def _load_image(rec, counter):
-  try:
-    image = readers.load_rgb(rec["path"])
-  except (OSError, ValueError, SyntaxError) as e:
-    counter.report("corrupt_image", image_id=rec["image_id"], file=rec["path"],
-                   field="image", reason=f"cannot decode: {e}")
+  image = readers.load_or_report(readers.load_rgb, rec["path"], counter, rec["image_id"],
+                                 "image")
+  if image is None:
     return None
   if image.shape[:2] != (rec["height"], rec["width"]):
     counter.report("corrupt_image", image_id=rec["image_id"], file=rec["path"],
@@ -194,11 +192,9 @@ def _loader(fmt, counter):
     h, w = image.shape[:2]
     example = _table(rec)
     if fmt == "coco_panoptic":
-      try:
-        rgb = readers.load_label_png(rec["mask_path"])
-      except (OSError, ValueError, SyntaxError) as e:
-        counter.report("corrupt_image", image_id=rec["image_id"], file=rec["mask_path"],
-                       field="panoptic PNG", reason=f"cannot decode: {e}")
+      rgb = readers.load_or_report(readers.load_label_png, rec["mask_path"], counter,
+                                   rec["image_id"], "panoptic PNG")
+      if rgb is None:
         return None
       if rgb.ndim != 3 or rgb.shape[:2] != (h, w):
         counter.report("corrupt_image", image_id=rec["image_id"], file=rec["mask_path"],

@@ -109,17 +109,13 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
     value_lookup[int(original)] = int(contiguous)
 
   def load(rec):
-    try:
-      image = readers.load_rgb(rec["path"])
-    except (OSError, ValueError, SyntaxError) as e:
-      counter.report("corrupt_image", image_id=rec["image_id"], file=rec["path"],
-                     field="image", reason=f"cannot decode: {e}")
+    image = readers.load_or_report(readers.load_rgb, rec["path"], counter,
+                                   rec["image_id"], "image")
+    if image is None:
       return None
-    try:
-      values = _load_labels(rec["mask_path"])
-    except (OSError, ValueError, SyntaxError, KeyError) as e:
-      counter.report("corrupt_image", image_id=rec["image_id"], file=rec["mask_path"],
-                     field="label map", reason=f"cannot decode: {e}")
+    values = readers.load_or_report(_load_labels, rec["mask_path"], counter, rec["image_id"],
+                                    "label map", (OSError, ValueError, SyntaxError, KeyError))
+    if values is None:
       return None
     if values.ndim != 2 or values.shape != image.shape[:2]:
       counter.report("corrupt_image", image_id=rec["image_id"], file=rec["mask_path"],
