@@ -212,6 +212,31 @@ def test_elementwise_losses_match_numpy():
   np.testing.assert_allclose([s, sw], [np.sum(wq * ce), np.sum(wq)], rtol=1e-5)
 
 
+def test_supervised_rows_compacts_targets_in_slot_order():
+  targets = merge.Targets(
+      cls=jnp.asarray([0, 2, 2, 4, 1, 3]),
+      one_to_one=jnp.asarray([True, False, False, True, True, False]),
+      merged=jnp.asarray([False, True, False, False, False, True]),
+      union=jnp.asarray([False, True, False, False, False, True]),
+      dropped=jnp.zeros(6, bool))
+  # Proposal 2 -> slot 3, proposal 0 -> slot 0; slot 4 (one-to-one) is unmatched.
+  matched = jnp.asarray([0, -1, 3, -1], jnp.int32)
+  rows = losses.supervised_rows(targets, matched, 6)
+  np.testing.assert_array_equal(rows.valid, [1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(rows.slot[:4], [0, 1, 3, 5])
+  np.testing.assert_array_equal(rows.query[:4], [0, 0, 2, 0])
+  np.testing.assert_array_equal(rows.one_to_one[:4], [1, 0, 1, 0])
+  assert float(rows.dropped) == 0
+  rows = losses.supervised_rows(targets, matched, 3)
+  np.testing.assert_array_equal(rows.slot, [0, 1, 3])
+  assert bool(rows.valid.all()) and float(rows.dropped) == 1
+  cfg = small_config()
+  assert losses.num_rows(cfg, num_queries=4, num_slots=6, task='panoptic') == 6
+  assert losses.num_rows(cfg, num_queries=4, num_slots=6, task='instance') == 4
+  cfg.max_mask_targets = 2
+  assert losses.num_rows(cfg, num_queries=4, num_slots=6, task='panoptic') == 2
+
+
 def test_mask_sums_match_numpy():
   img = make_image(4)
   cfg = small_config()
@@ -219,32 +244,41 @@ def test_mask_sums_match_numpy():
   mask_logits = r.randn(Q, HM, WM).astype(np.float32) * 2
   targets = merge.build_targets(jax.tree.map(jnp.asarray, img), 'panoptic',
                                 jnp.asarray(IS_THING))
-  coords = r.uniform(0, 1, size=(Q, 24, 2)).astype(np.float32)
-  matched = np.array([-1, 0, -1, -1, -1, -1], np.int32)  # slot 0: class 0, a thing
-  bce, dice = fast_jit(functools.partial(losses.one_to_one_mask_sums, config=cfg))(
-      jnp.asarray(mask_logits), jnp.asarray(matched), img, targets, jnp.asarray(coords))
-  seg, _, w_inst, _ = np_point_labels(img, coords[1])
-  lg = np_point_sample(mask_logits[1:2], coords[1][None])[0]
-  t = (seg == 0).astype(float)
-  np.testing.assert_allclose(bce, np.sum(w_inst * np_bce(lg, t)) / 24, rtol=1e-5)
-  np.testing.assert_allclose(dice, np_dice(sigmoid(lg), t, w_inst), rtol=1e-5)
-  # Merged: slot 1 represents stuff class 2 (union of slots 1 and 2).
   probs = np.asarray(jax.nn.softmax(jnp.asarray(r.randn(Q, V + 1)), -1))
   merged = np.einsum('qt,qhw->thw', probs[:, np.maximum(img['seg_class'], 0)],
                      sigmoid(mask_logits))
-  coords = r.uniform(0, 1, size=(S, 24, 2)).astype(np.float32)
-  bce, dice = fast_jit(functools.partial(losses.merged_mask_sums, config=cfg))(
-      jnp.asarray(merged), img, targets, jnp.asarray(coords))
-  _, cls, _, w_m = np_point_labels(img, coords[1])
-  m = np_point_sample(merged[1:2], coords[1][None])[0]
-  t = (cls == 2).astype(float)
-  mc = np.clip(m, 1e-4, 1 - 1e-4)
-  ref_bce = -np.sum(w_m * (t * np.log(mc) + (1 - t) * np.log(1 - mc))) / 24
-  np.testing.assert_allclose(bce, ref_bce, rtol=1e-5)
-  np.testing.assert_allclose(dice, np_dice(np.clip(m, 0, 1), t, w_m), rtol=1e-5)
   np.testing.assert_allclose(
       merge.merged_masks(jnp.asarray(probs), jnp.asarray(mask_logits),
                          jnp.asarray(np.maximum(img['seg_class'], 0))), merged, rtol=1e-5)
+  # Row 0: proposal 1's logits against slot 0 (class 0, a thing). Row 1: the merged map
+  # of slot 1, stuff class 2 (union of slots 1 and 2). Row 2: padding.
+  rows = losses.Rows(slot=jnp.asarray([0, 1, 3]), query=jnp.asarray([1, 0, 0]),
+                     one_to_one=jnp.asarray([True, False, False]),
+                     valid=jnp.asarray([True, True, False]), dropped=jnp.float32(0))
+  maps = np.stack([mask_logits[1], merged[1], mask_logits[2]])
+  coords = r.uniform(0, 1, size=(3, 24, 2)).astype(np.float32)
+  fn = lambda merged: fast_jit(functools.partial(losses.mask_sums, config=cfg,
+                                                  has_merged=merged))
+  bce, dice = fn(True)(jnp.asarray(maps), rows, img, targets, jnp.asarray(coords))
+  seg, _, w_inst, _ = np_point_labels(img, coords[0])
+  lg = np_point_sample(maps[:1], coords[0][None])[0]
+  t = (seg == 0).astype(float)
+  ref_bce, ref_dice = np.sum(w_inst * np_bce(lg, t)) / 24, np_dice(sigmoid(lg), t, w_inst)
+  _, cls, _, w_m = np_point_labels(img, coords[1])
+  m = np_point_sample(maps[1:2], coords[1][None])[0]
+  t = (cls == 2).astype(float)
+  mc = np.clip(m, 1e-4, 1 - 1e-4)
+  ref_bce += -np.sum(w_m * (t * np.log(mc) + (1 - t) * np.log(1 - mc))) / 24
+  ref_dice += np_dice(np.clip(m, 0, 1), t, w_m)
+  np.testing.assert_allclose(bce, ref_bce, rtol=1e-5)
+  np.testing.assert_allclose(dice, ref_dice, rtol=1e-5)
+  # Without merged rows every valid row is a proposal's logits.
+  rows = rows._replace(one_to_one=jnp.ones(3, bool), valid=jnp.asarray([True, False, False]))
+  bce, dice = fn(False)(jnp.asarray(maps), rows, img, targets, jnp.asarray(coords))
+  seg, _, w_inst, _ = np_point_labels(img, coords[0])
+  t = (seg == 0).astype(float)
+  np.testing.assert_allclose(bce, np.sum(w_inst * np_bce(lg, t)) / 24, rtol=1e-5)
+  np.testing.assert_allclose(dice, np_dice(sigmoid(lg), t, w_inst), rtol=1e-5)
 
 
 def test_rgb_to_lab_known_values():
@@ -363,6 +397,7 @@ def test_compute_loss_jit_grad_edge_cases(task):
     assert float(metrics['loss_pairwise']) > 0
   else:
     assert float(metrics['dropped_zero_area_boxes']) == 0
+    assert float(metrics['dropped_mask_targets']) == 0
     assert float(metrics['loss_mask_bce']) > 0 and float(metrics['loss_dice']) > 0
   if task == 'instance':
     assert float(metrics['num_targets']) == np.sum(eligible)
@@ -383,6 +418,23 @@ def test_compute_loss_jit_grad_edge_cases(task):
   assert float(metrics['num_targets']) == 0
   for name in losses.TERMS[1:]:
     assert float(metrics[name]) == 0.
+
+
+def test_mask_target_cap_drops_and_counts():
+  batch = edge_case_batch()
+  outputs = random_outputs()
+  cfg = small_config(max_mask_targets=1)
+
+  def fn(o, b):
+    return losses.compute_loss(o, b, task='instance', vocab_valid=np.ones(V, bool),
+                               is_thing_vocab=IS_THING, config=cfg,
+                               rng=jax.random.PRNGKey(0))
+  (total, metrics), grads = fast_jit(jax.value_and_grad(fn, has_aux=True))(outputs, batch)
+  per_image = np.sum(batch['seg_valid'] & ~batch['seg_is_crowd'], 1)
+  assert float(metrics['dropped_mask_targets']) == np.sum(np.maximum(per_image - 1, 0)) > 0
+  (_, full), _ = jitted_loss('instance')(outputs, batch, 0)
+  assert 0 < float(metrics['loss_dice']) < float(full['loss_dice'])
+  assert all_finite(grads) and np.isfinite(float(total))
 
 
 def test_normalisation_by_global_number_of_targets():

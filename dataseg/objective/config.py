@@ -28,6 +28,11 @@ def loss_config() -> ml_collections.ConfigDict:
   c.num_points = 112 * 112
   c.oversample = 3.0
   c.importance_ratio = 0.75
+  # Mask losses run on the supervised targets only, compacted into this many static rows
+  # per image (losses.supervised_rows); 0 = max_segments rows (never drops a target).
+  # Targets beyond the cap get no mask loss (class loss unchanged) and are counted in
+  # the metric 'dropped_mask_targets'.
+  c.max_mask_targets = 0
   # Hungarian matcher implementation: 'jax' (exact, in-graph) or 'scipy' (host callback).
   c.matcher = 'jax'
   # Semantic targets (semantic task, stuff of panoptic task):

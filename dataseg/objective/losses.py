@@ -21,6 +21,9 @@ matching cost). [ours] (METHOD.md section 2, defaults in config.py):
     of such edges.
   * ignore regions: crowd pixels always, padding by default, void pixels for per-class
     masks only (merge.point_labels).
+  * static rows: the mask terms are computed only for the supervised targets (matched
+    one-to-one, or merged), compacted into P = max_mask_targets rows per image (default:
+    max_segments); one importance sampling and one point_sample serve both kinds of row.
   * deep supervision: every decoder layer re-matched and supervised with the same
     weights (Mask2Former).
   * normalisation: mask / dice / projection sums are divided by the number of target
@@ -32,6 +35,7 @@ matching cost). [ours] (METHOD.md section 2, defaults in config.py):
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,44 +145,79 @@ def pairwise_log_same(mask_logits, size=3, dilation=2):
   return jnp.stack(out, 1)
 
 
-def one_to_one_mask_sums(mask_logits, matched, img, targets, coords, config):
-  """Sigmoid BCE and dice sums of matched proposals against their targets.
+class Rows(NamedTuple):
+  """The image's supervised target masks, compacted into P static rows (slot order)."""
+  slot: jax.Array      # [P] int32 target slot of the row.
+  query: jax.Array     # [P] int32 proposal matched to it (one-to-one rows), else 0.
+  one_to_one: jax.Array  # [P] bool: the row is a matched proposal's logits.
+  valid: jax.Array     # [P] bool: the row is supervised (else padding).
+  dropped: jax.Array   # scalar: supervised targets beyond the P rows (not supervised).
+
+
+def supervised_rows(targets, matched, num_rows: int) -> Rows:
+  """Compacts the targets that get a mask loss into `num_rows` rows.
+
+  Why: the mask losses need their maps only for the targets (Mask2Former samples points
+  for the matched proposals alone), not for all Q proposals and S padded slots: the
+  point sampling of Q + S rows was most of the loss's time. A target is supervised when
+  it is matched one-to-one to a proposal, or is a merged (per-class) target. Rows keep
+  slot order; targets beyond `num_rows` are dropped and counted.
+  """
+  s, q = targets.cls.shape[0], matched.shape[0]
+  query_of_slot = jnp.full((s,), -1, jnp.int32).at[jnp.where(matched >= 0, matched, s)].set(
+      jnp.arange(q, dtype=jnp.int32), mode='drop')
+  one = targets.one_to_one & (query_of_slot >= 0)
+  supervised = one | targets.merged
+  slot = jnp.argsort(~supervised, stable=True)[:num_rows].astype(jnp.int32)
+  valid = jnp.take(supervised, slot)
+  return Rows(slot, jnp.maximum(jnp.take(query_of_slot, slot), 0), jnp.take(one, slot),
+              valid, (jnp.sum(supervised) - jnp.sum(valid)).astype(jnp.float32))
+
+
+def num_rows(config, num_queries: int, num_slots: int, task: str) -> int:
+  """Static P: at most `max_mask_targets` (0: all slots), at most the possible targets."""
+  cap = config.max_mask_targets or num_slots
+  if task in ('instance', 'boxes'):  # one-to-one only: at most one row per proposal.
+    cap = min(cap, num_queries)
+  return max(1, min(cap, num_slots))
+
+
+def row_uncertainty(one_to_one):
+  """Point uncertainty of rows holding logits (one-to-one) or merged probabilities."""
+  def fn(values):
+    return jnp.where(one_to_one[:, None], points_lib.logit_uncertainty(values),
+                     points_lib.prob_uncertainty(jnp.clip(values, 0., 1.)))
+  return fn
+
+
+def mask_sums(maps, rows: Rows, img, targets, coords, config, has_merged=True):
+  """BCE and dice sums of the supervised rows against their targets.
 
   Args:
-    mask_logits: [Q, h, w]. matched: [Q] slot or -1. img, targets: the image's.
-    coords: [Q, K, 2] points of each proposal (importance-sampled in training).
+    maps: [P, h, w]: a one-to-one row holds its proposal's mask logits (sigmoid BCE +
+      dice, Mask2Former); a merged row the map M_c (merge.merged_masks) of its class,
+      a probability (BCE of the straight-through clip to [eps, 1 - eps], dice of the
+      clip to [0, 1]; see module docstring).
+    rows: supervised_rows. img, targets: the image's.
+    coords: [P, K, 2] points of each row (importance-sampled in training).
     config: loss_config().
+    has_merged: static; False skips the merged branch (tasks without merged targets).
 
   Returns:
-    (sum of BCE, sum of dice) over matched proposals.
+    (sum of BCE, sum of dice) over the valid rows.
   """
-  logits = points_lib.point_sample(mask_logits, coords)               # [Q, K]
+  values = points_lib.point_sample(maps, coords)                     # [P, K]
   labels = merge_lib.point_labels(img, coords, config)
-  tmask, tweight = merge_lib.slot_masks(labels, targets, matched)
-  is_matched = (matched >= 0).astype(jnp.float32)
-  bce = jnp.sum(is_matched * sigmoid_bce_loss(logits, tmask, tweight))
-  dice = jnp.sum(is_matched * dice_loss(jax.nn.sigmoid(logits), tmask, tweight))
-  return bce, dice
-
-
-def merged_mask_sums(merged, img, targets, coords, config):
-  """BCE and dice sums of merged per-class maps against class masks.
-
-  Args:
-    merged: [S, h, w] M_c of every slot's class (merge.merged_masks).
-    img, targets: the image's. coords: [S, K, 2] points per slot.
-    config: loss_config().
-
-  Returns:
-    (sum of BCE, sum of dice) over merged target slots.
-  """
-  m = points_lib.point_sample(merged, coords)                        # [S, K]
-  labels = merge_lib.point_labels(img, coords, config)
-  tmask, tweight = merge_lib.slot_masks(labels, targets, jnp.arange(m.shape[0]))
-  valid = targets.merged.astype(jnp.float32)
-  bce = jnp.sum(valid * prob_bce_loss(m, tmask, tweight, config.merged_prob_eps))
-  dice = jnp.sum(valid * dice_loss(straight_through_clip(m, 0., 1.), tmask, tweight))
-  return bce, dice
+  tmask, tweight = merge_lib.slot_masks(labels, targets, rows.slot)
+  bce = sigmoid_bce_loss(values, tmask, tweight)
+  dice = dice_loss(jax.nn.sigmoid(values), tmask, tweight)
+  if has_merged:
+    one = rows.one_to_one
+    bce = jnp.where(one, bce, prob_bce_loss(values, tmask, tweight, config.merged_prob_eps))
+    dice = jnp.where(one, dice, dice_loss(straight_through_clip(values, 0., 1.), tmask,
+                                          tweight))
+  valid = rows.valid.astype(jnp.float32)
+  return jnp.sum(valid * bce), jnp.sum(valid * dice)
 
 
 def box_sums(mask_logits, matched, img, config, image_hw):
@@ -207,35 +246,32 @@ def box_sums(mask_logits, matched, img, config, image_hw):
 def _image_sums(task, class_logits, mask_logits, img, targets, vocab_valid, rng,
                 config, image_hw):
   """Unnormalised loss sums of one image and one decoder layer."""
-  rng_match, rng_inst, rng_merged = jax.random.split(rng, 3)
+  rng_match, rng_points = jax.random.split(rng)
   asg = merge_lib.assign(task, class_logits, mask_logits, img, targets, vocab_valid,
                          rng_match, config, image_hw)
   zero = jnp.zeros((), jnp.float32)
   out = dict(bce=zero, dice=zero, proj=zero, pair=zero, pair_w=zero)
   out['ce'], out['ce_w'] = class_loss(class_logits, asg.query_class, vocab_valid,
                                       config.background_weight)
-  sample = functools.partial(points_lib.importance_points, num_points=config.num_points,
-                             oversample=config.oversample,
-                             importance_ratio=config.importance_ratio)
+  rows = supervised_rows(targets, asg.matched,
+                         num_rows(config, mask_logits.shape[0], targets.cls.shape[0], task))
+  out['dropped'] = rows.dropped
+  maps = jnp.take(mask_logits, rows.query, axis=0)                     # [P, h, w]
   if task == 'boxes':
-    out['proj'], out['pair'], out['pair_w'] = box_sums(mask_logits, asg.matched, img,
-                                                       config, image_hw)
+    out['proj'], out['pair'], out['pair_w'] = box_sums(
+        maps, jnp.where(rows.valid, rows.slot, -1), img, config, image_hw)
     return out, asg
-  soft = config.semantic_merge == 'soft_merge'
-  if not (task == 'semantic' and soft):
-    coords = sample(rng_inst, mask_logits)                              # [Q, K, 2]
-    bce, dice = one_to_one_mask_sums(mask_logits, asg.matched, img, targets, coords,
-                                     config)
-    out['bce'] += bce
-    out['dice'] += dice
-  if task in ('semantic', 'panoptic') and soft:
+  has_merged = task in ('semantic', 'panoptic') and config.semantic_merge == 'soft_merge'
+  uncertainty = points_lib.logit_uncertainty
+  if has_merged:
     probs = merge_lib.class_probs(class_logits, vocab_valid)
-    merged = merge_lib.merged_masks(probs, mask_logits, targets.cls)    # [S, h, w]
-    coords = sample(rng_merged, jnp.clip(merged, 0., 1.),
-                    uncertainty_fn=points_lib.prob_uncertainty)         # [S, K, 2]
-    bce, dice = merged_mask_sums(merged, img, targets, coords, config)
-    out['bce'] += bce
-    out['dice'] += dice
+    merged = merge_lib.merged_masks(probs, mask_logits, jnp.take(targets.cls, rows.slot))
+    maps = jnp.where(rows.one_to_one[:, None, None], maps, merged)
+    uncertainty = row_uncertainty(rows.one_to_one)
+  coords = points_lib.importance_points(
+      rng_points, maps, num_points=config.num_points, oversample=config.oversample,
+      importance_ratio=config.importance_ratio, uncertainty_fn=uncertainty)  # [P, K, 2]
+  out['bce'], out['dice'] = mask_sums(maps, rows, img, targets, coords, config, has_merged)
   return out, asg
 
 
@@ -277,7 +313,8 @@ def compute_loss(outputs, batch, *, task: str, vocab_valid, is_thing_vocab, conf
   Returns:
     (total_loss scalar, metrics dict of scalars): per-term losses summed over the
     supervised layers ('loss_class', ...), the same for the last layer ('last/...'),
-    'num_targets', 'dropped_zero_area_boxes'.
+    'num_targets', 'dropped_zero_area_boxes', 'dropped_mask_targets' (last layer, over the
+    batch: targets beyond config.max_mask_targets, counted in the normaliser).
   """
   class_logits = jnp.asarray(outputs['class_logits'], jnp.float32)
   mask_logits = jnp.asarray(outputs['mask_logits'], jnp.float32)
@@ -322,6 +359,7 @@ def compute_loss(outputs, batch, *, task: str, vocab_valid, is_thing_vocab, conf
     else:
       raise ValueError(f'unknown class_normalization {config.class_normalization!r}')
     return dict(
+        dropped=jnp.sum(sums['dropped']),
         loss_class=loss_class,
         loss_mask_bce=jnp.sum(sums['bce']) / norm,
         loss_dice=jnp.sum(sums['dice']) / norm,
@@ -335,5 +373,6 @@ def compute_loss(outputs, batch, *, task: str, vocab_valid, is_thing_vocab, conf
   metrics.update({f'last/{name}': value for name, value in last.items()})
   metrics['num_targets'] = num_targets
   metrics['dropped_zero_area_boxes'] = dropped
+  metrics['dropped_mask_targets'] = per_layer['dropped'][-1]
   metrics['total_loss'] = total
   return total, metrics
