@@ -1,0 +1,84 @@
+r"""Are the masks or the classes wrong? Classification of the best-matching proposals.
+
+  python launch/class_accuracy.py --workdir=workdirs/demo --dataset=shapes_panoptic
+
+For every ground-truth segment (crowd excluded) of the first `--num_examples` examples of
+an eval dataset, takes the final-layer proposal whose mask (logit > 0, at the image's size)
+overlaps it best (IoU), and reports, separately for things and stuff: the mean best IoU,
+the mean probability of the true class, the accuracy of the argmax class, and the
+confusion matrix (rows: true class; columns: predicted class, last column background).
+A low PQ with good IoU and chance-level accuracy says the classifier, not the masks, is
+what has not been learned.
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+from dataseg import predictor as predictor_lib
+from dataseg.objective import postprocess
+from dataseg.train import data as data_lib
+from dataseg.train import trainer
+from input_pipeline import pipeline
+
+
+def best_proposals(p, key, num_examples):
+  """Yields (true class, best IoU, class probabilities [V+1]) per ground-truth segment."""
+  entry = p.config.eval_datasets[key]
+  vocab = p.run.vocabs[f"eval:{key}"]
+  arrays = vocab.arrays()
+  reader = data_lib.reader_for(entry, os.path.join(p.run.workdir, "data"), entry.eval_split,
+                               vocab.is_thing)
+  predict = trainer.make_predict_fn(p.run.setup)
+  for ex in pipeline.host_dataset(reader, 0, 1).take(num_examples).as_numpy_iterator():
+    image = ex["image"]
+    padded, valid = predictor_lib.eval_preprocess(image, p.config.eval_image_size)
+    class_logits, mask_logits = predict(p.run.state, padded[None], arrays)
+    logits = np.asarray(postprocess.resize_to_image(mask_logits[0], valid.shape))
+    h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
+    masks = predictor_lib.resize_nearest(logits[:, :h, :w], image.shape[:2]) > 0
+    probs = np.asarray(postprocess.class_probs(class_logits[0], arrays["valid"]))
+    for s, (cls, crowd) in enumerate(zip(ex["seg_class"], ex["seg_is_crowd"])):
+      gt = ex["segment_map"] == s
+      if crowd or not gt.any():
+        continue
+      iou = (masks & gt).sum((1, 2)) / np.maximum((masks | gt).sum((1, 2)), 1)
+      q = int(np.argmax(iou))
+      yield int(cls), float(iou[q]), probs[q]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--dataset", default="shapes_panoptic", help="an eval_datasets key")
+  parser.add_argument("--num_examples", type=int, default=40)
+  args = parser.parse_args()
+  p = predictor_lib.Predictor.from_workdir(args.workdir)
+  if args.dataset not in p.config.eval_datasets:
+    raise SystemExit(f"--dataset={args.dataset!r} is not an eval dataset of {args.workdir}; "
+                     f"allowed: {', '.join(p.config.eval_datasets)}")
+  vocab = p.run.vocabs[f"eval:{args.dataset}"]
+  names, num = list(vocab.names), len(vocab.names)
+  rows = list(best_proposals(p, args.dataset, args.num_examples))
+  confusion = np.zeros((num, num + 1), np.int64)
+  for kind, thing in (("thing", True), ("stuff", False)):
+    sel = [(c, iou, pr) for c, iou, pr in rows if bool(vocab.is_thing[c]) == thing]
+    if not sel:
+      continue
+    iou = np.mean([r[1] for r in sel])
+    p_true = np.mean([r[2][r[0]] for r in sel])
+    acc = np.mean([np.argmax(r[2]) == r[0] for r in sel])
+    print(f"{kind}: {len(sel)} segments, best IoU {iou:.2f}, p(true class) {p_true:.2f}, "
+          f"accuracy {acc:.2f}")
+  for c, _, pr in rows:
+    confusion[c, int(np.argmax(pr))] += 1
+  width = max(len(n) for n in names + ["background"]) + 1
+  print("confusion (rows: true, columns: predicted)")
+  print(" " * width + "".join(f"{n[:8]:>9s}" for n in names + ["backgr."]))
+  for c in range(num):
+    print(f"{names[c]:<{width}s}" + "".join(f"{v:9d}" for v in confusion[c]))
+
+
+if __name__ == "__main__":
+  main()
