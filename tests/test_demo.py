@@ -95,3 +95,33 @@ def test_demo_again_reuses_the_finished_run():
   assert "[step " not in proc.stdout  # no training step ran.
   assert "shapes_transfer" in proc.stdout  # the table again.
   assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_class_accuracy_tool_counts_every_segment():
+  """launch/class_accuracy.py: one row per non-crowd ground-truth segment."""
+  from dataseg.predictor import Predictor
+  from dataseg.train import data as data_lib
+  from input_pipeline import pipeline
+  workdir, _, _ = _demo_outputs()
+  n = 3
+  proc = subprocess.run(
+      [sys.executable, "launch/class_accuracy.py", f"--workdir={workdir}",
+       "--dataset=shapes_panoptic", f"--num_examples={n}"], cwd=ROOT, capture_output=True,
+      text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)), check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  p = Predictor.from_workdir(workdir)
+  entry = p.config.eval_datasets["shapes_panoptic"]
+  vocab = p.run.vocabs["eval:shapes_panoptic"]
+  reader = data_lib.reader_for(entry, os.path.join(workdir, "data"), entry.eval_split,
+                               vocab.is_thing)
+  counts = np.zeros(len(vocab.names), np.int64)
+  for ex in pipeline.host_dataset(reader, 0, 1).take(n).as_numpy_iterator():
+    for s, (c, crowd) in enumerate(zip(ex["seg_class"], ex["seg_is_crowd"])):
+      if not crowd and (ex["segment_map"] == s).any():
+        counts[c] += 1
+  lines = proc.stdout.splitlines()
+  table = lines[lines.index("confusion (rows: true, columns: predicted)") + 2:]
+  rows = {l.split()[0]: [int(v) for v in l.split()[1:]] for l in table}
+  assert [sum(rows[name]) for name in vocab.names] == counts.tolist()
+  things = sum(c for c, t in zip(counts, vocab.is_thing) if t)
+  assert f"thing: {things} segments" in proc.stdout
