@@ -149,6 +149,19 @@ def test_nearest_lookup_and_uncertain_points():
 # ---------------------------------------------------------------- costs
 
 
+def test_top_k_indices_match_numpy():
+  """The counting top-k selects lax.top_k's set (ties: lowest index), in index order."""
+  r = np.random.RandomState(11)
+  x = r.randn(4, 300).astype(np.float32)
+  x[0, :50] = 0.25                     # ties across the threshold
+  x[1] = -np.abs(x[1])                 # uncertainty-like, all <= 0
+  x[2, ::7] = x[2, 3]                  # repeated values
+  for k in (1, 37, 150, 299):
+    got = np.asarray(fast_jit(functools.partial(points.top_k_indices, k=k))(jnp.asarray(x)))
+    for row in range(x.shape[0]):
+      np.testing.assert_array_equal(got[row], np.sort(np.argsort(-x[row], kind='stable')[:k]))
+
+
 def test_costs_match_numpy():
   r = np.random.RandomState(2)
   logits = r.randn(Q, 20).astype(np.float32) * 3
