@@ -15,7 +15,6 @@ torch `--threads` (default 2).
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -107,14 +106,10 @@ def main():
       if f"{size}x{batch}" in skip:
         print(f"# skipped {size}x{size} batch {batch}", flush=True)
         continue
-      ours = theirs = None
-      if args.side in ("both", "ours"):
-        ours = time_ours(size, batch, args.steps, args.dtype)
-        print(json.dumps(ours), flush=True)
-      if args.side in ("both", "reference"):
-        theirs = train_step.run_reference("infer", size, batch, args.ref_steps, args.threads,
-                                          args.ref_args.split())
-        print(json.dumps(theirs), flush=True)
+      ours, theirs = train_step.side_by_side(
+          args.side, lambda: time_ours(size, batch, args.steps, args.dtype),
+          lambda: train_step.run_reference("infer", size, batch, args.ref_steps,
+                                           args.threads, args.ref_args.split()))
       if ours and theirs and "images_per_s" in theirs:
         print(f"panoptic inference {size}x{size} batch {batch}: ours "
               f"{ours['images_per_s']:.3f} img/s, reference {theirs['images_per_s']:.3f} "

@@ -35,7 +35,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +141,18 @@ def run_reference(mode, size, batch, steps=3, threads=2, extra=()):
   return json.loads(lines[-1])
 
 
+def side_by_side(side, ours_fn, reference_fn):
+  """Ours, then the reference (never at the same time), each printed as a JSON line."""
+  ours = theirs = None
+  if side in ("both", "ours"):
+    ours = ours_fn()
+    print(json.dumps(ours), flush=True)
+  if side in ("both", "reference"):
+    theirs = reference_fn()
+    print(json.dumps(theirs), flush=True)
+  return ours, theirs
+
+
 def demo_memory(steps=3):
   """Peak RSS of the demo's training config: a few jitted steps of each of its tasks."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -192,15 +203,12 @@ def main():
         f"({jax.device_count()} device(s), {os.cpu_count()} CPU cores; XLA CPU uses all); "
         f"reference: torch threads {args.threads}", flush=True)
   for size in (int(x) for x in args.sizes.split(",")):
-    ours = theirs = None
-    if args.side in ("both", "ours"):
-      ours = time_ours(size, args.batch, args.steps, args.dtype, args.remat,
-                       profile_dir=args.profile, max_segments=args.max_segments)
-      print(json.dumps(ours), flush=True)
-    if args.side in ("both", "reference"):
-      theirs = run_reference("train", size, args.batch, args.ref_steps, args.threads,
-                             args.ref_args.split())
-      print(json.dumps(theirs), flush=True)
+    ours, theirs = side_by_side(
+        args.side,
+        lambda: time_ours(size, args.batch, args.steps, args.dtype, args.remat,
+                          profile_dir=args.profile, max_segments=args.max_segments),
+        lambda: run_reference("train", size, args.batch, args.ref_steps, args.threads,
+                              args.ref_args.split()))
     if ours and theirs and "seconds" in theirs:
       print(f"train step {size}x{size} batch {args.batch}: ours {ours['seconds']:.3f} s, "
             f"reference {theirs['seconds']:.3f} s, ratio ours/ref "

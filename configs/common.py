@@ -74,9 +74,9 @@ def base_config():
   c.classifier = "text"  # 'text' (the paper) | 'learned' (per-dataset learned, an ablation).
   c.model = model_configs.model_config("r50")
   c.loss = objective_config.loss_config()
-  # Mask losses on at most 50 targets per image (static rows; the rest counted in the
-  # metric dropped_mask_targets): COCO-like images rarely have more, and the point
-  # sampling costs in proportion to the rows (bench/train_step.py).
+  # Mask losses on at most 50 targets per image (static rows): the objective's time grows
+  # with the rows (bench/loss.py); the metric dropped_mask_targets says how often a
+  # dataset has more (those get no mask loss; raise this, or 0 = every slot, if often).
   c.loss.max_mask_targets = 50
   # Post-processing thresholds live in c.loss.post (dataseg/objective/config.py).
   c.optimizer = ml_collections.ConfigDict(dict(

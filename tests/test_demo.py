@@ -9,7 +9,6 @@ Its wall time is printed (README: "a shortened demo ... in under 3 minutes").
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

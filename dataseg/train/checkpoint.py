@@ -18,12 +18,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def _absolute(directory):
+  """orbax needs absolute local paths; remote ones (gs://...) stay as they are."""
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 class Checkpointer:
   """Wraps an orbax CheckpointManager over `<workdir>/checkpoints` (and `best/`)."""
 
   def __init__(self, directory, *, keep=3, best_metric="", async_save=True):
-    if "://" not in directory:  # orbax needs absolute local paths (gs://... stays as is).
-      directory = os.path.abspath(directory)
+    directory = _absolute(directory)
     self.directory = directory
     self.best_metric = best_metric
     self._manager = ocp.CheckpointManager(
@@ -135,9 +139,7 @@ def restore_params(directory, abstract_params):
   Returns (params, report) where report lists missing and unexpected keys; missing
   parameters keep their fresh initialisation.
   """
-  if "://" not in directory:
-    directory = os.path.abspath(directory)
-  manager = ocp.CheckpointManager(directory)
+  manager = ocp.CheckpointManager(_absolute(directory))
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"config.init_from: no checkpoint under {directory}")

@@ -69,23 +69,26 @@ def train_and_evaluate(config, workdir):
   data_dir = _data_dir(config, workdir)
   vocabs = data_lib.build_vocabularies(config, workdir)
   train_names = list(config.datasets.keys())
-  s = trainer.setup(config, len(train_names), data_lib.vocab_size(config, vocabs))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.keep_checkpoints,
                                      best_metric=config.best_metric)
+  # A finished, evaluated run is reused from its files: no state restore, no pipelines.
+  last = (ckpt.all_steps() or [0])[-1]
+  finished = os.path.join(workdir, f"eval_{last}.json")
+  if last >= config.total_steps and os.path.exists(finished):
+    print(f"Training already finished at step {last}; reusing {finished} "
+          f"(delete it to re-evaluate, or raise --config.total_steps to train on)", flush=True)
+    ckpt.close()
+    with open(finished) as f:
+      results = json.load(f)
+    print(evaluation_lib.format_table(results), flush=True)
+    return results
+  s = trainer.setup(config, len(train_names), data_lib.vocab_size(config, vocabs))
   data = data_lib.TrainData(config, data_dir, vocabs)
   state, data_state = _restore_or_init(config, s, ckpt, data)
   if data_state is not None:
     data.restore(data_state)
   start = int(jax.device_get(state["step"]))
-  finished = os.path.join(workdir, f"eval_{start}.json")
-  if start >= config.total_steps and os.path.exists(finished):
-    print(f"Training already finished at step {start}; reusing {finished} "
-          f"(delete it to re-evaluate, or raise --config.total_steps to train on)", flush=True)
-    with open(finished) as f:
-      results = json.load(f)
-    print(evaluation_lib.format_table(results), flush=True)
-    return results
   writer = metrics_lib.Writer(workdir, config.total_steps)
   if start == 0 and jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
