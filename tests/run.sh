@@ -3,4 +3,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/setup_env.sh"
 export JAX_PLATFORMS=cpu
-python -m pytest tests -q -p no:cacheprovider "$@"
+# No path given: pyproject.toml's testpaths (tests/); paths given: only those.
+python -m pytest -q -p no:cacheprovider "$@"
