@@ -13,8 +13,10 @@ if [ $# -lt 2 ]; then
   sed -n '2,10p' "$0"
   exit 2
 fi
-CONFIG="$1"
-WORKDIR="$2"
+# setup_env.sh cd's to the repo: relative CONFIG/WORKDIR are resolved against the caller's dir.
+absolute() { case "$1" in /*|*://*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+CONFIG="$(absolute "$1")"
+WORKDIR="$(absolute "$2")"
 shift 2
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 export JAX_PLATFORMS=cpu

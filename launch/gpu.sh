@@ -12,6 +12,7 @@
 # come as pip packages; needs an NVIDIA driver >= 525). A stamp file makes later runs skip it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CALLER_DIR="$PWD"  # setup_env.sh cd's to the repo: relative CONFIG/WORKDIR are the caller's.
 source "$ROOT/launch/setup_env.sh"
 JAX_VERSION="$(sed -n 's/^jax==//p' "$ROOT/requirements.txt")"
 STAMP="$ROOT/.venv/.dataseg-cuda12-$JAX_VERSION"
@@ -28,8 +29,9 @@ if [ $# -lt 2 ]; then
   sed -n '2,9p' "$0"
   exit 2
 fi
-CONFIG="$1"
-WORKDIR="$2"
+absolute() { case "$1" in /*|*://*) echo "$1" ;; *) echo "$CALLER_DIR/$1" ;; esac; }
+CONFIG="$(absolute "$1")"
+WORKDIR="$(absolute "$2")"
 shift 2
 export JAX_PLATFORMS=cuda
 # Let XLA take most of the GPU memory up front (default 75%); the input pipeline is on the CPU.
