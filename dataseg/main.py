@@ -6,10 +6,18 @@ r"""Train and evaluate DaTaSeg.
 
 Resumes automatically from the workdir's latest checkpoint. Several processes (TPU pod,
 Slurm, or explicit --coordinator_address/--num_processes/--process_id) are joined with
-`jax.distributed.initialize` before anything touches a device.
+`jax.distributed.initialize` before anything touches a device; every process then trains on
+all of its local accelerators (see `slurm_local_device_ids` for Slurm) and says how many.
+
+Start-up problems (a missing dataset, a text encoder that is neither cached nor reachable, an
+unknown config key) end the run at once with one line each naming what is missing and how to
+get it, instead of a traceback minutes later.
 """
 
+import difflib
 import os
+import re
+import sys
 
 from absl import app
 from absl import flags
@@ -27,34 +35,133 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "and Slurm when unset).")
 
 
+def _tasks_on_this_node(env):
+  """Tasks of this job step on this node, from Slurm's compressed list "8(x2),4"."""
+  if env.get("SLURM_NTASKS_PER_NODE"):
+    return int(env["SLURM_NTASKS_PER_NODE"])
+  spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+  if not spec:
+    return None
+  counts = []
+  for part in spec.split(","):
+    m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+    if not m:
+      return None
+    counts += [int(m.group(1))] * int(m.group(2) or 1)
+  node = int(env.get("SLURM_NODEID", "0"))
+  return counts[node] if node < len(counts) else None
+
+
+def slurm_local_device_ids(env):
+  """The local GPU indices this Slurm task should drive, for jax.distributed.initialize.
+
+  jax's Slurm detection assumes one task per GPU and restricts every process to the GPU
+  numbered SLURM_LOCALID, so the launch script's one task per node would train on one GPU
+  of eight. Returns [] (no restriction: every GPU the process sees) when the task is alone
+  on its node or Slurm already bound GPUs to tasks (fewer visible than on the node); the
+  task's equal share of the node's GPUs when several unbound tasks share a node; None
+  (jax's default) when the allocation does not say; JAX_LOCAL_DEVICE_IDS wins if set.
+  """
+  if env.get("JAX_LOCAL_DEVICE_IDS"):
+    return None
+  tasks = _tasks_on_this_node(env)
+  if tasks == 1:
+    return []
+  visible = env.get("CUDA_VISIBLE_DEVICES")
+  n_visible = len([d for d in visible.split(",") if d.strip()]) if visible else None
+  on_node = env.get("SLURM_GPUS_ON_NODE")
+  on_node = int(on_node) if on_node and on_node.isdigit() else None
+  if n_visible is not None and on_node is not None and n_visible < on_node:
+    return []  # --gpus-per-task / --gpu-bind: the task sees only its own GPUs.
+  n = n_visible if n_visible is not None else on_node
+  if tasks and n and n % tasks == 0:
+    local = int(env.get("SLURM_LOCALID", "0"))
+    share = n // tasks
+    return list(range(local * share, (local + 1) * share))
+  return None
+
+
 def _maybe_initialize_distributed():
   import jax  # pylint: disable=g-import-not-at-top
   explicit = _COORDINATOR.value is not None
+  slurm = all(k in os.environ for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID"))
   auto = _DISTRIBUTED.value
   if auto is None:
-    auto = ("SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1) or (
+    auto = (slurm and int(os.environ["SLURM_NTASKS"]) > 1) or (
         "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"])
+  kwargs = {}
+  if slurm and not explicit:
+    ids = slurm_local_device_ids(os.environ)
+    if ids is not None:
+      kwargs["local_device_ids"] = ids  # [] = all visible (jax would pick SLURM_LOCALID).
   if explicit:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   elif auto:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
+  local = jax.local_devices()
+  print(f"process {jax.process_index()}/{jax.process_count()}: {len(local)} local "
+        f"device(s) ({local[0].device_kind}), {jax.device_count()} in all", flush=True)
+
+
+def _unknown_key_message(argv, error):
+  """One line for an override of a key the config does not have: key, parent, matches."""
+  config = flags.FLAGS["config"].value
+  if config is None:  # the failed parse may leave the flag unset: load the file again.
+    files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    if files:
+      try:
+        from ml_collections.config_flags import config_flags as impl  # pylint: disable=g-import-not-at-top
+        config = impl._ConfigFileParser(name="config").parse(files[-1])  # pylint: disable=protected-access
+      except Exception:  # pylint: disable=broad-except
+        config = None
+  for arg in argv[1:]:
+    m = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    if not m or config is None:
+      continue
+    node, parts = config, m.group(1).split(".")
+    for depth, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part in keys:
+        node = node[part]
+        continue
+      parent = ".".join(parts[:depth]) or "<top level>"
+      prefix = ".".join(parts[:depth])
+      close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+      hint = (f"; close matches: {', '.join(f'{prefix}.{c}' if prefix else c for c in close)}"
+              if close else f"; keys of {parent}: {', '.join(sorted(keys))}")
+      return f"unknown config key {m.group(1)!r}: {parent} has no {part!r}{hint}"
+  return f"bad config override: {type(error).__name__}: {error}"
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with an unknown --config.<key> answered in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"dataseg: {_unknown_key_message(argv, e)}")
+  except flags.Error as e:
+    sys.exit(f"dataseg: {e}\nPass --helpfull to see the flags.")
 
 
 def main(argv):
   del argv
-  _maybe_initialize_distributed()
-  from dataseg.train import loop  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  if _MODE.value == "train":
-    results = loop.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    results = loop.evaluate_only(config, _WORKDIR.value)
+  _maybe_initialize_distributed()
+  from dataseg import config_lib  # pylint: disable=g-import-not-at-top
+  from dataseg.train import loop  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  try:
+    if _MODE.value == "train":
+      results = loop.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      results = loop.evaluate_only(config, _WORKDIR.value)
+  except config_lib.StartupError as e:
+    sys.exit(f"dataseg: cannot start:\n{e}")
   del results  # the loop printed the table; the full metrics are in <workdir>/eval_<step>.json.
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

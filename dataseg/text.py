@@ -24,10 +24,12 @@ CLI:
 import argparse
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import pathlib
+import socket
 import sys
 from typing import Callable, Sequence
 
@@ -137,12 +139,84 @@ def load_minilm(model_dir: str | os.PathLike[str] | None = None) -> Encoder:
   return lambda s: _run_batched(tokenizer, functools.partial(apply, params), s)
 
 
+class EncoderUnavailable(RuntimeError):
+  """The text encoder is neither on disk nor downloadable; the message says what to do."""
+
+
+def _hub_cached(name: str) -> bool:
+  """Whether the Hugging Face cache already holds model `name` (no network)."""
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  found = huggingface_hub.try_to_load_from_cache(name, "config.json")
+  return isinstance(found, str)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+  """False when offline mode is set or huggingface.co does not answer within timeout_s.
+
+  Without this check transformers retries the download for minutes on a machine without
+  network and then fails deep inside the tokenizer.
+  """
+  if any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE",
+                                                           "TRANSFORMERS_OFFLINE")):
+    return False
+  try:
+    with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
+      return True
+  except OSError:
+    return False
+
+
+def prefetch_hint(encoder: str, vocab: str | None = None,
+                  cache_dir: str | os.PathLike[str] | None = None) -> str:
+  """The command that caches the embeddings (or the model) on a machine with network."""
+  cache = f" --cache_dir={cache_dir}" if cache_dir else ""
+  commands = [f"python -m dataseg.text --vocab={v} --encoder={encoder}{cache} --out={v}.npy"
+              for v in (vocab.split(",") if vocab else ["<vocabulary>"])]
+  hint = (f"`{'; '.join(commands)}` on a machine with network (caches the class-name "
+          f"embeddings)")
+  if encoder.startswith("clip:"):
+    hint += (f", or `huggingface-cli download {encoder.removeprefix('clip:')}` into the "
+             f"Hugging Face cache")
+  return hint
+
+
+def encoder_problem(encoder: str, vocab: str | None = None,
+                    cache_dir: str | os.PathLike[str] | None = None) -> str | None:
+  """None if `encoder` can be built here; else one line naming it and the prefetch command."""
+  if encoder == MINILM:
+    try:
+      minilm_dir()
+    except ImportError as e:
+      return str(e)
+    return None
+  if not encoder.startswith("clip:"):
+    return f"unknown text encoder {encoder!r}: use 'minilm' or 'clip:<name or dir>'"
+  name = encoder.removeprefix("clip:")
+  if os.path.isdir(name) or _hub_cached(name) or hub_reachable():
+    return None
+  return (f"text encoder {name} is not in the Hugging Face cache and huggingface.co cannot "
+          f"be reached (no network or HF_HUB_OFFLINE=1); run: "
+          f"{prefetch_hint(encoder, vocab, cache_dir)}")
+
+
 def load_clip(name_or_dir: str) -> Encoder:
-  """CLIP text tower + text projection (`text_embeds`) from a hub name or a directory."""
+  """CLIP text tower + text projection (`text_embeds`) from a hub name or a directory.
+
+  Local files first (a directory or the Hugging Face cache); the hub only when it answers,
+  so an offline machine fails at once with the prefetch command.
+  """
   transformers = _quiet_transformers()
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(name_or_dir)
+  local = os.path.isdir(name_or_dir) or _hub_cached(name_or_dir)
+  if not local:
+    problem = encoder_problem("clip:" + name_or_dir)
+    if problem:
+      raise EncoderUnavailable(problem)
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(name_or_dir, local_files_only=local)
   model = transformers.FlaxCLIPTextModelWithProjection.from_pretrained(
-      name_or_dir)
+      name_or_dir, local_files_only=local)
 
   @jax.jit
   def apply(params, ids, mask):
@@ -179,6 +253,41 @@ def default_cache_dir() -> pathlib.Path:
       "DATASEG_TEXT_CACHE", pathlib.Path.home() / ".cache" / "dataseg" / "text"))
 
 
+def cache_path(class_names: Sequence[str], encoder: str = MINILM,
+               templates: Sequence[str] = DEFAULT_TEMPLATES,
+               cache_dir: str | os.PathLike[str] | None = None) -> str:
+  """Where the embeddings of (names, encoder, templates) are cached (local or gs://)."""
+  return os.path.join(os.fspath(cache_dir or default_cache_dir()),
+                      cache_key(list(class_names), encoder, list(templates)) + ".npz")
+
+
+def _read_cache(path: str, class_names: list[str], encoder: str) -> np.ndarray | None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path, "rb") as f:
+    blob = f.read()
+  with np.load(io.BytesIO(blob)) as f:
+    if list(f["names"]) == class_names and str(f["encoder"]) == encoder:
+      return f["embeddings"]
+  return None
+
+
+def _compute_and_cache(path, class_names, encoder, templates) -> np.ndarray:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  emb = ensemble(load_encoder(encoder), class_names, templates)
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  buffer = io.BytesIO()
+  np.savez(buffer, embeddings=emb, names=np.array(class_names),
+           templates=np.array(templates), encoder=np.array(encoder))
+  tmp = path[:-len(".npz")] + f".{os.getpid()}.tmp.npz"
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    f.write(buffer.getvalue())
+  # Atomic on local disks: concurrent writers never expose half a file.
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+  return emb
+
+
 def cache_key(class_names: Sequence[str], encoder: str,
               templates: Sequence[str]) -> str:
   blob = json.dumps({"v": _CACHE_VERSION, "encoder": encoder,
@@ -196,26 +305,36 @@ def class_embeddings(class_names: Sequence[str], encoder: str = MINILM,
     class_names: [V] names (e.g. `dataseg.vocab.load(...).class_names`).
     encoder: "minilm" or "clip:<hub name or local dir>".
     templates: prompt templates with one "{}".
-    cache_dir: where `<key>.npz` files live; default $DATASEG_TEXT_CACHE or
-      ~/.cache/dataseg/text. A hit returns without building the encoder.
+    cache_dir: where `<key>.npz` files live (a local path or gs://...); default
+      $DATASEG_TEXT_CACHE or ~/.cache/dataseg/text. A hit returns without building the
+      encoder.
+
+  With several processes (jax.distributed) process 0 computes while the others wait at a
+  barrier, then read its file: a shared cache (the workdir's) means one encoder download
+  for the whole job; a cache the others cannot see makes them compute their own copy.
+  Every process must call this with the same arguments in the same order (as
+  `dataseg.train.data.build_vocabularies` does).
   """
   class_names, templates = list(class_names), list(templates)
   if not class_names:
     raise ValueError("class_names is empty")
   if not templates or any(t.count("{}") != 1 for t in templates):
     raise ValueError("every template needs exactly one '{}'")
-  path = pathlib.Path(cache_dir or default_cache_dir()) / (
-      cache_key(class_names, encoder, templates) + ".npz")
-  if path.is_file():
-    with np.load(path) as f:
-      if list(f["names"]) == class_names and str(f["encoder"]) == encoder:
-        return f["embeddings"]
-  emb = ensemble(load_encoder(encoder), class_names, templates)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
-  np.savez(tmp, embeddings=emb, names=np.array(class_names),
-           templates=np.array(templates), encoder=np.array(encoder))
-  os.replace(tmp, path)  # atomic: concurrent writers never expose half a file.
+  path = cache_path(class_names, encoder, templates, cache_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    emb = None
+    if jax.process_index() == 0:
+      emb = _read_cache(path, class_names, encoder)
+      if emb is None:
+        emb = _compute_and_cache(path, class_names, encoder, templates)
+    multihost_utils.sync_global_devices(f"dataseg.text:{path}")
+    if emb is None:
+      emb = _read_cache(path, class_names, encoder)
+  else:
+    emb = _read_cache(path, class_names, encoder)
+  if emb is None:
+    emb = _compute_and_cache(path, class_names, encoder, templates)
   return emb
 
 

@@ -144,7 +144,17 @@ def legend_panel(names: Sequence[str], colors: np.ndarray,
 
 
 def save_png(path: str | pathlib.Path, array: np.ndarray) -> None:
-  """Writes a uint8 [H, W, 3] / [H, W] array as PNG (lossless), creating parents."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(np.asarray(array, np.uint8)).save(path, format="PNG")
+  """Writes a uint8 [H, W, 3] / [H, W] array as PNG (lossless), creating parents.
+
+  Through tf.io.gfile, so overlays of a gs:// workdir land on GCS (pathlib would make a
+  local folder named `gs:`).
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(buffer.getvalue())
