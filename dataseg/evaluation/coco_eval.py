@@ -1,7 +1,7 @@
 """Instance mask AP and box AP through pycocotools' COCOeval.
 
 The host-local state is the RLE-encoded detections and gt annotations (a few hundred bytes
-per instance), so a multi-host run gathers them (evaluators.gather) and COCOeval runs once
+per instance, packed into numeric arrays), so a multi-host run gathers them (evaluators.gather) and COCOeval runs once
 over the whole split: AP is not a sum over shards.
 
 Ground truth comes either as COCO annotations (exact original instances, overlaps and
@@ -114,6 +114,87 @@ def segments_to_annotations(image_id, ground_truth: Mapping[str, np.ndarray],
   return anns
 
 
+def _int_id(image_id) -> int:
+  if isinstance(image_id, (bool, str, bytes)) or int(image_id) != image_id:
+    raise TypeError(f"COCO evaluators need integer image ids, got {image_id!r}")
+  return int(image_id)
+
+
+def _compressed_rle(segmentation, h, w) -> dict[str, Any]:
+  """A COCO segmentation (polygons, uncompressed or compressed RLE) as compressed RLE
+  with str counts: what COCOeval converts it to anyway (COCO.annToRLE)."""
+  if isinstance(segmentation, list):  # polygons.
+    rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+  elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE.
+    rle = mask_utils.frPyObjects(segmentation, *segmentation["size"])
+  else:
+    rle = dict(segmentation)
+  if isinstance(rle["counts"], bytes):
+    rle["counts"] = rle["counts"].decode("ascii")
+  return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]}
+
+
+# Numeric fields of a COCO annotation / result entry; absent ones are stored as NaN.
+_FLOAT_FIELDS = ("score", "area")
+
+
+def _pack(prefix: str, entries: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  """COCO entries -> typed arrays, so a state crosses hosts without pickle.
+
+  `<prefix>/ids` int64 [n, 3] (image_id, category_id, iscrowd), `<prefix>/floats`
+  float64 [n, 2] (score, area), `<prefix>/bbox` float64 [n, 4] (NaN: none),
+  `<prefix>/rle_size` int64 [n, 2] (-1: no segmentation) and the RLE count strings
+  concatenated as bytes in `<prefix>/rle_counts` uint8, split at `<prefix>/rle_end` [n].
+  """
+  n = len(entries)
+  ids = np.zeros((n, 3), np.int64)
+  floats = np.full((n, len(_FLOAT_FIELDS)), np.nan)
+  bbox = np.full((n, 4), np.nan)
+  size = np.full((n, 2), -1, np.int64)
+  counts, end = [], np.zeros(n, np.int64)
+  total = 0
+  for k, e in enumerate(entries):
+    ids[k] = (_int_id(e["image_id"]), int(e["category_id"]), int(e.get("iscrowd", 0)))
+    for j, field in enumerate(_FLOAT_FIELDS):
+      if field in e:
+        floats[k, j] = float(e[field])
+    if "bbox" in e:
+      bbox[k] = e["bbox"]
+    if "segmentation" in e:
+      rle = e["segmentation"]
+      size[k] = rle["size"]
+      raw = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
+      counts.append(raw)
+      total += len(raw)
+    end[k] = total
+  return {f"{prefix}/ids": ids, f"{prefix}/floats": floats, f"{prefix}/bbox": bbox,
+          f"{prefix}/rle_size": size, f"{prefix}/rle_end": end,
+          f"{prefix}/rle_counts": np.frombuffer(b"".join(counts), np.uint8).copy()}
+
+
+def _unpack(prefix: str, state: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+  """Inverse of `_pack`."""
+  ids, floats = state[f"{prefix}/ids"], state[f"{prefix}/floats"]
+  bbox, size, end = state[f"{prefix}/bbox"], state[f"{prefix}/rle_size"], state[f"{prefix}/rle_end"]
+  counts = np.asarray(state[f"{prefix}/rle_counts"], np.uint8).tobytes()
+  entries, start = [], 0
+  for k in range(len(ids)):
+    e = {"image_id": int(ids[k, 0]), "category_id": int(ids[k, 1])}
+    if prefix == "gt":
+      e["iscrowd"] = int(ids[k, 2])
+    for j, field in enumerate(_FLOAT_FIELDS):
+      if not np.isnan(floats[k, j]):
+        e[field] = float(floats[k, j])
+    if not np.isnan(bbox[k]).any():
+      e["bbox"] = [float(v) for v in bbox[k]]
+    if size[k, 0] >= 0:
+      e["segmentation"] = {"size": [int(v) for v in size[k]],
+                           "counts": counts[start:int(end[k])].decode("ascii")}
+    start = int(end[k])
+    entries.append(e)
+  return entries
+
+
 class CocoEvaluator(evaluators.Evaluator):
   """Collects RLE detections + gt annotations; `result()` runs COCOeval once.
 
@@ -140,7 +221,9 @@ class CocoEvaluator(evaluators.Evaluator):
     image_id = exports._json_id(image_id)  # pylint: disable=protected-access
     if "annotations" in ground_truth:
       h, w = int(ground_truth["height"]), int(ground_truth["width"])
-      gts = [dict(a, image_id=image_id) for a in ground_truth["annotations"]]
+      gts = [dict(a, image_id=image_id, segmentation=_compressed_rle(a["segmentation"], h, w))
+             if "segmentation" in a else dict(a, image_id=image_id)
+             for a in ground_truth["annotations"]]
     else:
       h, w = np.shape(ground_truth["segment_map"])
       gts = segments_to_annotations(image_id, ground_truth, self.categories, self.is_thing)
@@ -154,12 +237,16 @@ class CocoEvaluator(evaluators.Evaluator):
         with_boxes=self.iou_type == "bbox"))
 
   def state(self):
-    return {"images": list(self._images), "gts": list(self._gts), "dets": list(self._dets)}
+    """Numeric arrays only (see `_pack`): image table [n, 3] plus gts and detections."""
+    images = np.array([[_int_id(im["id"]), im["height"], im["width"]] for im in self._images],
+                      np.int64).reshape(-1, 3)
+    return {"images": images, **_pack("gt", self._gts), **_pack("det", self._dets)}
 
   def merge_state(self, state):
-    self._images.extend(state["images"])
-    self._gts.extend(state["gts"])
-    self._dets.extend(state["dets"])
+    self._images.extend({"id": int(i), "height": int(h), "width": int(w)}
+                        for i, h, w in np.asarray(state["images"]).reshape(-1, 3))
+    self._gts.extend(_unpack("gt", state))
+    self._dets.extend(_unpack("det", state))
 
   def result(self):
     gts = [dict(a, id=i + 1) for i, a in enumerate(self._gts)]  # COCO needs ids >= 1

@@ -12,14 +12,14 @@ Padding examples (schema field `example_valid` False) must never reach `add`: th
 drops them, because an evaluator cannot tell a padded example from an empty image.
 
 Each evaluator keeps its accumulated state small and host-local: `state()` returns a dict
-of numpy arrays (PQ: per-class TP/FP/FN/IoU sums; semantic: the confusion matrix) or, for
-COCO AP, the host's RLE-encoded detections and annotations, which must all be seen by one
-COCOeval run. `from_states(states, **ctor_kwargs)` rebuilds one evaluator from several, so a
-multi-host gather is one `process_allgather` of pickled states (see `gather`).
+of numeric numpy arrays (PQ: per-class TP/FP/FN/IoU sums; semantic: the confusion matrix;
+COCO AP: the host's RLE-encoded detections and annotations packed into arrays, which must
+all be seen by one COCOeval run). `from_states(states, **ctor_kwargs)` rebuilds one
+evaluator from several, so a multi-host gather is a `process_allgather` per array (see
+`gather`).
 """
 
 import importlib
-import pickle
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -100,21 +100,33 @@ class Evaluator:
 def gather(evaluator: Evaluator) -> Evaluator:
   """Returns an evaluator holding the data of every host (itself when single-process).
 
-  One all-gather of the pickled `state()` of each host (padded to the longest), so the
-  metrics are computed once over the whole split; with COCO AP the detections of all hosts
-  enter a single COCOeval run. Every process must call this (it is a collective).
+  Each host's `state()` is a dict of numeric numpy arrays (counts, sums, packed COCO
+  entries); each array is all-gathered, padded along its first axis to the longest, and
+  cut back to every host's length, so the metrics are computed once over the whole
+  split (with COCO AP the detections of all hosts enter a single COCOeval run). No bytes
+  that came over the network are unpickled. Every process must call this (a collective).
   """
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return evaluator
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  blob = np.frombuffer(pickle.dumps(evaluator.state()), np.uint8)
-  sizes = multihost_utils.process_allgather(np.array([blob.size], np.int64))
-  padded = np.zeros(int(np.max(sizes)), np.uint8)
-  padded[:blob.size] = blob
-  blobs = multihost_utils.process_allgather(padded)
-  states = [pickle.loads(b[:int(n)].tobytes()) for b, n in zip(blobs, np.ravel(sizes))]
+  state = evaluator.state()
+  hosts = [dict() for _ in range(jax.process_count())]
+  for key in sorted(state):  # the same order on every host.
+    x = np.asarray(state[key])
+    if x.dtype.kind not in "biuf":
+      raise TypeError(f"{type(evaluator).__name__}.state()[{key!r}] has dtype {x.dtype}: "
+                      "states cross hosts as numeric arrays")
+    if x.ndim == 0:
+      for host, value in zip(hosts, multihost_utils.process_allgather(x)):
+        host[key] = value
+      continue
+    lengths = np.ravel(multihost_utils.process_allgather(np.array(len(x), np.int64)))
+    padded = np.zeros((max(int(lengths.max()), 1),) + x.shape[1:], x.dtype)
+    padded[:len(x)] = x
+    for host, value, n in zip(hosts, multihost_utils.process_allgather(padded), lengths):
+      host[key] = value[:int(n)]
   merged = evaluator.empty_like()
-  for s in states:
-    merged.merge_state(s)
+  for host in hosts:
+    merged.merge_state(host)
   return merged
