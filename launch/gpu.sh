@@ -18,7 +18,8 @@ JAX_VERSION="$(sed -n 's/^jax==//p' "$ROOT/requirements.txt")"
 STAMP="$ROOT/.venv/.dataseg-cuda12-$JAX_VERSION"
 if [ ! -f "$STAMP" ]; then
   echo "[gpu] installing jax[cuda12]==$JAX_VERSION into .venv"
-  python -m pip install -q "jax[cuda12]==$JAX_VERSION"
+  # The same lock as the CPU set-up (-c: nothing it pins may move), plus the CUDA plugin.
+  python -m pip install -q -c "$ROOT/requirements.lock" "jax[cuda12]==$JAX_VERSION"
   touch "$STAMP"
 fi
 python -c 'import jax; d = jax.devices(); print(f"[gpu] {len(d)} device(s): {d[0].device_kind}")'

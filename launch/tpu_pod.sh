@@ -91,7 +91,7 @@ setup() {
     fi
     PYTHON=python3.11 bash launch/setup_env.sh
     JAX_VERSION=\$(sed -n 's/^jax==//p' requirements.txt)
-    .venv/bin/python -m pip install -q \"jax[tpu]==\$JAX_VERSION\"
+    .venv/bin/python -m pip install -q -c requirements.lock \"jax[tpu]==\$JAX_VERSION\"
     .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'"
 }
 
