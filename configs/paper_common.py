@@ -5,7 +5,7 @@ Mask2Former's recipe where the paper's text is not available); each [ours] choic
 argument or one `--config.x=` override away.
 
 Arguments every paper config takes (`configs/joint_r50.py:backbone=vitdet_b,fsdp`):
-  backbone=r50|vitdet_b   model_config name (dataseg/model/configs.py).
+  backbone=r50|vitdet_b|vitdet_l   model_config name (dataseg/model/configs.py).
   steps=N                 total steps (0 = the file's default schedule).
   batch=N                 global batch size (default 64: one image per chip of a 64-chip mesh).
   res=N                   train / eval resolution (default 1024, LSJ).
@@ -13,19 +13,28 @@ Arguments every paper config takes (`configs/joint_r50.py:backbone=vitdet_b,fsdp
   fsdp                    shard parameters and optimizer state over the mesh's `fsdp` axis.
   fp32                    compute in float32 (default: bfloat16 compute, float32 parameters).
   remat                   rematerialise backbone / decoder layers (less memory, more FLOPs).
+  scratch                 no pretrained backbone: random init, backbone lr x1.0 (an ablation).
+
+Pretrained backbone [ours: Mask2Former's / ViTDet's initialisations; the paper's exact
+checkpoints are not stated]: `model.backbone.pretrained` names the converted `.safetensors`
+file each backbone expects (dataseg/model/configs.py: PRETRAINED, e.g.
+weights/resnet50_imagenet_torchvision.safetensors), relative to the working directory or
+any path / gs:// URL via `--config.model.backbone.pretrained=...`. A missing file stops
+the run at start-up with the one-off conversion command; the backbone lr multiplier 0.1
+applies only while weights are loaded.
 """
 
 from configs import common
 from dataseg.model import configs as model_configs
 
-BACKBONES = ("r50", "vitdet_b")
+BACKBONES = ("r50", "vitdet_b", "vitdet_l")
 # [paper] CLIP text encoder, reported as CLIP-L/14; CLIP-B/32 is the cheaper option.
 TEXT_ENCODERS = {
     "clip_l": ("clip:openai/clip-vit-large-patch14", 768),
     "clip_b": ("clip:openai/clip-vit-base-patch32", 512),
 }
 # Parameters and optimizer state split over `fsdp` along their embedding / output-channel
-# axis (every such size in r50 / vitdet_b is a multiple of 8); the batch over (data, fsdp).
+# axis (every such size in r50 / vitdet_b / vitdet_l is a multiple of 8); the batch over (data, fsdp).
 FSDP_RULES = (("embed", "fsdp"), ("conv_out", "fsdp"), ("mlp", "model"), ("heads", "model"),
               ("kv", ""), ("batch", ("data", "fsdp")))
 
@@ -45,7 +54,8 @@ TRAIN_TASKS = {"coco_panoptic": "panoptic", "ade20k": "semantic", "objects365": 
 
 def parse(arg, default_backbone="r50"):
   arg = common.parse_arg(arg, backbone=default_backbone, steps=0, batch=64, res=1024,
-                         text="clip_l", fsdp=False, fp32=False, remat=False)
+                         text="clip_l", fsdp=False, fp32=False, remat=False,
+                         scratch=False)
   if arg.backbone not in BACKBONES:
     raise ValueError(f"backbone={arg.backbone!r} is unknown; allowed: {', '.join(BACKBONES)}")
   if arg.text not in TEXT_ENCODERS:
@@ -73,10 +83,12 @@ def paper_config(arg, train, evals, default_steps, default_backbone="r50"):
   c.model = model_configs.model_config(arg.backbone)
   c.model.dtype = "float32" if arg.fp32 else "bfloat16"
   c.model.remat = arg.remat
+  c.model.backbone.pretrained = "" if arg.scratch else model_configs.PRETRAINED[arg.backbone].file
   c.text.encoder, c.model.classifier.text_dim = TEXT_ENCODERS[arg.text]
   c.classifier = "text"  # [paper] frozen text embeddings + one learned background.
 
   # [ours] Mask2Former's optimiser: AdamW 1e-4, wd 0.05, backbone x0.1, clip 0.01, poly 0.9.
+  # The x0.1 applies only to a pretrained backbone (optimizer.make; `scratch`: x1.0).
   c.optimizer.lr = 1e-4
   c.optimizer.weight_decay = 0.05
   c.optimizer.backbone_multiplier = 0.1

@@ -250,3 +250,20 @@ def test_default_configs_parameter_counts():
   # timm vit_base_patch16_224 without head: 86,567,656 - 769,000; then minus
   # cls token (768), its position entry (768) and the final norm (1,536).
   assert count(vit) == 86_567_656 - 769_000 - 768 - 768 - 1_536
+
+
+def test_vitdet_l_encoder_is_vit_l16():
+  """model_config('vitdet_l')'s ViT: timm vit_large_patch16_224 (304,326,632 params)
+  without its head (1,025,000), cls token and its position entry (1,024 each) and
+  final norm (2,048) = 303,297,536, within 0.3% of the ~304M quoted for ViT-L in
+  ViTDet's comparisons; the simple pyramid comes on top."""
+  from dataseg.model import configs  # pylint: disable=g-import-not-at-top
+  count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+  cfg = configs.model_config("vitdet_l").backbone
+  assert (cfg.width, cfg.depth, cfg.heads, cfg.mlp, cfg.window,
+          tuple(cfg.global_blocks)) == (1024, 24, 16, 4096, 14, (5, 11, 17, 23))
+  v = nn.unbox(jax.eval_shape(bb.build_backbone(cfg).init, jax.random.PRNGKey(0),
+                              jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)))
+  vit = {k: p for k, p in v["params"].items() if not k.startswith("simfp")}
+  assert count(vit) == 304_326_632 - 1_025_000 - 1_024 - 1_024 - 2_048
+  assert abs(count(vit) / 304e6 - 1) < 0.02

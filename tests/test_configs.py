@@ -21,10 +21,11 @@ from input_pipeline import datasets as datasets_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HELPERS = {"__init__", "common", "paper_common"}
 CONFIG_FILES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in HELPERS)
-PAPER = ("ade20k_r50", "coco_r50", "objects365_r50", "joint_r50", "joint_vitdet_b")
+PAPER = ("ade20k_r50", "coco_r50", "objects365_r50", "joint_r50", "joint_vitdet_b",
+         "joint_vitdet_l")
 # Arguments every paper config documents (configs/paper_common.py).
-PAPER_ARGS = (None, "backbone=vitdet_b", "backbone=r50", "fsdp", "fp32,remat",
-              "text=clip_b,steps=10,batch=8,res=512")
+PAPER_ARGS = (None, "backbone=vitdet_b", "backbone=r50", "backbone=vitdet_l", "fsdp",
+              "fp32,remat", "text=clip_b,steps=10,batch=8,res=512", "scratch")
 
 
 def _documented_args(stem):
@@ -74,8 +75,14 @@ def test_paper_recipe(stem):
   assert c.classifier == "text"
   assert c.batch_size % 64 == 0  # one image per chip of the README's 64-chip mesh.
   assert c.mesh.data == -1 and c.mesh.fsdp == 1
-  want = "vitdet" if stem.endswith("vitdet_b") else "resnet"
+  want = "vitdet" if "vitdet" in stem else "resnet"
   assert c.model.backbone.name == want
+  # The pretrained weights file it expects, and nothing pretrained with `scratch`.
+  from dataseg.model import configs as model_configs  # pylint: disable=g-import-not-at-top
+  backbone = stem.split("_", 1)[1] if "vitdet" in stem else "r50"
+  assert c.model.backbone.pretrained == model_configs.PRETRAINED[backbone].file
+  assert importlib.import_module(f"configs.{stem}").get_config(
+      "scratch").model.backbone.pretrained == ""
   other = importlib.import_module(f"configs.{stem}").get_config(
       "backbone=" + ("r50" if want == "vitdet" else "vitdet_b"))
   assert other.model.backbone.name != want
@@ -96,6 +103,10 @@ def test_paper_datasets_and_tasks():
   # The ViTDet-B file is the joint run with another backbone, nothing else.
   a, b = get("joint_vitdet_b").to_dict(), get("joint_r50", "backbone=vitdet_b").to_dict()
   assert a == b
+  a, b = get("joint_vitdet_l").to_dict(), get("joint_r50", "backbone=vitdet_l").to_dict()
+  assert a == b
+  assert (a["model"]["backbone"]["width"], a["model"]["backbone"]["depth"],
+          a["model"]["decoder"]["num_queries"]) == (1024, 24, 200)
 
 
 def test_fsdp_argument_switches_rules_and_mesh():
@@ -179,7 +190,7 @@ def test_named_configs_exist():
   assert named, "expected the scripts to name configs"
   missing = sorted(n for n in named if not (ROOT / "configs" / f"{n}.py").exists())
   assert not missing, missing
-  assert set(paper_common.BACKBONES) == {"r50", "vitdet_b"}
+  assert set(paper_common.BACKBONES) == {"r50", "vitdet_b", "vitdet_l"}
 
 
 @pytest.mark.parametrize("backbone", paper_common.BACKBONES)

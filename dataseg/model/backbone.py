@@ -377,7 +377,8 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   """Backbone from `config.name` in BACKBONES; other keys are module fields.
 
   `config.dtype` may be a string ('bfloat16'); unknown keys raise, so a typo in
-  a config cannot be silently ignored.
+  a config cannot be silently ignored. `config.pretrained` (a weights file) is
+  not a module field: dataseg/model/weights.py reads it.
   """
   if config.name not in BACKBONES:
     raise ValueError(f"Unknown backbone {config.name!r}; "
@@ -386,6 +387,9 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   allowed = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   kwargs = dict(config.to_dict() if hasattr(config, "to_dict") else config)
   kwargs.pop("name")
+  # Not a module field: the weights file that weights.load_pretrained merges into
+  # the fresh state (the module itself does not depend on where weights come from).
+  kwargs.pop("pretrained", None)
   unknown = set(kwargs) - allowed
   if unknown:
     raise ValueError(f"Unknown {config.name} fields {sorted(unknown)}; "

@@ -13,8 +13,12 @@ to them (FieldReference), so `config.dtype = 'bfloat16'` changes the whole model
   r18/50/101 ResNet, frozen BN                msdeform 6x256    100 q, 9 layers
   vitdet_b   ViT-B/16, window 14, global      msdeform 6x256    100 q, 9 layers
              blocks 2,5,8,11, pyramid 256
+  vitdet_l   ViT-L/16, window 14, global      msdeform 6x256    200 q, 9 layers
+             blocks 5,11,17,23, pyramid 256
   tiny       ResNet-18 at width 32            fpn 64            16 q, 3 layers
 """
+
+import dataclasses
 
 import ml_collections
 
@@ -40,16 +44,30 @@ def _base() -> ml_collections.ConfigDict:
 
 def _resnet(c, depth: int, width: int = 64, norm: str = "frozen_bn"):
   c.backbone = ml_collections.ConfigDict(dict(
-      name="resnet", depth=depth, norm=norm, width=width,
+      name="resnet", depth=depth, norm=norm, width=width, pretrained="",
       dtype=c.get_ref("dtype"), remat=c.get_ref("remat")))
   return c
 
 
-def _vitdet_b(c):
+def _vitdet(c, width, depth, heads, global_blocks):
+  # ViTDet (Li et al. 2022): MAE-pretrained plain ViT at 224 px (14x14 position
+  # table), 14x14 window attention, 4 evenly spaced global blocks, simple pyramid.
   c.backbone = ml_collections.ConfigDict(dict(
-      name="vitdet", patch=16, width=768, depth=12, heads=12, mlp=3072,
-      window=14, global_blocks=(2, 5, 8, 11), out_dim=256,
-      dtype=c.get_ref("dtype"), remat=c.get_ref("remat")))
+      name="vitdet", patch=16, width=width, depth=depth, heads=heads,
+      mlp=4 * width, window=14, global_blocks=global_blocks, pretrain_grid=14,
+      out_dim=256, pretrained="", dtype=c.get_ref("dtype"),
+      remat=c.get_ref("remat")))
+  return c
+
+
+def _vitdet_b(c):
+  return _vitdet(c, 768, 12, 12, (2, 5, 8, 11))
+
+
+def _vitdet_l(c):
+  _vitdet(c, 1024, 24, 16, (5, 11, 17, 23))
+  # [ours, METHOD.md section 2] Mask2Former's 200 queries for large backbones.
+  c.decoder.num_queries = 200
   return c
 
 
@@ -65,11 +83,46 @@ def _tiny(c):
   return c
 
 
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """Where a model's pretrained backbone comes from and the file it is converted to.
+
+  `file` is what `config.model.backbone.pretrained` names in the paper configs;
+  `source` / `url` / `original` feed the conversion command that the start-up error
+  prints (dataseg/model/weights.py) when the file is missing.
+  """
+  file: str
+  source: str  # --from of `python -m dataseg.model.weights`.
+  original: str  # the published file's name.
+  url: str
+  what: str
+
+
+# [ours] Mask2Former's R50 starts from torchvision's ImageNet-1k ResNet-50 (detectron2's
+# R-50.pkl is a conversion of it); ViTDet starts from MAE's ImageNet-1k ViT-B/L.
+PRETRAINED = {
+    "r50": Pretrained(
+        "weights/resnet50_imagenet_torchvision.safetensors", "torchvision",
+        "resnet50-0676ba61.pth",
+        "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+        "torchvision ImageNet-1k ResNet-50 (IMAGENET1K_V1)"),
+    "vitdet_b": Pretrained(
+        "weights/vit_base_mae.safetensors", "mae", "mae_pretrain_vit_base.pth",
+        "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+        "MAE ImageNet-1k ViT-B/16 (ViTDet's initialisation)"),
+    "vitdet_l": Pretrained(
+        "weights/vit_large_mae.safetensors", "mae", "mae_pretrain_vit_large.pth",
+        "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
+        "MAE ImageNet-1k ViT-L/16 (ViTDet's initialisation)"),
+}
+
+
 _BUILDERS = {
     "r18": lambda c: _resnet(c, 18),
     "r50": lambda c: _resnet(c, 50),
     "r101": lambda c: _resnet(c, 101),
     "vitdet_b": _vitdet_b,
+    "vitdet_l": _vitdet_l,
     "tiny": _tiny,
 }
 NAMES = tuple(_BUILDERS)

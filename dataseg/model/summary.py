@@ -53,6 +53,10 @@ def summarize(config, resolution: int = 1024, vocab: int = 133, *,
   }
   out["params"]["decoder/head/classifier"] = _count(
       params["decoder"]["head"]["classifier"])
+  pyramid = {k: v for k, v in params["backbone"].items() if k.startswith("simfp_")}
+  if pyramid:  # ViTDet: the ViT encoder alone is what papers quote as the backbone size.
+    out["params"]["backbone/vit (encoder)"] = _count(params["backbone"]) - _count(pyramid)
+    out["params"]["backbone/simfp (pyramid)"] = _count(pyramid)
   if flops:
     lowered = jax.jit(model.apply).lower(unboxed, *inputs)
     cost = lowered.compile().cost_analysis()

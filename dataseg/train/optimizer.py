@@ -3,6 +3,12 @@
 [ours, METHOD.md section 2] Mask2Former's recipe: AdamW, backbone lr x0.1, no weight
 decay on norms, biases and embeddings, global-norm clipping, poly or step schedule after
 a linear warm-up.
+
+The backbone multiplier exists to keep pretrained features from being washed out by the
+randomly initialised heads' large early gradients; a backbone that starts from random
+weights has nothing to protect and would only learn 10x slower, so the multiplier
+applies only when `config.model.backbone.pretrained` names weights
+(`make(..., pretrained_backbone=...)`; the demo's from-scratch model trains at x1.0).
 """
 
 import jax
@@ -47,16 +53,27 @@ def backbone_mask(params):
       lambda p, _: BACKBONE_PREFIX in _path_names(p)[0], params)
 
 
-def make(opt, total_steps):
-  """(optax transformation, lr schedule). The transformation takes the params tree."""
+def backbone_multiplier(opt, pretrained_backbone=True):
+  """The backbone's lr factor: opt.backbone_multiplier for pretrained weights, else 1."""
+  return float(opt.backbone_multiplier) if pretrained_backbone else 1.0
+
+
+def make(opt, total_steps, pretrained_backbone=True):
+  """(optax transformation, lr schedule). The transformation takes the params tree.
+
+  `pretrained_backbone`: whether the backbone starts from pretrained weights (the
+  trainer passes bool(config.model.backbone.pretrained)); False ignores
+  opt.backbone_multiplier.
+  """
   lr = schedule(opt, total_steps)
+  multiplier = backbone_multiplier(opt, pretrained_backbone)
   parts = []
   if opt.clip_norm:
     parts.append(optax.clip_by_global_norm(opt.clip_norm))
   parts.append(optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                            mask=decay_mask))
-  if opt.backbone_multiplier != 1.0:
-    parts.append(optax.masked(optax.scale(opt.backbone_multiplier), backbone_mask))
+  if multiplier != 1.0:
+    parts.append(optax.masked(optax.scale(multiplier), backbone_mask))
   tx = optax.chain(*parts)
   if opt.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=int(opt.grad_accum_steps))
