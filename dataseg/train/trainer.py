@@ -21,6 +21,7 @@ import optax
 
 from dataseg import schema
 from dataseg.model import dataseg_model
+from dataseg.model import weights as weights_lib
 from dataseg.objective import losses as losses_lib
 from dataseg.train import optimizer as optimizer_lib
 from dataseg.train import sharding as sharding_lib
@@ -82,7 +83,8 @@ class Setup:
 
 def setup(config, num_datasets, vocab_size, mesh=None):
   model = dataseg_model.build_model(config.model)
-  tx, lr_fn = optimizer_lib.make(config.optimizer, config.total_steps)
+  tx, lr_fn = optimizer_lib.make(config.optimizer, config.total_steps,
+                                 pretrained_backbone=bool(weights_lib.pretrained_path(config)))
   mesh = mesh or sharding_lib.make_mesh(config.mesh)
 
   def init_fn(rng):
@@ -114,9 +116,12 @@ def setup(config, num_datasets, vocab_size, mesh=None):
 
 
 def init_state(s: Setup):
-  """The fresh state, created directly in its shardings."""
+  """The fresh state, created directly in its shardings, with the pretrained backbone
+  (config.model.backbone.pretrained) merged in; a missing file stops before compiling."""
+  weights_lib.check_pretrained(s.config)
   rng = jax.random.key_data(jax.random.PRNGKey(s.config.seed))
-  return jax.jit(s.init_fn, out_shardings=s.state_shardings)(rng)
+  state = jax.jit(s.init_fn, out_shardings=s.state_shardings)(rng)
+  return weights_lib.load_pretrained(s.config, state)
 
 
 def _loss_fn(s: Setup, task, params, frozen, batch, vocab, rng, step):
