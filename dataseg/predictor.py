@@ -11,13 +11,12 @@ Any machine loads any checkpoint: the parameters are restored onto one local dev
 (orbax re-shards). Only the parameters are read (EMA ones when the run kept them, as
 the trainer's evaluation does), never the optimizer state.
 
-The image path is the training-time evaluation's, step for step: the eval resize
-(input_pipeline/preprocess.py: longer side -> `eval_image_size`, pad bottom/right), the
-model's final-layer proposals, the mask logits resized to the padded image, the task's
-post-processing (dataseg/objective/postprocess.py) with the run's thresholds, then crop to
-the valid region. At the eval resolution the outputs therefore equal what
-`dataseg/train/evaluation.py` scores; by default they are then resized back (nearest) to
-the image's original size.
+The image path is the training-time evaluation's: the eval resize
+(input_pipeline/preprocess.py: longer side -> `eval_image_size`, pad bottom/right), then
+the one inference program (dataseg/inference.py, which `dataseg/train/evaluation.py` runs
+too) with the run's thresholds, then crop to the valid region. `predict_batch` with the
+eval batch's images therefore runs the same program on the same inputs as the evaluation;
+by default results are then resized back (nearest) to the image's original size.
 
 A vocabulary is a [V, D] matrix of class-name text embeddings (dataseg/text.py, with the
 run's encoder and templates), padded to the run's static size V (or the next multiple of
@@ -26,29 +25,25 @@ new list of names needs no new parameters.
 """
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dataseg import inference
 from dataseg import text as text_lib
 from dataseg import visualize
-from dataseg.objective import postprocess
 from dataseg.train import data as data_lib
 from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
 
-TASKS = ("panoptic", "semantic", "instance")
+TASKS = inference.TASKS
 _PAD_MULTIPLE = 64
-_OVERLAY_MIN_SCORE = 0.3   # instance overlays: masks below this score are not drawn.
-_OVERLAY_MAX_INSTANCES = 20
 
 
 def load_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
@@ -178,34 +173,6 @@ def eval_preprocess(image: np.ndarray, image_size: int) -> tuple[np.ndarray, np.
   return out["image"].numpy(), out["valid"].numpy()
 
 
-@functools.lru_cache(maxsize=None)
-def _program(s: trainer.Setup, task: str, top_k: int):
-  """jit((state, images [1,S,S,3], valid [S,S], vocab, thresholds) -> task outputs).
-
-  Cached per (run set-up, task): compiled once per padded vocabulary size. The panoptic
-  thresholds are arguments, so changing them in a notebook needs no recompilation.
-  """
-  predict = trainer.make_predict_fn(s)
-
-  @jax.jit
-  def run(state, images, valid, vocab, thresholds):
-    class_logits, mask_logits = predict(state, images, vocab)
-    class_logits, mask_logits = class_logits[0], mask_logits[0]  # [Q, V+1], [Q, h, w]
-    logits = postprocess.resize_to_image(mask_logits, valid.shape)
-    if task == "semantic":
-      return dict(class_map=postprocess.semantic_inference(
-          class_logits, logits, vocab["valid"]))
-    if task == "panoptic":
-      seg_map, cls, thing, score, seg_valid = postprocess.panoptic_inference(
-          class_logits, logits, vocab["valid"], vocab["is_thing"], **thresholds)
-      return dict(segment_map=seg_map, seg_class=jnp.where(seg_valid, cls, -1),
-                  seg_is_thing=thing, seg_score=score)
-    masks, classes, scores = postprocess.instance_inference(
-        class_logits, logits, vocab["valid"], vocab["is_thing"], top_k=top_k)
-    return dict(masks=masks, classes=classes, scores=scores)
-  return run
-
-
 class Predictor:
   """Inference with one restored checkpoint for any image, task and vocabulary."""
 
@@ -319,77 +286,47 @@ class Predictor:
       instance: 'masks' bool [N, H, W], 'classes' int32 [N], 'scores' float32 [N],
         'names' [N], sorted by score (N <= config.loss.post.top_k).
     """
+    return self.predict_batch([image], task, class_names, is_thing, original_size)[0]
+
+  def predict_batch(self, images, task: str = "panoptic",
+                    class_names: Sequence[str] | None = None,
+                    is_thing: Sequence[bool] | None = None, original_size: bool = True
+                    ) -> list[dict[str, Any]]:
+    """`predict` for several images in one call of the inference program.
+
+    The images (any sizes) are each resized and padded as the eval pipeline does and
+    stacked into one batch: with the eval batch's images, this runs the very program
+    training-time evaluation runs (dataseg/inference.py), on the same inputs.
+    """
     if task not in TASKS:
       raise ValueError(f"task {task!r} is unknown; allowed: {', '.join(TASKS)}")
-    image = _read_image(image)
+    images = [_read_image(image) for image in images]
     vocab = self.vocabulary(class_names, is_thing, task)
-    names = list(vocab.names)
-    padded, valid = eval_preprocess(image, self.config.eval_image_size)
-    post = self.config.loss.post
-    thresholds = {k: np.float32(post[k]) for k in
-                  ("score_threshold", "overlap_threshold", "mask_threshold")}
-    out = jax.device_get(_program(self.run.setup, task, post.top_k)(
-        self.run.state, padded[None], valid, vocab.arrays(), thresholds))
-    h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
-    if original_size:
-      size = image.shape[:2]
-      fit = lambda x: resize_nearest(x[..., :h, :w], size)
-      shown = image
-    else:
-      fit = lambda x: x[..., :h, :w]
-      shown = padded[:h, :w]
-    result = dict(task=task, image=shown, class_names=names)
-    if task == "semantic":
-      result["class_map"] = fit(out["class_map"]).astype(np.int32)
-    elif task == "panoptic":
-      slot_map = fit(out["segment_map"])
-      segments, new_map = [], np.full(slot_map.shape, -1, np.int32)
-      for slot in np.nonzero(out["seg_class"] >= 0)[0]:
-        area = int((slot_map == slot).sum())
-        if not area:
-          continue
-        c = int(out["seg_class"][slot])
-        new_map[slot_map == slot] = len(segments)
-        segments.append(dict(id=len(segments), **{"class": c}, name=names[c],
-                             score=float(out["seg_score"][slot]),
-                             is_thing=bool(vocab.is_thing[c]), area=area))
-      result.update(segment_map=new_map, segments=segments)
-    else:
-      keep = np.nonzero(out["classes"] >= 0)[0]
-      keep = keep[np.argsort(-out["scores"][keep], kind="stable")]
-      classes = out["classes"][keep].astype(np.int32)
-      result.update(masks=fit(out["masks"][keep]).astype(bool), classes=classes,
-                    scores=out["scores"][keep].astype(np.float32),
-                    names=[names[c] for c in classes])
-    return result
+    padded, valid = zip(*(eval_preprocess(image, self.config.eval_image_size)
+                          for image in images))
+    out = inference.predict(self.run.setup, self.run.state, np.stack(padded),
+                            np.stack(valid), vocab.arrays(),
+                            inference.config_thresholds(self.config),
+                            top_k=self.config.loss.post.top_k)
+    results = []
+    for i, image in enumerate(images):
+      h, w = inference.valid_size(valid[i])
+      result = inference.example_result(out, i, task, vocab.names, vocab.is_thing, (h, w))
+      result["image"] = padded[i][:h, :w]
+      if original_size:
+        size = image.shape[:2]
+        for key in ("segment_map", "class_map", "masks"):
+          if key in result:
+            result[key] = resize_nearest(result[key], size)
+        result["image"] = image
+      results.append(result)
+    return results
 
   # -------------------------------------------------------------- visualisation.
   @staticmethod
-  def overlay(result, min_score: float = _OVERLAY_MIN_SCORE) -> np.ndarray:
+  def overlay(result, min_score: float = inference.OVERLAY_MIN_SCORE) -> np.ndarray:
     """uint8 [H, W + legend, 3]: the result's classes over its image, with a legend."""
-    image, names = result["image"], result["class_names"]
-    boxes = None
-    if result["task"] == "semantic":
-      seg_map, seg_class = result["class_map"], np.arange(len(names))
-    elif result["task"] == "panoptic":
-      seg_map = result["segment_map"]
-      seg_class = np.array([s["class"] for s in result["segments"]], np.int64)
-    else:
-      seg_map = np.full(image.shape[:2], -1, np.int32)
-      shown = [k for k in range(len(result["scores"]))
-               if result["scores"][k] >= min_score][:_OVERLAY_MAX_INSTANCES]
-      for k in shown[::-1]:  # best on top.
-        seg_map[result["masks"][k]] = k
-      seg_class = np.where(np.isin(np.arange(len(result["classes"])), shown),
-                           result["classes"], -1)
-      boxes = np.zeros((len(seg_class), 4), np.float32)
-      for k in shown:
-        ys, xs = np.nonzero(seg_map == k)
-        if len(ys):
-          boxes[k] = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
-        else:
-          seg_class[k] = -1
-    return visualize.overlay(image, seg_map, seg_class, names, boxes=boxes)
+    return inference.overlay(result, min_score=min_score)
 
   def save_overlay(self, result, path, **kwargs) -> str:
     """Writes `overlay(result)` as a PNG; returns the path."""

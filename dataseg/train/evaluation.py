@@ -1,8 +1,8 @@
 """Evaluation of a train state on the config's eval datasets (trainer and `--mode=eval`).
 
-On device, in one jitted program per (dataset task, evaluators): the model's final-layer
-proposals, mask logits resized to the padded eval image, then the post-processing each
-evaluator needs (dataseg/objective/postprocess.py). On host: each valid example is
+On device, the one inference program (dataseg/inference.py, shared with the Predictor):
+the model's final-layer proposals, mask logits resized to the padded eval image, then
+every task's post-processing (dataseg/objective/postprocess.py). On host: each valid example is
 cropped to its valid region and handed to the evaluators (dataseg/evaluation). Every host
 evaluates its own shard; `evaluators.gather` combines them once; padding examples
 (`example_valid` False) never count.
@@ -12,57 +12,17 @@ the ground truth resized the same way (nearest), not at the original resolution.
 A few overlay PNGs per dataset go to `<out_dir>/<dataset>/`.
 """
 
-import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from dataseg import inference
 from dataseg import visualize
 from dataseg.evaluation import evaluators as evaluators_lib
-from dataseg.objective import postprocess
 from dataseg.train import data as data_lib
-from dataseg.train import trainer
 
 _NUM_OVERLAYS = 4
-
-
-def _postprocess_fn(config, evaluator_names):
-  post = config.loss.post
-
-  def one(class_logits, mask_logits, valid, vocab):
-    size = valid.shape
-    logits = postprocess.resize_to_image(mask_logits, size)
-    out = {}
-    if "semantic" in evaluator_names:
-      out["semantic"] = postprocess.semantic_inference(class_logits, logits, vocab["valid"])
-    if "panoptic" in evaluator_names:
-      seg_map, cls, _, score, seg_valid = postprocess.panoptic_inference(
-          class_logits, logits, vocab["valid"], vocab["is_thing"],
-          score_threshold=post.score_threshold, overlap_threshold=post.overlap_threshold,
-          mask_threshold=post.mask_threshold)
-      out["panoptic"] = dict(segment_map=seg_map, seg_class=jnp.where(seg_valid, cls, -1),
-                             seg_score=score)
-    if "instance" in evaluator_names or "box" in evaluator_names:
-      masks, classes, scores = postprocess.instance_inference(
-          class_logits, logits, vocab["valid"], vocab["is_thing"], top_k=post.top_k)
-      out["instance"] = dict(masks=masks, classes=classes, scores=scores)
-    return out
-
-  return jax.vmap(one, in_axes=(0, 0, 0, None))
-
-
-@functools.lru_cache(maxsize=None)
-def _predict_program(s, evaluator_names):
-  predict = trainer.make_predict_fn(s)
-  post = _postprocess_fn(s.config, evaluator_names)
-
-  @jax.jit
-  def run(state, images, valid, vocab):
-    class_logits, mask_logits = predict(state, images, vocab)
-    return post(class_logits, mask_logits, valid, vocab)
-  return run
 
 
 def _crop(x, h, w):
@@ -75,14 +35,14 @@ def evaluate_dataset(config, s, state, entry, vocab, data_dir, out_dir=None):
   evs = {n: evaluators_lib.make_evaluator(n, class_names=list(vocab.names),
                                           is_thing=vocab.is_thing[:len(vocab.names)])
          for n in names}
-  run = _predict_program(s, names)
   vocab_dev = jax.device_put(vocab.arrays())
+  thresholds = inference.config_thresholds(config)
   overlays = 0
   for batch in data_lib.eval_batches(config, entry, data_dir, vocab):
-    out = jax.device_get(run(state, batch["image"], batch["valid"], vocab_dev))
+    out = inference.predict(s, state, batch["image"], batch["valid"], vocab_dev, thresholds,
+                            top_k=config.loss.post.top_k)
     for i in np.nonzero(batch["example_valid"])[0]:
-      valid = batch["valid"][i]
-      h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
+      h, w = inference.valid_size(batch["valid"][i])
       gt = dict(segment_map=_crop(batch["segment_map"][i], h, w),
                 seg_class=batch["seg_class"][i], seg_is_crowd=batch["seg_is_crowd"][i],
                 seg_valid=batch["seg_valid"][i], seg_box=batch["seg_box"][i])
@@ -94,17 +54,20 @@ def evaluate_dataset(config, s, state, entry, vocab, data_dir, out_dir=None):
         p = out["panoptic"]
         pred = dict(segment_map=_crop(p["segment_map"][i], h, w), seg_class=p["seg_class"][i])
         evs["panoptic"].add(image_id, pred, gt)
-      inst = None
-      if "instance" in out:
-        keep = out["instance"]["classes"][i] >= 0
-        inst = dict(masks=_crop(out["instance"]["masks"][i][keep], h, w),
-                    classes=out["instance"]["classes"][i][keep],
-                    scores=out["instance"]["scores"][i][keep])
-        for n in ("instance", "box"):
-          if n in evs:
-            evs[n].add(image_id, inst, gt)
+      keep = out["instance"]["classes"][i] >= 0
+      inst = dict(masks=_crop(out["instance"]["masks"][i][keep], h, w),
+                  classes=out["instance"]["classes"][i][keep],
+                  scores=out["instance"]["scores"][i][keep])
+      for n in ("instance", "box"):
+        if n in evs:
+          evs[n].add(image_id, inst, gt)
       if out_dir and overlays < _NUM_OVERLAYS and jax.process_index() == 0:
-        _write_overlay(out_dir, entry, vocab, batch["image"][i][:h, :w], out, i, h, w, image_id)
+        task = next(t for t in inference.TASKS if t in evs or
+                    (t == "instance" and "box" in evs))
+        result = inference.example_result(out, i, task, vocab.names, vocab.is_thing, (h, w))
+        result["image"] = batch["image"][i][:h, :w]
+        visualize.save_png(os.path.join(out_dir, entry.name, f"{image_id}.png"),
+                           inference.overlay(result))
         overlays += 1
   results = {}
   for n, ev in evs.items():
@@ -112,28 +75,6 @@ def evaluate_dataset(config, s, state, entry, vocab, data_dir, out_dir=None):
     for key, value in ev.result().items():
       results[f"{n}/{key}"] = value
   return results
-
-
-def _write_overlay(out_dir, entry, vocab, image, out, i, h, w, image_id):
-  folder = os.path.join(out_dir, entry.name)
-  os.makedirs(folder, exist_ok=True)
-  names = list(vocab.names)
-  if "panoptic" in out:
-    seg_map = _crop(out["panoptic"]["segment_map"][i], h, w)
-    seg_class = out["panoptic"]["seg_class"][i]
-  elif "semantic" in out:
-    sem = _crop(out["semantic"][i], h, w)
-    seg_map, seg_class = sem, np.arange(len(names))
-  else:
-    masks = out["instance"]["masks"][i]
-    scores = out["instance"]["scores"][i]
-    seg_map = np.full((h, w), -1, np.int32)
-    for k in np.argsort(scores)[::-1][:10][::-1]:  # best on top.
-      if scores[k] > 0.3:
-        seg_map[_crop(masks[k], h, w)] = k
-    seg_class = out["instance"]["classes"][i]
-  picture = visualize.overlay(image, seg_map, seg_class, names)
-  visualize.save_png(os.path.join(folder, f"{image_id}.png"), picture)
 
 
 def evaluate_all(config, s, state, data_dir, vocabs, out_dir=None):
