@@ -89,4 +89,9 @@ def base_config():
                       ("conv_out", ""), ("batch", ("data", "fsdp")))
   c.init_from = ""  # checkpoint dir: load parameters only (fine-tuning / transfer).
   c.transfer_guard = True  # disallow implicit host<->device copies in the train step.
+  # jax's persistent compilation cache (dataseg/train/compile_cache.py): a resume, a restart
+  # after pre-emption or a second run loads the programs it compiled before; '' disables.
+  # Default ~/.cache/dataseg/jax_compilation_cache (JAX_COMPILATION_CACHE_DIR, if set, wins
+  # over this default).
+  c.compilation_cache_dir = "~/.cache/dataseg/jax_compilation_cache"
   return c

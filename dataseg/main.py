@@ -151,8 +151,9 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   _maybe_initialize_distributed()
   from dataseg import config_lib  # pylint: disable=g-import-not-at-top
-  from dataseg.train import loop  # pylint: disable=g-import-not-at-top
+  from dataseg.train import compile_cache, loop  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  compile_cache.enable(config.get("compilation_cache_dir", ""))  # before anything compiles.
   try:
     if _MODE.value == "train":
       results = loop.train_and_evaluate(config, _WORKDIR.value)
