@@ -1,13 +1,17 @@
 r"""Runs the demo's comparisons and regenerates the README table of the paper's claims.
 
   python launch/reproduce_claims.py --steps=600 --root=workdirs/claims [--variants=joint,...]
+      [--seeds=0,1]
 
 Each variant of configs/demo.py (joint, panoptic_only, semantic_only, boxes_only,
-learned_classifier, no_boxes) trains in `<root>/<variant>` with `python -m dataseg.main`
-(resuming or reusing a finished run), then the table of the headline metrics is printed as
-markdown and written to `<root>/claims.md`, with the command, machine and wall time of each
-row. Single-dataset runs get the same number of steps on their dataset as the joint run
-spends on it (configs/demo.py), so every comparison has the same per-dataset budget.
+learned_classifier, no_boxes) trains once per seed in `<root>/<variant>` (seed 0) or
+`<root>/<variant>_seed<k>` with `python -m dataseg.main --config.seed=<k>` (resuming or
+reusing a finished run), then the table of the headline metrics is printed as markdown and
+written to `<root>/claims.md`, with the command, machine and wall time of each run. With
+several seeds a cell reads `mean (a / b ...)`: why: at this scale two seeds differ by
+several points, so a difference smaller than that spread is a tie, not a win.
+Single-dataset runs get the same number of steps on their dataset as the joint run spends
+on it (configs/demo.py), so every comparison has the same per-dataset budget.
 """
 
 import argparse
@@ -22,8 +26,11 @@ VARIANTS = ("joint", "panoptic_only", "semantic_only", "boxes_only", "learned_cl
             "no_boxes")
 COLUMNS = (
     ("shapes_panoptic/panoptic/PQ", "PQ panoptic"),
+    ("shapes_panoptic/panoptic/PQ_th", "PQ_th panoptic"),
+    ("shapes_panoptic/panoptic/PQ_st", "PQ_st panoptic"),
     ("shapes_semantic/semantic/mIoU", "mIoU semantic"),
     ("shapes_semantic/panoptic/PQ", "PQ semantic (weak)"),
+    ("shapes_semantic/panoptic/PQ_th", "PQ_th semantic (weak)"),
     ("shapes_boxes/instance/AP", "mask AP boxes (weak)"),
     ("shapes_boxes/box/AP", "box AP boxes"),
     ("shapes_transfer/panoptic/PQ", "PQ transfer"),
@@ -31,11 +38,13 @@ COLUMNS = (
 )
 
 
-def run(variant, steps, root, extra, table_only=False):
-  workdir = os.path.join(root, variant)
+def run(variant, steps, root, extra, table_only=False, seed=0):
+  workdir = os.path.join(root, variant if seed == 0 else f"{variant}_seed{seed}")
   cmd = [sys.executable, "-m", "dataseg.main",
          f"--config=configs/demo.py:steps={steps},variant={variant}",
          f"--workdir={workdir}", "--verbosity=-1", *extra]
+  if seed:
+    cmd.append(f"--config.seed={seed}")
   timing = os.path.join(workdir, "wall_time_s.json")
   if not table_only:
     print("$", " ".join(cmd), flush=True)
@@ -54,21 +63,31 @@ def run(variant, steps, root, extra, table_only=False):
     return json.load(f), wall, " ".join(cmd[1:])
 
 
+def cell(values):
+  """'12.3' for one run; 'mean (a / b)' for several; '-' where a run has no value."""
+  if any(v is None or v != v or v < 0 for v in values):
+    return "-"
+  text = [f"{100 * v:.1f}" for v in values]
+  if len(values) == 1:
+    return text[0]
+  return f"{100 * sum(values) / len(values):.1f} ({' / '.join(text)})"
+
+
 def table(rows, steps):
+  """rows: {variant: [(results, wall_s, command) per seed]} -> markdown."""
   head = "| variant | " + " | ".join(c for _, c in COLUMNS) + " | wall time |"
   lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-  for variant, (results, wall, _) in rows.items():
-    cells = []
-    for key, _ in COLUMNS:
-      v = results.get(key)
-      cells.append(f"{100 * v:.1f}" if v is not None and v == v and v >= 0 else "-")
-    lines.append(f"| {variant} | " + " | ".join(cells) + f" | {wall / 60:.1f} min |")
+  for variant, runs in rows.items():
+    cells = [cell([results.get(key) for results, _, _ in runs]) for key, _ in COLUMNS]
+    walls = " / ".join(f"{wall / 60:.1f}" for _, wall, _ in runs)
+    lines.append(f"| {variant} | " + " | ".join(cells) + f" | {walls} min |")
   lines.append("")
   lines.append(f"Joint budget: {steps} steps of batch 8 at 128x128; machine: "
                f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}. "
                "Commands:")
-  for variant, (_, _, cmd) in rows.items():
-    lines.append(f"- {variant}: `python {cmd}`")
+  for variant, runs in rows.items():
+    for _, _, cmd in runs:
+      lines.append(f"- {variant}: `python {cmd}`")
   return "\n".join(lines)
 
 
@@ -78,12 +97,16 @@ def main():
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--root", default="workdirs/claims")
   parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--seeds", default="0,1",
+                      help="comma-separated config seeds, one run per variant and seed")
   parser.add_argument("--table_only", action="store_true",
                       help="only rebuild the table from the runs' newest eval_<step>.json")
   args, extra = parser.parse_known_args()
   rows = {}
+  seeds = [int(k) for k in args.seeds.split(",")]
   for variant in args.variants.split(","):
-    rows[variant] = run(variant, args.steps, args.root, extra, args.table_only)
+    rows[variant] = [run(variant, args.steps, args.root, extra, args.table_only, seed)
+                     for seed in seeds]
   text = table(rows, args.steps)
   with open(os.path.join(args.root, "claims.md"), "w") as f:
     f.write(text + "\n")

@@ -223,6 +223,11 @@ def test_elementwise_losses_match_numpy():
   wq = np.where(target == V, 0.1, 1.)
   s, sw = losses.class_loss(jnp.asarray(cl), jnp.asarray(target), vocab_valid, 0.1)
   np.testing.assert_allclose([s, sw], [np.sum(wq * ce), np.sum(wq)], rtol=1e-5)
+  # MERGE's per-proposal weights multiply the background weight.
+  qw = np.array([1., 0.5, 0.25, 1., 1. / 3, 1.], np.float32)
+  s, sw = losses.class_loss(jnp.asarray(cl), jnp.asarray(target), vocab_valid, 0.1,
+                            jnp.asarray(qw))
+  np.testing.assert_allclose([s, sw], [np.sum(qw * wq * ce), np.sum(qw * wq)], rtol=1e-5)
 
 
 def test_supervised_rows_compacts_targets_in_slot_order():

@@ -149,6 +149,7 @@ def np_assign(task, cl, ml, img, coords, cfg):
   best_total = cost[rows, cols[ci]].sum()
   qcls = np.full(Q, V)
   qcls[rows] = img['seg_class'][cols[ci]]
+  slot, contrib = np.full(Q, -1), np.zeros(Q)
   if merged.any():
     for q in range(Q):
       if matched[q] >= 0:
@@ -163,17 +164,44 @@ def np_assign(task, cl, ml, img, coords, cfg):
       mass = np.sum(sg[q] * tw[best_t])
       if mass >= cfg.merge_min_points and inside >= cfg.merge_fg_fraction * mass:
         qcls[q] = img['seg_class'][best_t]
-  return cost, best_total, matched, qcls
+        slot[q], contrib[q] = best_t, best
+  qcls, qweight = np_weights(qcls, slot, contrib, cfg.merge_class_weighting,
+                             cfg.background_weight)
+  return cost, best_total, matched, qcls, qweight
 
 
-CASES = [('instance', 'soft_merge', 'jax'), ('boxes', 'soft_merge', 'scipy'),
-         ('semantic', 'soft_merge', 'scipy'), ('panoptic', 'soft_merge', 'scipy'),
-         ('semantic', 'hungarian_merged', 'scipy')]
+def np_weights(qcls, slot, contrib, mode, no_object_weight):
+  """Reference merge_class_weights by loops: (classes, weights) of the proposals."""
+  qcls, w = qcls.copy(), np.ones(len(qcls))
+  for q in np.flatnonzero(slot >= 0):
+    group = [r for r in range(len(slot)) if slot[r] == slot[q]]
+    if mode == 'split':
+      w[q] = 1. / len(group)
+    elif mode == 'no_object':
+      w[q] = no_object_weight
+    elif mode == 'top':
+      # Precondition (numpy, float64, same on every machine): the top contribution leads
+      # the next by > 1e-3 relative, so float32 rounding in jax cannot reorder them.
+      c = np.sort(contrib[group])[::-1]
+      assert len(c) == 1 or c[0] - c[1] > 1e-3 * c[0], c
+      if q != max(group, key=lambda r: contrib[r]):
+        qcls[q] = V
+  return qcls, w
 
 
-@pytest.mark.parametrize('task,semantic_merge,matcher', CASES)
-def test_merge_matches_numpy(task, semantic_merge, matcher):
-  cfg = cfg_for(semantic_merge=semantic_merge, matcher=matcher)
+CASES = [('instance', 'soft_merge', 'jax', 'split'), ('boxes', 'soft_merge', 'scipy', 'split'),
+         ('semantic', 'soft_merge', 'scipy', 'split'),
+         ('panoptic', 'soft_merge', 'scipy', 'split'),
+         ('panoptic', 'soft_merge', 'scipy', 'no_object'),
+         ('panoptic', 'soft_merge', 'scipy', 'top'),
+         ('semantic', 'soft_merge', 'scipy', 'full'),
+         ('semantic', 'hungarian_merged', 'scipy', 'split')]
+
+
+@pytest.mark.parametrize('task,semantic_merge,matcher,weighting', CASES)
+def test_merge_matches_numpy(task, semantic_merge, matcher, weighting):
+  cfg = cfg_for(semantic_merge=semantic_merge, matcher=matcher,
+                merge_class_weighting=weighting)
   img = make_image(0)
   jimg = jax.tree.map(jnp.asarray, img)
   targets = merge.build_targets(jimg, task, jnp.asarray(IS_THING), semantic_merge)
@@ -192,13 +220,15 @@ def test_merge_matches_numpy(task, semantic_merge, matcher):
                                     image_hw=(H, W)), compiler_options=FAST)(
                                         jnp.asarray(cl), jnp.asarray(ml), rng=key)
     coords = np.asarray(points.uniform_points(key, (K,)))
-    cost, best, ref_matched, ref_cls = np_assign(task, cl, ml, img, coords, cfg)
+    cost, best, ref_matched, ref_cls, ref_w = np_assign(task, cl, ml, img, coords, cfg)
     matched = np.asarray(asg.matched)
     assert sorted(matched[matched >= 0]) == sorted(ref_matched[ref_matched >= 0])
     total = sum(cost[q, matched[q]] for q in range(Q) if matched[q] >= 0)
     np.testing.assert_allclose(total, best, rtol=1e-4, atol=1e-4)
     if np.array_equal(matched, ref_matched):  # class targets given the same matching
       np.testing.assert_array_equal(asg.query_class, ref_cls)
+      # Weights are 1, 1/n or 0.1: float32 vs float64 rounding only.
+      np.testing.assert_allclose(asg.class_weight, ref_w, rtol=1e-6)
     else:
       np.testing.assert_array_equal(np.asarray(asg.query_class)[matched < 0], V)
 
@@ -220,3 +250,41 @@ def test_soft_merge_assigns_classes_by_contribution():
                                       rng=jax.random.PRNGKey(0))
   assert list(np.asarray(asg.matched)) == [-1] * Q
   np.testing.assert_array_equal(asg.query_class, [2, 3] + [V] * (Q - 2))
+
+
+@pytest.mark.parametrize('weighting', ['split', 'no_object', 'top', 'full'])
+def test_merge_class_weights_hand_built(weighting):
+  """Proposals 0, 2, 3 claim merged slot 4 (contributions 2, 5, 1), 1 claims slot 6,
+  4 is matched one-to-one (-1), 5 background: each mode's classes and weights by hand."""
+  cls = jnp.asarray([2, 3, 2, 2, 0, V], jnp.int32)
+  slot = jnp.asarray([4, 6, 4, 4, -1, -1], jnp.int32)
+  contrib = jnp.asarray([2., 3., 5., 1., 0., 0.], jnp.float32)
+  out_cls, w = merge.merge_class_weights(cls, slot, contrib, V, weighting, 0.1)
+  want_cls, want_w = {
+      'split': ([2, 3, 2, 2, 0, V], [1 / 3, 1., 1 / 3, 1 / 3, 1., 1.]),
+      'no_object': ([2, 3, 2, 2, 0, V], [.1, .1, .1, .1, 1., 1.]),
+      'top': ([V, 3, 2, V, 0, V], [1.] * 6),
+      'full': ([2, 3, 2, 2, 0, V], [1.] * 6)}[weighting]
+  np.testing.assert_array_equal(out_cls, want_cls)
+  np.testing.assert_allclose(w, want_w, rtol=1e-6)
+
+
+def test_split_weights_count_each_merged_target_once():
+  """Under 'split' the class-loss weight of every merged target sums to 1, as a matched
+  thing's does, however many proposals soft_merge assigns to it."""
+  r = np.random.RandomState(5)
+  for _ in range(3):
+    slot = r.randint(-1, 4, size=16)
+    cls = np.where(slot >= 0, slot + 1, V)
+    _, w = merge.merge_class_weights(jnp.asarray(cls, jnp.int32), jnp.asarray(slot, jnp.int32),
+                                     jnp.asarray(r.rand(16), jnp.float32), V, 'split', 0.1)
+    w = np.asarray(w)
+    for t in np.unique(slot[slot >= 0]):
+      np.testing.assert_allclose(w[slot == t].sum(), 1., rtol=1e-6)
+    np.testing.assert_array_equal(w[slot < 0], 1.)
+
+
+def test_unknown_weighting_fails():
+  with pytest.raises(ValueError, match='merge_class_weighting'):
+    merge.merge_class_weights(jnp.zeros(3, jnp.int32), jnp.zeros(3, jnp.int32),
+                              jnp.zeros(3), V, 'equal', 0.1)

@@ -149,3 +149,125 @@ def test_resize_to_image_and_crop():
   crop = jax.jit(functools.partial(pp.resize_to_image, image_hw=(16, 16), out_hw=(8, 12)),
                  compiler_options=FAST)(ml, valid_hw=extent)
   np.testing.assert_allclose(crop, np.asarray(full)[:, :8, :12], atol=1e-5)
+
+
+def np_mask2former_panoptic(cl, ml, score_threshold, overlap_threshold, mask_threshold=.5):
+  """Mask2Former's panoptic_inference (data-dependent loop, as in its repository), numpy.
+
+  Returns (segment ids [h, w], 0 = void, 1.. in order of creation; {id: class}).
+  """
+  p = np.exp(cl - cl.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  scores, labels = p.max(-1), p.argmax(-1)
+  keep = (labels != V) & (scores > score_threshold)
+  masks = 1 / (1 + np.exp(-ml[keep]))
+  cur_scores, cur_classes = scores[keep], labels[keep]
+  seg = np.zeros(ml.shape[1:], int)
+  classes, stuff_memory, current = {}, {}, 0
+  if not keep.any():
+    return seg, classes
+  ids = (cur_scores[:, None, None] * masks).argmax(0)
+  for k, c in enumerate(cur_classes):
+    mask_area = (ids == k).sum()
+    original_area = (masks[k] >= mask_threshold).sum()
+    mask = (ids == k) & (masks[k] >= mask_threshold)
+    if mask_area > 0 and original_area > 0 and mask.sum() > 0:
+      if mask_area / original_area < overlap_threshold:
+        continue
+      if not IS_THING[c]:
+        if c in stuff_memory:
+          seg[mask] = stuff_memory[c]
+          continue
+        stuff_memory[c] = current + 1
+      current += 1
+      seg[mask] = current
+      classes[current] = int(c)
+  return seg, classes
+
+
+def assert_same_panoptic(out, ref):
+  """Ours (slot map, -1 void) and the reference (ids, 0 void): same partition and classes."""
+  seg, cls = np.asarray(out[0]), np.asarray(out[1])
+  ref_seg, ref_classes = ref
+  np.testing.assert_array_equal(seg == -1, ref_seg == 0)
+  pairs = {(int(a), int(b)) for a, b in zip(seg[seg >= 0], ref_seg[ref_seg > 0])}
+  assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}), pairs
+  for slot, rid in pairs:
+    assert cls[slot] == ref_classes[rid]
+  assert sorted(ref_classes) == sorted(rid for _, rid in pairs)  # no empty segment
+
+
+def things_over_stuff(thing_probs, stuff_prob=0.9, stuff_logit_on_things=2.):
+  """Two small things (2x2, 2x3) on one stuff region covering the whole 8x8 image.
+
+  The stuff proposal's mask is confident everywhere but less so on the things (logit
+  `stuff_logit_on_things`), as a trained stuff mask is; the things' masks are sure.
+  """
+  props = [proposal(0, thing_probs[0], np.s_[1:3, 1:3]),
+           proposal(1, thing_probs[1], np.s_[5:7, 4:7]),
+           proposal(2, stuff_prob, np.s_[:, :])]
+  cl, ml = stack(props)
+  ml = np.asarray(ml).copy()
+  ml[2, 1:3, 1:3] = ml[2, 5:7, 4:7] = stuff_logit_on_things
+  return cl, jnp.asarray(ml)
+
+
+def test_panoptic_keeps_confident_small_things_over_stuff():
+  """The overlap filter, the stuff-vs-thing pixel competition and the score threshold
+  keep confident things that cover a small part of a confident stuff region."""
+  for threshold in (0.5, config_lib.loss_config().post.score_threshold):  # demo, default
+    cl, ml = things_over_stuff((0.85, 0.95))
+    out = jax.jit(functools.partial(pp.panoptic_inference, score_threshold=threshold,
+                                    overlap_threshold=0.8, mask_threshold=0.5),
+                  compiler_options=FAST)(cl, ml, jnp.ones(V, bool), jnp.asarray(IS_THING))
+    seg, cls, thing, score, valid = map(np.asarray, out)
+    want = np.full((8, 8), 2)
+    want[1:3, 1:3] = 0
+    want[5:7, 4:7] = 1
+    np.testing.assert_array_equal(seg, want)
+    np.testing.assert_array_equal(cls, [0, 1, 2])
+    np.testing.assert_array_equal(thing, [True, True, False])
+    np.testing.assert_allclose(score, [0.85, 0.95, 0.9], atol=1e-4)
+    # Stuff keeps 54 of its 64 pixels (0.84 >= 0.8): it is not dropped either.
+    assert_same_panoptic(out, np_mask2former_panoptic(
+        np.asarray(cl), np.asarray(ml), threshold, 0.8))
+
+
+def test_panoptic_drops_low_confidence_thing():
+  """A thing below the score threshold vanishes; its pixels go to the stuff under it."""
+  cl, ml = things_over_stuff((0.85, 0.4))
+  out = jax.jit(functools.partial(pp.panoptic_inference, score_threshold=0.5,
+                                  overlap_threshold=0.8, mask_threshold=0.5),
+                compiler_options=FAST)(cl, ml, jnp.ones(V, bool), jnp.asarray(IS_THING))
+  seg, cls, thing, _, valid = map(np.asarray, out)
+  want = np.full((8, 8), 2)
+  want[1:3, 1:3] = 0
+  np.testing.assert_array_equal(seg, want)
+  np.testing.assert_array_equal(valid, [True, False, True])
+  np.testing.assert_array_equal(cls, [0, -1, 2])
+  assert_same_panoptic(out, np_mask2former_panoptic(np.asarray(cl), np.asarray(ml), .5, .8))
+
+
+def test_panoptic_matches_mask2former_loop_on_random_proposals():
+  """Random proposals against the loop reference. Cases with a near tie (< 1e-3) in the
+  pixel argmax, at the mask or score threshold are skipped, and the overlap threshold is
+  0.79, which no area ratio k/n (n <= 36 pixels) is within 1e-4 of, so float32 here vs
+  float64 there cannot change a decision."""
+  r = np.random.RandomState(4)
+  checked = 0
+  for _ in range(20):
+    q = 6
+    cl = r.randn(q, V + 1) * 3
+    cl[:, V] -= 2.   # fewer background proposals: more segments to compare
+    ml = r.randn(q, 6, 6) * 4
+    p = np.exp(cl - cl.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    prob_masks = np.sort(p.max(-1)[:, None, None] / (1 + np.exp(-ml)), axis=0)
+    if np.any(prob_masks[-1] - prob_masks[-2] < 1e-3) or np.any(
+        np.abs(1 / (1 + np.exp(-ml)) - .5) < 1e-3) or np.any(np.abs(p.max(-1) - .5) < 1e-3):
+      continue
+    out = pp.panoptic_inference(jnp.asarray(cl, jnp.float32), jnp.asarray(ml, jnp.float32),
+                                jnp.ones(V, bool), jnp.asarray(IS_THING), 0.5, 0.79, 0.5)
+    assert_same_panoptic(out, np_mask2former_panoptic(cl, ml, 0.5, 0.79))
+    checked += 1
+  assert checked >= 10

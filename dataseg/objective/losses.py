@@ -4,7 +4,9 @@ Design note. [paper]: one objective over the shared proposal representation; tas
 by MERGE (merge.py); box-only data trained with BoxInst's projection loss (also the
 matching cost). [ours] (METHOD.md section 2, defaults in config.py):
   * class: softmax CE over [dataset vocabulary + background], background weight 0.1,
-    Mask2Former's weighted mean over the global batch (or / number of targets).
+    Mask2Former's weighted mean over the global batch (or / number of targets);
+    merge-assigned proposals weighted by MERGE (merge.merge_class_weights: by default
+    the proposals of one merged target share one unit of weight).
   * one-to-one masks: sigmoid BCE + dice (Mask2Former) on K importance-sampled points of
     each matched proposal.
   * merged masks (soft_merge): M_c = sum_i p_i(c) sigmoid(m_i) is a probability-like map
@@ -72,11 +74,18 @@ def dice_loss(probs, targets, weights):
   return 1. - (num + 1.) / (den + 1.)
 
 
-def class_loss(class_logits, query_class, vocab_valid, background_weight):
-  """Weighted softmax CE. [Q, V+1], [Q] -> (sum_q w_q ce_q, sum_q w_q)."""
+def class_loss(class_logits, query_class, vocab_valid, background_weight,
+               query_weight=None):
+  """Weighted softmax CE. [Q, V+1], [Q] -> (sum_q w_q ce_q, sum_q w_q).
+
+  w_q = background_weight for background targets, else 1, times `query_weight` [Q]
+  (MERGE's weight of merge-assigned proposals, merge.merge_class_weights; None = 1).
+  """
   logp = jax.nn.log_softmax(merge_lib.mask_vocab(class_logits, vocab_valid), -1)
   ce = -jnp.take_along_axis(logp, query_class[:, None], axis=-1)[:, 0]
   w = jnp.where(query_class == class_logits.shape[-1] - 1, background_weight, 1.)
+  if query_weight is not None:
+    w = w * query_weight
   return jnp.sum(w * ce), jnp.sum(w)
 
 
@@ -252,7 +261,7 @@ def _image_sums(task, class_logits, mask_logits, img, targets, vocab_valid, rng,
   zero = jnp.zeros((), jnp.float32)
   out = dict(bce=zero, dice=zero, proj=zero, pair=zero, pair_w=zero)
   out['ce'], out['ce_w'] = class_loss(class_logits, asg.query_class, vocab_valid,
-                                      config.background_weight)
+                                      config.background_weight, asg.class_weight)
   rows = supervised_rows(targets, asg.matched,
                          num_rows(config, mask_logits.shape[0], targets.cls.shape[0], task))
   out['dropped'] = rows.dropped

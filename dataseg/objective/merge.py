@@ -14,6 +14,17 @@ with BoxInst's projection term. [ours] (METHOD.md section 2):
     are matched one-to-one with the proposals (MaskFormer's semantic training).
   * panoptic: stuff classes as semantic, thing segments matched one-to-one; a proposal
     matched to a thing takes its class, the others follow the stuff rule.
+  * weight of a merge-assigned proposal in the class loss (`merge_class_weighting`,
+    `merge_class_weights` below). 'split' (default): the proposals that soft_merge
+    assigns to one merged target share one unit of weight (1/n each), so every target,
+    merged or one-to-one, counts once in the class loss, as a matched segment does in
+    Mask2Former. Why: at full weight ('full', the earlier rule) nearly every unmatched
+    proposal lies mostly inside some stuff class and takes it as its target, so on a
+    COCO-like image ~14 of 16 proposals carried stuff targets against one per thing;
+    thing classification collapsed to the stuff classes (thing PQ 0 in the demo; issue
+    14). Alternatives one switch away: 'no_object' (weight of the background class,
+    0.1), 'top' (only the top contributor of each merged class keeps the class, the
+    others become background), 'full'. Ablation: README, "The embedded demo".
 Thing/stuff comes from the dataset's metadata (`is_thing_vocab[seg_class]`). Crowd segments
 are never targets.
 
@@ -49,6 +60,9 @@ class Assignment(NamedTuple):
   """Result of MERGE for one image and one decoder layer."""
   matched: jax.Array      # [Q] int32 slot matched one-to-one, or -1.
   query_class: jax.Array  # [Q] int32 class target of each proposal; V = background.
+  # [Q] float multiplier of each proposal's class-loss weight (1 unless merge-assigned;
+  # the background weight is applied on top by losses.class_loss).
+  class_weight: jax.Array
 
 
 def _first_of_class(cls: jax.Array, eligible: jax.Array) -> jax.Array:
@@ -213,7 +227,8 @@ def soft_class_targets(probs, point_probs, targets, tmask, tweight, candidates,
     fg_fraction, min_points: thresholds (config).
 
   Returns:
-    [Q] int32 class or V (background).
+    (cls [Q] int32 class or V (background), slot [Q] int32 merged target slot t* of a
+    proposal given a merged class, else -1, contrib [Q] float C_it* (0 where slot < 0)).
   """
   background = probs.shape[-1] - 1
   inside = point_probs @ (tweight * tmask).T        # [Q, T]
@@ -224,7 +239,49 @@ def soft_class_targets(probs, point_probs, targets, tmask, tweight, candidates,
   take = lambda a: jnp.take_along_axis(a, best[:, None], axis=1)[:, 0]
   ok = (candidates & jnp.any(targets.merged) & (take(mass) >= min_points)
         & (take(inside) >= fg_fraction * take(mass)))
-  return jnp.where(ok, jnp.take(targets.cls, best), background).astype(jnp.int32)
+  cls = jnp.where(ok, jnp.take(targets.cls, best), background).astype(jnp.int32)
+  return (cls, jnp.where(ok, best, -1).astype(jnp.int32),
+          jnp.where(ok, take(contrib), 0.))
+
+
+WEIGHTINGS = ('split', 'no_object', 'top', 'full')
+
+
+def merge_class_weights(cls, slot, contrib, background, mode, no_object_weight):
+  """Class targets and class-loss weights of merge-assigned proposals (module docstring).
+
+  Args:
+    cls: [Q] int32 class from soft_class_targets (V = background).
+    slot: [Q] int32 merged target slot of each merge-assigned proposal, -1 otherwise.
+    contrib: [Q] float contribution C_it of the proposal to its slot (for 'top').
+    background: V, the background class index.
+    mode: 'split' | 'no_object' | 'top' | 'full'.
+    no_object_weight: the weight of 'no_object' (the config's background_weight).
+
+  Returns:
+    (cls [Q] int32, weight [Q] float): weight multiplies the proposal's class CE; it is 1
+    for proposals not merge-assigned (background ones keep the background weight of
+    losses.class_loss).
+  """
+  if mode not in WEIGHTINGS:
+    raise ValueError(f'unknown merge_class_weighting {mode!r}; allowed: {WEIGHTINGS}')
+  assigned = slot >= 0
+  same = assigned[:, None] & assigned[None, :] & (slot[:, None] == slot[None, :])  # [Q, Q]
+  ones = jnp.ones(cls.shape, jnp.float32)
+  if mode == 'full':
+    return cls, ones
+  if mode == 'no_object':
+    return cls, jnp.where(assigned, no_object_weight, 1.).astype(jnp.float32)
+  if mode == 'split':
+    count = jnp.sum(same, axis=1).astype(jnp.float32)
+    return cls, jnp.where(assigned, 1. / jnp.maximum(count, 1.), 1.).astype(jnp.float32)
+  # 'top': the highest contribution of its slot keeps the class (lowest index on ties).
+  q = cls.shape[0]
+  idx = jnp.arange(q)
+  beats = same & ((contrib[None, :] > contrib[:, None])
+                  | ((contrib[None, :] == contrib[:, None]) & (idx[None, :] < idx[:, None])))
+  top = assigned & ~jnp.any(beats, axis=1)
+  return jnp.where(assigned & ~top, background, cls).astype(jnp.int32), ones
 
 
 def assign(task: str, class_logits: jax.Array, mask_logits: jax.Array, img: dict,
@@ -270,9 +327,13 @@ def assign(task: str, class_logits: jax.Array, mask_logits: jax.Array, img: dict
   is_matched = matched >= 0
   query_class = jnp.where(is_matched, jnp.take(targets.cls, jnp.maximum(matched, 0)),
                           background).astype(jnp.int32)
+  weight = jnp.ones(query_class.shape, jnp.float32)
   if task in ('semantic', 'panoptic') and config.semantic_merge == 'soft_merge':
-    soft = soft_class_targets(
+    soft, slot, contrib = soft_class_targets(
         probs, jax.nn.sigmoid(point_logits), targets, tmask, tweight, ~is_matched,
         config.merge_fg_fraction, config.merge_min_points)
+    soft, weight = merge_class_weights(soft, slot, contrib, background,
+                                       config.merge_class_weighting,
+                                       config.background_weight)
     query_class = jnp.where(is_matched, query_class, soft)
-  return Assignment(matched, query_class)
+  return Assignment(matched, query_class, weight)
