@@ -116,8 +116,9 @@ def np_vit_block(x, s, i, heads, window):
 # ------------------------------------------------------ checkpoints in naming
 
 
-def torchvision_resnet_state(depth, seed=0):
-  """Random torchvision `resnet{depth}` state dict (eval statistics included)."""
+def torchvision_resnet_state(depth, seed=0, width=64):
+  """Random torchvision `resnet{depth}` state dict (eval statistics included);
+  `width` < 64 gives the same names at small sizes (fast full-model tests)."""
   rng = np.random.default_rng(seed)
   bottleneck = depth >= 50
   layers = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}[depth]
@@ -134,11 +135,11 @@ def torchvision_resnet_state(depth, seed=0):
     s[f"{name}.running_var"] = rng.uniform(0.5, 2, c).astype(np.float32)
     s[f"{name}.num_batches_tracked"] = np.array(7, np.int64)
 
-  conv("conv1", 64, 3, 7)
-  bn("bn1", 64)
-  inplanes = 64
+  conv("conv1", width, 3, 7)
+  bn("bn1", width)
+  inplanes = width
   for li, n in enumerate(layers):
-    planes = 64 * 2**li
+    planes = width * 2**li
     out = planes * (4 if bottleneck else 1)
     for b in range(n):
       t = f"layer{li + 1}.{b}"
@@ -461,3 +462,327 @@ def test_torch_reference_timm_vit():
         torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))))
   got = inter["intermediates"]["blocks_1"]["__call__"][0]
   np.testing.assert_allclose(got.reshape(t.shape), t.numpy(), atol=1e-4)
+
+
+# ------------------------------- converted files, the config key, the trainer hook
+#
+# Tolerances of the output comparisons: float32 model vs float64 numpy on random
+# weights; rtol 1e-4 with atol 1e-4 x the output's max absolute value, as above
+# (float32 rounding through ~50 convolutions stays orders of magnitude below).
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import subprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from dataseg.model import configs as model_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dataseg.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def np_resnet50(x, s):
+  """torchvision resnet50 (v1.5: stride on the 3x3 conv) forward, eval mode."""
+  relu = lambda v: np.maximum(v, 0)
+  x = np_maxpool(relu(np_bn(np_conv(x, s["conv1.weight"], 2, 3), s, "bn1")))
+  out = {}
+  for layer, n in enumerate((3, 4, 6, 3), start=1):
+    for b in range(n):
+      t = f"layer{layer}.{b}"
+      stride = 2 if (layer > 1 and b == 0) else 1
+      y = relu(np_bn(np_conv(x, s[f"{t}.conv1.weight"]), s, f"{t}.bn1"))
+      y = relu(np_bn(np_conv(y, s[f"{t}.conv2.weight"], stride, 1), s,
+                     f"{t}.bn2"))
+      y = np_bn(np_conv(y, s[f"{t}.conv3.weight"]), s, f"{t}.bn3")
+      if f"{t}.downsample.0.weight" in s:
+        x = np_bn(np_conv(x, s[f"{t}.downsample.0.weight"], stride), s,
+                  f"{t}.downsample.1")
+      x = relu(x + y)
+    out[f"stride{2**(layer + 1)}"] = x
+  return out
+
+
+def _close(got, want, msg=""):
+  np.testing.assert_allclose(got, want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max(), err_msg=msg)
+
+
+def _cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "dataseg.model.weights", *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"))
+
+
+def _joint_r50_small(pretrained):
+  """configs/joint_r50.py with the R50's names and structure at 1/8 width and a
+  small head: the paper config's path through the trainer, in seconds."""
+  from configs import joint_r50  # pylint: disable=g-import-not-at-top
+  c = joint_r50.get_config("res=64,batch=1,fp32")
+  c.model.backbone.width = 8
+  c.model.pixel_decoder = model_configs.model_config("tiny").pixel_decoder
+  c.model.decoder = model_configs.model_config("tiny").decoder
+  c.model.decoder.num_queries = 4
+  c.model.backbone.pretrained = pretrained
+  return c
+
+
+def _multipliers(s):
+  """Backbone / head update ratio of the setup's optimizer on zero parameters (no
+  weight decay term), unit gradients: Adam's first step is lr x sign for both."""
+  params = {"backbone": {"b": np.zeros(3, np.float32)},
+            "head": {"b": np.zeros(3, np.float32)}}
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = s.tx.update(grads, s.tx.init(params), params)
+  return float(updates["backbone"]["b"][0] / updates["head"]["b"][0])
+
+
+def test_paper_config_missing_file_names_it_and_the_command():
+  from configs import joint_r50  # pylint: disable=g-import-not-at-top
+  c = joint_r50.get_config()
+  want = model_configs.PRETRAINED["r50"]
+  assert c.model.backbone.pretrained == want.file
+  if os.path.exists(want.file):
+    pytest.skip(f"{want.file} exists here")
+  with pytest.raises(weights.MissingWeightsError) as e:
+    weights.check_pretrained(c)
+  msg = str(e.value)
+  assert want.file in msg and want.url in msg
+  assert (f"python -m dataseg.model.weights --from torchvision --input "
+          f"{want.original} --output {want.file}") in msg
+
+
+def test_joint_r50_through_trainer_missing_then_converted(tmp_path, capsys):
+  """The trainer's path: a missing file stops init_state before it compiles; the
+  file written by the conversion loads every backbone tensor into the trainer's
+  state, the backbone then computes what torchvision's ResNet-50 computes on those
+  weights, and the backbone lr multiplier is 0.1 only with weights."""
+  from dataseg.train import trainer  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "r50_small.safetensors")
+  s = trainer.setup(_joint_r50_small(out), 3, 8)
+  with pytest.raises(weights.MissingWeightsError,
+                     match=r"r50_small\.safetensors' does not exist.*"
+                           r"python -m dataseg\.model\.weights --from torchvision"):
+    trainer.init_state(s)
+
+  state_dict = torchvision_resnet_state(50, seed=4, width=8)
+  src = str(tmp_path / "resnet50_small_original.safetensors")
+  st_numpy.save_file(state_dict, src)
+  _, arch, n = weights.convert_file("torchvision", src, out)  # the command's body.
+  assert (arch, n) == ("resnet50", 265)
+
+  # init_state = check (above) + jit(init_fn) + load_pretrained; the jit compiles the
+  # whole model's init (minutes on a loaded 2-core machine), so the fresh state here
+  # is zeros in the state's own shapes and shardings.
+  fresh = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding),
+                       s.abstract_state)
+  capsys.readouterr()
+  state = weights.load_pretrained(s.config, fresh)
+  log = capsys.readouterr().out
+  assert "loaded 265 of 265 backbone tensors (frozen 212, params 53): every backbone " \
+         "tensor; missing 0; unexpected 0" in log, log
+  assert "dropped at conversion by design (55)" in log  # fc.* + num_batches_tracked.
+  model = bb.ResNet(depth=50, width=8)
+  x = _images(seed=2)
+  got = jax.jit(model.apply)(
+      {"params": state["params"]["backbone"],
+       bb.FROZEN_COLLECTION: state["frozen"][bb.FROZEN_COLLECTION]["backbone"]}, x)
+  want = np_resnet50(x[0].astype(np.float64), state_dict)
+  for k, v in want.items():
+    _close(np.asarray(got[k][0]), v, k)
+
+  assert _multipliers(s) == pytest.approx(0.1, rel=1e-5)
+  scratch = trainer.setup(_joint_r50_small(""), 3, 8)
+  assert _multipliers(scratch) == pytest.approx(1.0, rel=1e-5)
+
+
+def _vit_config(path):
+  return ml_collections.ConfigDict({
+      "model": {"backbone": {**TINY, "name": "vitdet", "window": 3,
+                             "global_blocks": (1,), "pretrain_grid": IMG // 16,
+                             "out_dim": 32, "pretrained": path}},
+      "optimizer": {"backbone_multiplier": 0.1}})
+
+
+def _vit_state(model, x):
+  """A trainer-like state of jax arrays (random values of the init's shapes: no
+  init compile), the ViT as 'backbone'."""
+  rng = np.random.default_rng(0)
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+  fresh = lambda: jax.tree.map(
+      lambda a: jax.device_put(rng.normal(size=a.shape).astype(a.dtype)),
+      {"backbone": shapes["params"], "head": {"b": jax.ShapeDtypeStruct((3,), jnp.float32)}})
+  return {"params": fresh(), "frozen": {}, "ema": fresh()}
+
+
+@jax.jit
+def _vit_blocks(params, x):
+  _, inter = _vit_model().apply({"params": params}, x, capture_intermediates=True,
+                                mutable="intermediates")
+  return [inter["intermediates"][f"blocks_{i}"]["__call__"][0]
+          for i in range(TINY["depth"])]
+
+
+def _check_vit(model, x, state, mae, lines):
+  del model  # _vit_blocks builds the same one inside jit.
+  got = _vit_blocks(state["params"]["backbone"], x)
+  want = _np_vit_trunk(x[0].astype(np.float64), mae, TINY["heads"], 3, (1,))
+  for i, w in enumerate(want):
+    _close(np.asarray(got[i][0]), w, f"blocks_{i}")
+  text = "\n".join(lines)
+  n = 3 + 12 * TINY["depth"]
+  assert f"loaded {n} of " in text and "missing 0; unexpected 0" in text, text
+  assert "fresh by design" in text and "simfp_" in text
+
+
+def test_mae_layout_round_trip_file_and_config_key(tmp_path):
+  mae = mae_state(seed=5)
+  src = str(tmp_path / "mae_original.safetensors")  # MAE nests under 'model'.
+  st_numpy.save_file({f"model.{k}": v for k, v in mae.items()}, src)
+  out = str(tmp_path / "vit_mae.safetensors")
+  report, arch, n = weights.convert_file("mae", src, out)
+  assert arch == "vit width 64 depth 2" and n == 3 + 12 * TINY["depth"]
+  assert report.reshaped == ["params/pos_embed: (1, 17, 64) -> (4, 4, 64)"]
+  assert {"cls_token", "mask_token", "norm.weight", "decoder_embed.weight"} <= set(
+      report.dropped)
+  tensors, meta = weights.read_tensors(out)
+  assert meta["format"] == weights.CONVERTED_FORMAT and meta["source"] == "mae"
+  assert json.loads(meta["reshaped"]) == report.reshaped
+  np.testing.assert_array_equal(tensors["params/blocks_1/fc1/kernel"],
+                                mae["blocks.1.mlp.fc1.weight"].T)
+
+  model, x = _vit_model(), _images(seed=3)
+  fresh = _vit_state(model, x)
+  lines = []
+  state = weights.load_pretrained(_vit_config(out), fresh, log=lines.append)
+  _check_vit(model, x, state, mae, lines)
+  leaf, old = (state["params"]["backbone"]["blocks_0"]["qkv"]["kernel"],
+               fresh["params"]["backbone"]["blocks_0"]["qkv"]["kernel"])
+  assert isinstance(leaf, jax.Array) and leaf.sharding == old.sharding
+  np.testing.assert_array_equal(state["ema"]["backbone"]["blocks_0"]["qkv"]["kernel"],
+                                leaf)
+  assert state["ema"]["backbone"]["blocks_0"]["qkv"]["kernel"] is not leaf
+  np.testing.assert_array_equal(  # The pyramid keeps its fresh initialisation.
+      state["params"]["backbone"]["simfp_4"]["lateral"]["kernel"],
+      fresh["params"]["backbone"]["simfp_4"]["lateral"]["kernel"])
+
+
+def test_timm_and_big_vision_layouts(tmp_path):
+  mae = mae_state(seed=6)
+  timm = dict(mae, **{"head.weight": np.zeros((10, 64), np.float32),
+                      "head.bias": np.zeros(10, np.float32)})
+  timm_file = str(tmp_path / "timm.safetensors")
+  st_numpy.save_file(timm, timm_file)
+  from_timm = str(tmp_path / "from_timm.safetensors")
+  weights.convert_file("timm", timm_file, from_timm)
+
+  npz = str(tmp_path / "big_vision.npz")
+  np.savez(npz, **big_vision_state(mae, TINY["heads"]))
+  from_bv = str(tmp_path / "from_bv.safetensors")
+  report, _, _ = weights.convert_file("big_vision", npz, from_bv)
+  assert any(r.startswith("params/blocks_0/qkv/kernel") for r in report.reshaped)
+  a, b = weights.read_tensors(from_timm)[0], weights.read_tensors(from_bv)[0]
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-6, err_msg=k)
+
+  # The .npz itself through the config key: converted in memory, no file written.
+  model, x = _vit_model(), _images(seed=4)
+  lines = []
+  state = weights.load_pretrained(_vit_config(npz), _vit_state(model, x),
+                                  log=lines.append)
+  assert "from in memory" in lines[0]
+  _check_vit(model, x, state, mae, lines)
+
+
+def test_timm_resnet_and_layout_mismatch(tmp_path):
+  src = str(tmp_path / "r18.safetensors")
+  st_numpy.save_file(torchvision_resnet_state(18), src)
+  _, arch, n = weights.convert_file("timm", src, str(tmp_path / "a.safetensors"))
+  assert arch == "resnet18" and n == 20 + 20 * 4
+  with pytest.raises(weights.PretrainedError, match="--from mae.*resnet"):
+    weights.convert_file("mae", src, str(tmp_path / "b.safetensors"))
+
+
+def test_errors_name_what_did_not_load(tmp_path):
+  mae = mae_state(seed=7)
+  src = str(tmp_path / "mae.safetensors")
+  st_numpy.save_file(mae, src)
+  out = str(tmp_path / "vit.safetensors")
+  weights.convert_file("mae", src, out)
+  tensors, meta = weights.read_tensors(out)
+  model, x = _vit_model(), _images()
+  fresh = _vit_state(model, x)
+
+  def load_with(edit, name):
+    t = dict(tensors)
+    edit(t)
+    path = str(tmp_path / name)
+    st_numpy.save_file(t, path, metadata=meta)
+    return weights.load_pretrained(_vit_config(path), fresh, log=lambda _: None)
+
+  with pytest.raises(weights.PretrainedError,
+                     match=r"1 of the model's \d+ backbone tensors not in the file "
+                           r"\(params/backbone/blocks_1/norm2/bias\)"):
+    load_with(lambda t: t.pop("params/blocks_1/norm2/bias"), "missing.safetensors")
+  with pytest.raises(weights.PretrainedError,
+                     match=r"1 tensors of the file not in the model "
+                           r"\(params/backbone/blocks_9/fc1/kernel\)"):
+    load_with(lambda t: t.update({"params/blocks_9/fc1/kernel": np.zeros(2, np.float32)}),
+              "extra.safetensors")
+
+  small = str(tmp_path / "grid2.safetensors")
+  weights.convert_file("mae", _save(tmp_path, mae_state(grid=2)), small)
+  with pytest.raises(weights.PretrainedError, match="pretrain_grid"):
+    weights.load_pretrained(_vit_config(small), fresh, log=lambda _: None)
+
+  pth = str(tmp_path / "weights.pth")
+  pathlib.Path(pth).write_bytes(b"not read")
+  with pytest.raises(weights.PretrainedError,
+                     match=r"training reads \.safetensors.*python -m dataseg\.model\.weights"):
+    weights.load_pretrained(_vit_config(pth), fresh, log=lambda _: None)
+
+  # A checkpoint name with no place in the model stops the conversion, unless dropped
+  # knowingly (ViTDet's relative position tables: our ViTDet has none).
+  rel = dict(mae, **{"blocks.0.attn.rel_pos_h": np.zeros((27, 16), np.float32)})
+  with pytest.raises(weights.PretrainedError, match=r"rel_pos_h.*--drop"):
+    weights.convert_file("mae", _save(tmp_path, rel), str(tmp_path / "c.safetensors"))
+  report, _, _ = weights.convert_file("mae", _save(tmp_path, rel),
+                                      str(tmp_path / "c.safetensors"), drop=("rel_pos",))
+  assert "blocks.0.attn.rel_pos_h" in report.dropped
+
+
+def _save(tmp_path, state):
+  path = str(tmp_path / f"state_{len(list(tmp_path.iterdir()))}.safetensors")
+  st_numpy.save_file(state, path)
+  return path
+
+
+def test_pth_conversion_says_it_needs_torch(tmp_path):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip("torch is installed here")
+  except ImportError:
+    pass
+  pth = tmp_path / "resnet50.pth"
+  pth.write_bytes(b"\x80\x02}q\x00.")  # never unpickled without torch.
+  proc = _cli("--from", "torchvision", "--input", str(pth), "--output",
+              str(tmp_path / "r50.safetensors"))
+  assert proc.returncode != 0
+  assert "needs torch, for this one-off conversion only" in proc.stderr
+
+
+def test_backbone_multiplier_only_with_pretrained_weights():
+  opt = ml_collections.ConfigDict(dict(
+      lr=1e-3, weight_decay=0.0, backbone_multiplier=0.1, schedule="constant",
+      poly_power=0.9, warmup_steps=0, step_boundaries=(), step_factor=0.1,
+      clip_norm=0.0, grad_accum_steps=1, ema_decay=0.0, b1=0.9, b2=0.999))
+  for pretrained, want in ((True, 0.1), (False, 1.0)):
+    tx, _ = optimizer_lib.make(opt, 10, pretrained_backbone=pretrained)
+    s = type("S", (), {"tx": tx})
+    assert _multipliers(s) == pytest.approx(want, rel=1e-5)
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  assert not weights.pretrained_path(demo.get_config("smoke"))

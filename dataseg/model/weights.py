@@ -724,7 +724,7 @@ def load_pretrained(config, state: Mapping[str, Any], log: Callable[[str], None]
   log(f"  reshaped at conversion ({len(info['reshaped'])}): "
       f"{_short(info['reshaped'], 4) or 'none'}")
   log(f"  dropped at conversion by design ({len(info['dropped'])}): "
-      f"{_short(info['dropped'], 6) or 'none'}")
+      f"{_short(sorted(info['dropped']), 6) or 'none'}")
   if report.missing_by_design:
     log(f"  fresh by design, no pretrained counterpart ({len(report.missing_by_design)}): "
         f"{_short(report.missing_by_design, 3)}")
@@ -749,7 +749,8 @@ def main(argv):
     raise SystemExit(f"dataseg.model.weights: {e}") from None
   print(f"{f.input} ({arch}, {f['from'].value} layout) -> {f.output}: {n} tensors")
   print(f"  reshaped ({len(report.reshaped)}): {_short(report.reshaped, 4) or 'none'}")
-  print(f"  dropped by design ({len(report.dropped)}): {_short(report.dropped, 6) or 'none'}")
+  print(f"  dropped by design ({len(report.dropped)}): "
+        f"{_short(sorted(report.dropped), 6) or 'none'}")
   print(f"  use it with --config.model.backbone.pretrained={f.output}")
 
 
