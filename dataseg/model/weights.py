@@ -45,6 +45,7 @@ from flax import traverse_util
 from flax.core import meta
 import numpy as np
 
+from dataseg import config_lib
 from dataseg.model import backbone as backbone_lib
 
 FROZEN = backbone_lib.FROZEN_COLLECTION
@@ -383,11 +384,12 @@ _LAYOUTS = {"torchvision": ("resnet",), "timm": ("resnet", "vit"), "mae": ("vit"
 _PICKLES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
-class PretrainedError(ValueError):
+# StartupError: dataseg.main ends the run with the message alone (no traceback).
+class PretrainedError(config_lib.StartupError):
   """A pretrained-weights file that cannot be used as it is (the message says why)."""
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(PretrainedError):
   """config.model.backbone.pretrained names a file that does not exist."""
 
 
