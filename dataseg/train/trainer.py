@@ -52,8 +52,16 @@ def model_inputs(config, params, vocab):
   return model_params, text
 
 
+# Parameters are created from a small dummy image: no parameter's shape depends on the
+# input size (ViTDet's position table is its pre-training grid, resized in the forward;
+# tests/test_init.py checks r50 and vitdet_b), and the values depend only on the rng
+# and the shapes. Why: tracing the forward at the training resolution built numpy
+# position tables of the full-size feature maps, and its programs are larger for no gain.
+INIT_IMAGE_SIZE = 64
+
+
 def _init_variables(model, config, num_datasets, vocab_size, rng):
-  size = config.image_size
+  size = min(config.image_size, INIT_IMAGE_SIZE)
   images = jnp.zeros((1, size, size, 3), jnp.uint8)
   text = jnp.zeros((vocab_size, config.model.classifier.text_dim), jnp.float32)
   valid = jnp.ones((vocab_size,), bool)
