@@ -23,11 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository root before bench/ (the script's folder, on the path anyway): otherwise
+# bench/input_pipeline.py would shadow the input_pipeline package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import postprocess  # pylint: disable=wrong-import-position
+from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 from dataseg.train import trainer  # pylint: disable=wrong-import-position
 
 
@@ -64,6 +68,7 @@ def time_ours(size, batch, steps=3, dtype="float32"):
   t0 = time.perf_counter()
   compiled = run.lower(state, images, vocab).compile()
   compile_s = time.perf_counter() - t0
+  print(f"# ours inference {size}x{size} batch {batch}: compile {compile_s:.1f} s", flush=True)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -97,7 +102,10 @@ def main():
   parser.add_argument("--side", choices=("both", "ours", "reference"), default="both")
   parser.add_argument("--ref_args", default="")
   parser.add_argument("--skip", default="", help="size x batch pairs to skip, e.g. 1024x8")
+  parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
+                      help="persistent compilation cache dir ('' = off)")
   args = parser.parse_args()
+  compile_cache.enable(args.compilation_cache)
   skip = set(filter(None, args.skip.split(",")))
   print(f"# ours: jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU "
         f"cores; XLA CPU uses all); reference: torch threads {args.threads}", flush=True)

@@ -1,12 +1,15 @@
 r"""The DaTaSeg objective alone (forward + backward), by the number of mask rows per image.
 
   PYTHONPATH=. python bench/loss.py --size 256 --caps 0,50,32
+  PYTHONPATH=. python bench/loss.py --size 256 --caps 50 --selections exact,sampled
 
 `losses.compute_loss` with bench/train_step.py's shapes (R50 heads: 10 supervised layers,
 100 queries, 133 classes, batch 2, 112x112 importance-sampled points, task panoptic) on
 random logits and the same synthetic panoptic batch (~20 segments per image, 100 slots).
 `--caps` are values of `config.loss.max_mask_targets` (0 = every slot, i.e. 100 rows); the
 first is the reference the others' ratios are taken against, measured in the same run.
+`--selections` are values of `points.SELECTION` (the importance sampling's choice of the
+most uncertain candidates: 'exact' top-k or 'sampled' threshold), crossed with the caps.
 Why: the mask terms cost in proportion to the rows (importance sampling of 3x oversampled
 candidates per row), and they were most of the step's objective time.
 """
@@ -19,14 +22,20 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository root before bench/ (the script's folder, on the path anyway): otherwise
+# bench/input_pipeline.py would shadow the input_pipeline package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import config as loss_config_lib  # pylint: disable=wrong-import-position
 from dataseg.objective import losses  # pylint: disable=wrong-import-position
+from dataseg.objective import points  # pylint: disable=wrong-import-position
+from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 
 
-def time_loss(size, batch, cap, steps=3, layers=10, queries=100):
+def time_loss(size, batch, cap, steps=3, layers=10, queries=100, selection=""):
+  points.SELECTION = selection or points.SELECTION  # read when the loss is traced.
   fields, _ = ref.synthetic_panoptic(0, batch, size, 100)
   config = loss_config_lib.loss_config()
   config.max_mask_targets = cap
@@ -64,18 +73,26 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--caps", default="0,50,32")
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--selections", default="", help="points.SELECTION values, e.g. "
+                      "exact,sampled ('' = the default)")
+  parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
+                      help="persistent compilation cache dir ('' = off)")
   args = parser.parse_args()
+  compile_cache.enable(args.compilation_cache)
   caps = [int(c) for c in args.caps.split(",")]
+  selections = args.selections.split(",") if args.selections else [points.SELECTION]
   print(f"# objective fwd+bwd, {args.size}x{args.size}, batch {args.batch}, jax "
         f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU cores)")
   base = None
-  for cap in caps:
-    seconds, compile_s, dropped = time_loss(args.size, args.batch, cap, args.steps)
-    base = base or seconds
-    rows = cap or 100
-    print(f"max_mask_targets={cap} ({rows} rows/image): {seconds:.3f} s, compile "
-          f"{compile_s:.1f} s, dropped targets {dropped:.0f}, time vs max_mask_targets="
-          f"{caps[0]}: {seconds / base:.2f}", flush=True)
+  for selection in selections:
+    for cap in caps:
+      seconds, compile_s, dropped = time_loss(args.size, args.batch, cap, args.steps,
+                                              selection=selection)
+      base = base or seconds
+      rows = cap or 100
+      print(f"selection={selection} max_mask_targets={cap} ({rows} rows/image): "
+            f"{seconds:.3f} s, compile {compile_s:.1f} s, dropped targets {dropped:.0f}, "
+            f"time vs the first: {seconds / base:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ decoder layers (HF's `decoder_layers=10` counts the initial prediction: the deco
 Train mode: forward with `mask_labels` / `class_labels` (Hungarian matching with scipy and
 the point-sampled losses on every layer), backward, AdamW step (lr 1e-4, wd 0.05). Infer
 mode: eval forward under torch.inference_mode + `post_process_panoptic_segmentation` at the
-input size. Prints one JSON line: median seconds per step / batch, images/s, threads.
+input size. Prints one JSON line: median seconds per step / batch, images/s, threads, and
+the median process CPU seconds per step (all threads; on a shared machine the ratio of
+CPU seconds is steadier than that of wall-clock seconds).
 
 The synthetic panoptic batch generator below is pure numpy so both sides (this script and
 bench/train_step.py) draw the same data.
@@ -140,7 +142,7 @@ def main():
   mask_labels = [torch.from_numpy(m).to(device) for m, _ in targets]
   class_labels = [torch.from_numpy(c).to(device) for _, c in targets]
   autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-  times = []
+  times, cpu_times = [], []
   if args.mode == "train":
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -168,11 +170,12 @@ def main():
 
   for i in range(args.warmup + args.steps):
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     step()
     _sync(device)
     if i >= args.warmup:
       times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
   med = float(np.median(times))
   print(json.dumps(dict(
       side="reference", impl="transformers.Mask2FormerForUniversalSegmentation",
@@ -180,6 +183,7 @@ def main():
       size=args.size, batch=args.batch, device=str(device), bf16=args.bf16,
       threads=torch.get_num_threads(), steps=len(times), seconds=med,
       images_per_s=args.batch / med, all_seconds=times,
+      cpu_seconds=float(np.median(cpu_times)),
       params=sum(p.numel() for p in model.parameters()))))
 
 

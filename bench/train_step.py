@@ -37,11 +37,16 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository root before bench/ (the script's folder, on the path anyway): otherwise
+# bench/input_pipeline.py would shadow the input_pipeline package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import common  # pylint: disable=wrong-import-position
 from dataseg.model import configs as model_configs  # pylint: disable=wrong-import-position
+from dataseg.objective import points  # pylint: disable=wrong-import-position
+from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 from dataseg.train import trainer  # pylint: disable=wrong-import-position
 
 REF_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ref_venv", "bin",
@@ -82,30 +87,38 @@ def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
               profile_dir="", max_segments=100):
   """Compiles and times our jitted train step; returns a dict of figures."""
   config = bench_config(size, batch, model, dtype, remat, max_segments)
+  start = time.perf_counter()
   s = trainer.setup(config, num_datasets=1, vocab_size=ref.NUM_CLASSES)
-  state = trainer.init_state(s)
+  state = jax.block_until_ready(trainer.init_state(s))
+  init_s = time.perf_counter() - start
   fields, _ = ref.synthetic_panoptic(0, batch, size, max_segments)
   batch_arrays = trainer.global_batch(fields, s.mesh)
   vocab = jax.device_put(vocab_arrays(config.model.classifier.text_dim))
   step = trainer.make_train_step(s, "panoptic")
+  cache0 = compile_cache.stats()["cache_hits"]
   t0 = time.perf_counter()
   lowered = step.lower(state, batch_arrays, vocab)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
+  from_cache = compile_cache.stats()["cache_hits"] > cache0
+  print(f"# ours {size}x{size} batch {batch}: setup + init {init_s:.1f} s, trace "
+        f"{t1 - t0:.1f} s, compile {t2 - t1:.1f} s"
+        f"{' (persistent cache hit)' if from_cache else ''}", flush=True)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  times = []
+  times, cpu_times = [], []
   with jax.transfer_guard("disallow"):
     for i in range(steps + 1):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       state, metrics = compiled(state, batch_arrays, vocab)
       jax.block_until_ready((state, metrics))
       if i:
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if profile_dir:
-      with jax.profiler.trace(profile_dir):
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
         for _ in range(2):
           state, metrics = compiled(state, batch_arrays, vocab)
           jax.block_until_ready((state, metrics))
@@ -114,7 +127,9 @@ def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
   dev = jax.devices()[0]
   out = dict(side="ours", backend=jax.default_backend(), device=dev.device_kind,
              devices=jax.device_count(), cpu_cores=os.cpu_count(), size=size, batch=batch,
-             dtype=dtype, remat=remat, trace_s=t1 - t0, compile_s=t2 - t1, seconds=med,
+             dtype=dtype, remat=remat, trace_s=t1 - t0, compile_s=t2 - t1,
+             compile_from_cache=from_cache, seconds=med,
+             cpu_seconds=float(np.median(cpu_times)), init_s=init_s,
              images_per_s=batch / med, all_seconds=times, loss=loss,
              finite=bool(jax.device_get(metrics["finite"])), flops_per_step=flops,
              transfer_guard="disallow")
@@ -195,7 +210,15 @@ def main():
                       "'--device cuda --bf16'")
   parser.add_argument("--profile", default="")
   parser.add_argument("--demo_memory", action="store_true")
+  parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
+                      help="persistent compilation cache dir ('' = off; see "
+                      "dataseg/train/compile_cache.py)")
+  parser.add_argument("--selection", default="", help="points.SELECTION for ours "
+                      "(exact | sampled; '' = the default)")
   args = parser.parse_args()
+  compile_cache.enable(args.compilation_cache)
+  if args.selection:
+    points.SELECTION = args.selection
   if args.demo_memory:
     print(json.dumps(demo_memory()))
     return
@@ -210,10 +233,16 @@ def main():
         lambda: run_reference("train", size, args.batch, args.ref_steps, args.threads,
                               args.ref_args.split()))
     if ours and theirs and "seconds" in theirs:
+      cpu = ""
+      if "cpu_seconds" in theirs and ours["backend"] == "cpu":
+        cpu = (f"; CPU time per step ours {ours['cpu_seconds']:.2f} s, reference "
+               f"{theirs['cpu_seconds']:.2f} s, ratio {ours['cpu_seconds'] / theirs['cpu_seconds']:.2f}")
       print(f"train step {size}x{size} batch {args.batch}: ours {ours['seconds']:.3f} s, "
             f"reference {theirs['seconds']:.3f} s, ratio ours/ref "
-            f"{ours['seconds'] / theirs['seconds']:.2f} (target <= 0.5); "
-            f"our compile {ours['compile_s']:.1f} s", flush=True)
+            f"{ours['seconds'] / theirs['seconds']:.2f} (target <= 0.5){cpu}; "
+            f"our compile {ours['compile_s']:.1f} s"
+            f"{' (from the persistent cache)' if ours['compile_from_cache'] else ''}, "
+            f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
