@@ -18,6 +18,12 @@ jax reads the settings when it compiles its first program in a process, so `enab
 before the first `jax.jit` call compiles (dataseg.main calls it right after distributed
 initialisation; the benches at start-up; the Predictor before it builds its programs).
 
+`enable` also sets `jax_threefry_gpu_kernel_lowering` (GPU only; CPU and TPU ignore it):
+threefry as one CUDA kernel instead of its unrolled rounds in every program. Why: the
+parameter init is ~250 initialiser draws (no forward: jit drops it as dead code), and
+their unrolled threefry was most of its compile time (37 s of CPU time on the R50 model on
+this project's CPU; 67 s on an H200 in issue 15). Same bits either way.
+
 `enable` also lowers jax's thresholds so that every program is cached: by default jax skips
 programs that compiled in under a second, which on a CPU is most of the small ones a run
 compiles (initialisers, metrics, evaluation helpers), and together those are seconds.
@@ -56,6 +62,7 @@ def enable(cache_dir: str, min_compile_time_secs: float = 0.0) -> str:
   """
   import jax  # pylint: disable=g-import-not-at-top
   _listen()
+  jax.config.update("jax_threefry_gpu_kernel_lowering", True)
   if not cache_dir:
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_enable_compilation_cache", False)
