@@ -15,6 +15,10 @@ mIoU more than any other dataset (the summary quotes +6.1 mIoU; which backbone, 
 verified here).
 [ours]: 40k steps at batch 64 (= Mask2Former's ADE20k 160k iterations at batch 16 in
 images seen), 1024 LSJ as in every paper config (Mask2Former's ADE recipe crops 512).
+Pretrained backbone: weights/resnet50_imagenet_torchvision.safetensors
+(torchvision's ImageNet ResNet-50; `:scratch` for none); a missing file stops the run
+at start-up with the one-off conversion command (README, "Pretrained backbones and
+ViTDet-L").
 """
 
 from configs import paper_common

@@ -13,6 +13,10 @@ Expected: the paper's single-dataset COCO rows (R50 / ViTDet-B); not verified he
 scale: Mask2Former R50 reports 51.9 PQ on COCO panoptic with 50 epochs (Mask2Former paper,
 not DaTaSeg; its classifier is learned, not text).
 [ours]: 92k steps at batch 64 (= Mask2Former's 368,750 iterations at batch 16, 50 epochs).
+Pretrained backbone: weights/resnet50_imagenet_torchvision.safetensors
+(torchvision's ImageNet ResNet-50; `:scratch` for none); a missing file stops the run
+at start-up with the one-off conversion command (README, "Pretrained backbones and
+ViTDet-L").
 """
 
 from configs import paper_common

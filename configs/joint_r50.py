@@ -30,6 +30,10 @@ Expected figures:
     (the smallest) most.
 [ours] choices (paper's values unknown): sampling weights below, 150k steps at batch 64,
 Mask2Former's optimiser and schedule (configs/paper_common.py).
+Pretrained backbone: weights/resnet50_imagenet_torchvision.safetensors
+(torchvision's ImageNet ResNet-50; `:scratch` for none); a missing file stops the run
+at start-up with the one-off conversion command (README, "Pretrained backbones and
+ViTDet-L").
 """
 
 from configs import paper_common

@@ -10,6 +10,10 @@ docstring has the paper's figures); ViT-B/16 with windowed attention (14) and gl
 blocks 2, 5, 8, 11, simple feature pyramid to 256 channels. Expected: the paper's
 ViTDet-B rows (joint vs separate); not verified here. Hardware: as joint_r50 (64 chips,
 batch 64); `:fsdp,remat` when memory is short.
+Pretrained backbone: weights/vit_base_mae.safetensors
+(MAE's ImageNet ViT-B/16; `:scratch` for none); a missing file stops the run
+at start-up with the one-off conversion command (README, "Pretrained backbones and
+ViTDet-L").
 """
 
 from configs import joint_r50

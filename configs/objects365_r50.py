@@ -14,6 +14,10 @@ Expected: the paper's boxes-only Objects365 mask AP rows (R50 / ViTDet-B); not v
 here. The claim to check with configs/joint_r50.py: joint training with COCO's masks
 raises Objects365 mask AP (weak transfer across datasets).
 [ours]: 92k steps at batch 64 (the COCO schedule; the paper's is unknown).
+Pretrained backbone: weights/resnet50_imagenet_torchvision.safetensors
+(torchvision's ImageNet ResNet-50; `:scratch` for none); a missing file stops the run
+at start-up with the one-off conversion command (README, "Pretrained backbones and
+ViTDet-L").
 """
 
 from configs import paper_common

@@ -34,7 +34,8 @@ TEXT_ENCODERS = {
     "clip_b": ("clip:openai/clip-vit-base-patch32", 512),
 }
 # Parameters and optimizer state split over `fsdp` along their embedding / output-channel
-# axis (every such size in r50 / vitdet_b / vitdet_l is a multiple of 8); the batch over (data, fsdp).
+# axis (every such size in r50 / vitdet_b / vitdet_l is a multiple of 8); the batch over
+# (data, fsdp).
 FSDP_RULES = (("embed", "fsdp"), ("conv_out", "fsdp"), ("mlp", "model"), ("heads", "model"),
               ("kv", ""), ("batch", ("data", "fsdp")))
 
