@@ -269,6 +269,26 @@ def builder(name, data_dir):
   return b
 
 
+def prepare_shared(names, data_dir):
+  """Generates the datasets `names` into `data_dir` once, however many processes start.
+
+  N processes (jax.distributed) on one fresh workdir would all run TFDS's
+  download_and_prepare into the same folder, and the losers' final rename fails. Process 0
+  generates while the others wait at a barrier; then each process opens the builders, which
+  finds the data when `data_dir` is shared and generates its own copy when it is not (a
+  per-host local folder). Every process must call this, with the same names.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      for name in names:
+        builder(name, data_dir)
+    multihost_utils.sync_global_devices("dataseg.synthetic.prepare_shared")
+  for name in names:
+    builder(name, data_dir)
+
+
 def decode(example, is_thing):
   """TFDS example of the suite -> decoded example of dataseg/schema.py (TF ops).
 

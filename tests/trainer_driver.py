@@ -16,9 +16,23 @@ As a script (`python tests/trainer_driver.py <dataseg.main flags>`) it runs
                             batch) and keeps its rows, so N processes see exactly the
                             batches of 1 process (the pipeline's own per-host sharding
                             is tested in tests/test_pipeline.py).
+  DRIVER_SIGTERM_AT_STEP=k  the process sends itself a real SIGTERM when it fetches step
+                            k's batch: a pre-emption notice at a known step, to one
+                            process only (set it in that process's environment).
+  DRIVER_RUNS=n             runs `dataseg.main` n times in this one process (a SIGTERM
+                            exit 0 ends a run): resume without a new process, for an
+                            in-memory workdir (ram://) that dies with the process.
+  DRIVER_RAM_ORBAX=DIR      orbax's tensorstore cannot write ram:// paths: its folders go
+                            to DIR/<path after ram://> instead; everything dataseg writes
+                            itself stays on ram://.
+  DRIVER_RAM_COPY=SRC,DST   at exit, copies the ram:// tree SRC to the local folder DST
+                            (so the test can read what the run wrote there).
+
+As a config, `eval=1` adds an evaluation of DATASET's validation split (4 images).
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -33,7 +47,7 @@ DATASET = "shapes_semantic"
 TEXT_DIM = 32
 
 
-def tiny_config(data_dir="", emb="", steps=8):
+def tiny_config(data_dir="", emb="", steps=8, evaluate=False):
   """configs/demo.py:smoke with one dataset and an even smaller model."""
   c = demo.get_config("smoke")
   for name in list(c.datasets.keys()):
@@ -41,6 +55,11 @@ def tiny_config(data_dir="", emb="", steps=8):
       del c.datasets[name]
   c.datasets[DATASET].text_embeddings = emb
   c.eval_datasets = {}
+  if evaluate:
+    c.eval_datasets[DATASET] = common.dataset(DATASET, "semantic", evaluators=("semantic",),
+                                              text_embeddings=emb)
+    c.max_eval_examples = 4
+    c.eval_batch_size = 4
   c.data_dir = data_dir
   c.image_size = c.eval_image_size = 64
   c.batch_size = 8
@@ -63,8 +82,8 @@ def tiny_config(data_dir="", emb="", steps=8):
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, data="", emb="", steps=8)
-  return tiny_config(arg.data, arg.emb, arg.steps)
+  arg = common.parse_arg(arg, data="", emb="", steps=8, eval=0)
+  return tiny_config(arg.data, arg.emb, arg.steps, bool(arg.eval))
 
 
 def load_checkpoint(workdir, step):
@@ -94,6 +113,7 @@ def _install_hooks():
 
   current = {"step": -1}
   sleep_s = float(os.environ.get("DRIVER_STEP_SLEEP_S", "0"))
+  sigterm_at = int(os.environ.get("DRIVER_SIGTERM_AT_STEP", "-1"))
   nan_at = int(os.environ.get("DRIVER_NAN_AT_STEP", "-1"))
   global_data = os.environ.get("DRIVER_GLOBAL_DATA") == "1"
 
@@ -101,6 +121,8 @@ def _install_hooks():
 
   def next_batch(self, step):
     current["step"] = step
+    if step == sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
     if sleep_s:
       time.sleep(sleep_s)
     name, batch = original_next(self, step)
@@ -133,9 +155,59 @@ def _install_hooks():
       return poisoned
     trainer.make_train_step = make_train_step
 
+  # What dataseg.main asks of jax.distributed (tests of the Slurm device choice).
+  original_initialize = jax.distributed.initialize
 
-if __name__ == "__main__":
+  def initialize(*args, **kwargs):
+    print(f"[driver] jax.distributed.initialize kwargs: {sorted(kwargs.items())}", flush=True)
+    return original_initialize(*args, **kwargs)
+  jax.distributed.initialize = initialize
+
+  ram_orbax = os.environ.get("DRIVER_RAM_ORBAX")
+  if ram_orbax:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    original_manager = ocp.CheckpointManager
+
+    class Manager(original_manager):
+
+      def __init__(self, directory, *args, **kwargs):
+        directory = str(directory)
+        if directory.startswith("ram://"):
+          directory = os.path.join(ram_orbax, directory[len("ram://"):])
+        super().__init__(directory, *args, **kwargs)
+    ocp.CheckpointManager = Manager
+
+
+def _copy_ram_tree(src, dst):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for folder, _, files in tf.io.gfile.walk(src):
+    target = os.path.join(dst, folder[len(src):].lstrip("/"))
+    os.makedirs(target, exist_ok=True)
+    for name in files:
+      tf.io.gfile.copy(os.path.join(folder, name), os.path.join(target, name), overwrite=True)
+
+
+def _run():
   from absl import app  # pylint: disable=g-import-not-at-top
   from dataseg import main as main_lib  # pylint: disable=g-import-not-at-top
   _install_hooks()
-  app.run(main_lib.main)
+  runs = int(os.environ.get("DRIVER_RUNS", "1"))
+  if runs == 1:
+    app.run(main_lib.main, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
+    return
+  argv = main_lib._parse_flags(sys.argv)  # pylint: disable=protected-access
+  for i in range(runs):
+    try:
+      main_lib.main(argv)
+    except SystemExit as e:
+      if e.code not in (0, None):
+        raise
+      print(f"[driver] run {i} exited 0 (SystemExit)", flush=True)
+  copy = os.environ.get("DRIVER_RAM_COPY")
+  if copy:
+    src, dst = copy.split(",")
+    _copy_ram_tree(src, dst)
+
+
+if __name__ == "__main__":
+  _run()

@@ -7,8 +7,13 @@ the orbax step folders. Restoring takes an
 *abstract* state whose leaves carry the target shardings, so a checkpoint written on one
 mesh restores onto another (orbax re-shards). A latest checkpoint that fails to restore
 (truncated or corrupt files) is reported by path and the previous one is tried.
+
+The data positions are read and written with `tf.io.gfile` (orbax itself goes through
+etils.epath), so a `gs://` workdir keeps them on GCS: a recreated VM resumes the data where
+it stopped instead of restarting it from zero.
 """
 
+import io
 import logging
 import os
 import time
@@ -16,6 +21,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 
 
 def _absolute(directory):
@@ -60,14 +66,19 @@ class Checkpointer:
     flat = {jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(data_state)[0]}
     path = self._data_path(step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+      f.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)  # a reader never sees half a file.
 
   def _load_data_state(self, step, like):
     path = self._data_path(step)
-    with np.load(path) as f:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      blob = f.read()
+    with np.load(io.BytesIO(blob)) as f:
       flat = dict(f)
     paths = [jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(like)[0]] if like is not None else None
@@ -80,9 +91,12 @@ class Checkpointer:
     """Drops pipeline positions of checkpoints orbax no longer keeps."""
     folder = os.path.join(self.directory, "data_state")
     keep = set(self._manager.all_steps()) | {just_saved}
-    for name in os.listdir(folder):
+    for name in tf.io.gfile.listdir(folder):
       if name.endswith(".npz") and ".tmp" not in name and int(name.split(".")[0]) not in keep:
-        os.remove(os.path.join(folder, name))
+        try:
+          tf.io.gfile.remove(os.path.join(folder, name))
+        except tf.errors.NotFoundError:
+          pass  # another process sharing the workdir pruned it first.
 
   def save_best(self, step, state, metrics):
     if self._best is None or self.best_metric not in metrics:
@@ -101,7 +115,7 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
         data_state = None
-        if os.path.exists(self._data_path(step)):
+        if tf.io.gfile.exists(self._data_path(step)):
           data_state = self._load_data_state(step, data_like)
         return step, restored["state"], data_state
       except Exception as e:  # pylint: disable=broad-except
@@ -116,10 +130,15 @@ class Checkpointer:
     """Renames a broken step folder so that orbax neither restores it nor refuses to save
     over its step number again (it skips saves at steps <= its latest)."""
     path = os.path.join(self.directory, str(step))
-    if jax.process_index() == 0 and os.path.isdir(path):
+    if jax.process_index() == 0 and tf.io.gfile.isdir(path):
       aside = f"{path}.corrupt-{time.time_ns()}"
-      os.replace(path, aside)
-      print(f"WARNING: moved {path} to {aside}", flush=True)
+      try:
+        tf.io.gfile.rename(path, aside)
+        print(f"WARNING: moved {path} to {aside}", flush=True)
+      except (tf.errors.OpError, OSError) as e:  # GCS renames files, not folders.
+        tf.io.gfile.rmtree(path)
+        print(f"WARNING: could not move {path} aside ({type(e).__name__}); deleted it",
+              flush=True)
     self._manager.reload()
 
   def wait(self):

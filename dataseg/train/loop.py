@@ -5,6 +5,11 @@ that every host picks the same one with no communication; one compiled program p
 Checkpoints (orbax) every `checkpoint_every` steps and on SIGTERM; metrics to TensorBoard
 and `metrics.jsonl`; evaluation every `eval_every` steps and at the end, written to
 `<workdir>/eval_<step>.json`.
+
+Every file of the workdir goes through `tf.io.gfile`, so `--workdir=gs://bucket/run` keeps
+config, metrics, eval results and data positions on GCS (a plain `open` would create a local
+folder named `gs:`). A SIGTERM on any process stops every process at the same step (see
+`PreemptionSync`): the hosts of a pod or a Slurm job are not signalled at the same instant.
 """
 
 import json
@@ -13,7 +18,9 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 
 from dataseg import config_lib
 from dataseg.train import checkpoint as checkpoint_lib
@@ -21,6 +28,7 @@ from dataseg.train import data as data_lib
 from dataseg.train import evaluation as evaluation_lib
 from dataseg.train import metrics as metrics_lib
 from dataseg.train import trainer
+from input_pipeline import synthetic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -29,6 +37,54 @@ class NonFiniteLossError(RuntimeError):
 
 def _data_dir(config, workdir):
   return config.data_dir or os.path.join(workdir, "data")
+
+
+def _prepare_synthetic(config, data_dir):
+  """Generates the config's synthetic datasets once for all processes (see synthetic.py)."""
+  names = [e.name for group in ("datasets", "eval_datasets") for e in config[group].values()
+           if data_lib.datasets_lib.lookup(e.name)["source"] == "synthetic"]
+  synthetic.prepare_shared(sorted(set(names)), data_dir)
+
+
+class PreemptionSync:
+  """Agrees across processes on the step after which everybody saves and exits.
+
+  Each process only knows whether *it* got SIGTERM. Saving when it sees its own signal
+  hangs a multi-host job: the signalled host waits in orbax's save barrier while the
+  others wait in the next step's collectives. So every step each process contributes its
+  flag to a max-reduction over all devices (a scalar collective, issued in the same order
+  on every process), and the result of step k is read after step k+1 was dispatched: the
+  host never waits for the device more than it already does for the one-step-late NaN check,
+  and every process reads the same value, hence stops at the same step. One process needs
+  no collective: its own flag decides at once.
+  """
+
+  def __init__(self):
+    self.signalled = False
+    self._multi = jax.process_count() > 1
+    self._pending = None
+    if self._multi:
+      # Each process's devices contiguous, in the same order on every process.
+      devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+      mesh = jax.sharding.Mesh(np.asarray(devices), ("p",))
+      self._in = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("p"))
+      self._reduce = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
+
+  def handler(self, signum, frame):
+    del signum, frame
+    self.signalled = True
+
+  def should_stop(self):
+    """Called once per step by every process; True on all of them at the same step."""
+    if not self._multi:
+      return self.signalled
+    local = np.full((jax.local_device_count(),), int(self.signalled), np.int32)
+    with jax.transfer_guard("allow"):
+      flags = jax.make_array_from_process_local_data(self._in, local,
+                                                     (jax.device_count(),))
+      previous, self._pending = self._pending, self._reduce(flags)
+      return previous is not None and bool(jax.device_get(previous))
 
 
 def _restore_or_init(config, s, ckpt, data):
@@ -65,8 +121,10 @@ def _load_init_from(config, s, state):
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates."""
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
   data_dir = _data_dir(config, workdir)
+  config_lib.check_inputs(config, workdir, data_dir)
+  tf.io.gfile.makedirs(workdir)
+  _prepare_synthetic(config, data_dir)
   vocabs = data_lib.build_vocabularies(config, workdir)
   train_names = list(config.datasets.keys())
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -75,11 +133,11 @@ def train_and_evaluate(config, workdir):
   # A finished, evaluated run is reused from its files: no state restore, no pipelines.
   last = (ckpt.all_steps() or [0])[-1]
   finished = os.path.join(workdir, f"eval_{last}.json")
-  if last >= config.total_steps and os.path.exists(finished):
+  if last >= config.total_steps and tf.io.gfile.exists(finished):
     print(f"Training already finished at step {last}; reusing {finished} "
           f"(delete it to re-evaluate, or raise --config.total_steps to train on)", flush=True)
     ckpt.close()
-    with open(finished) as f:
+    with tf.io.gfile.GFile(finished) as f:
       results = json.load(f)
     print(evaluation_lib.format_table(results), flush=True)
     return results
@@ -91,14 +149,11 @@ def train_and_evaluate(config, workdir):
   start = int(jax.device_get(state["step"]))
   writer = metrics_lib.Writer(workdir, config.total_steps)
   if start == 0 and jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
 
-  stop = {"signal": None}
-  def on_sigterm(signum, frame):
-    del frame
-    stop["signal"] = signum
-  previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+  preemption = PreemptionSync()
+  previous_handler = signal.signal(signal.SIGTERM, preemption.handler)
 
   vocab_arrays = {name: jax.device_put(vocabs[name].arrays(),
                                        trainer.sharding_lib.replicated(s.mesh))
@@ -153,12 +208,14 @@ def train_and_evaluate(config, workdir):
             check(pending)
             _log(writer, done, window, t_log, images_seen)
           window, t_log, images_seen = [], time.time(), 0
-        if done % config.checkpoint_every == 0 or done == config.total_steps or stop["signal"]:
+        stop = preemption.should_stop()
+        if done % config.checkpoint_every == 0 or done == config.total_steps or stop:
           with jax.transfer_guard("allow"):
             save(done)
-        if stop["signal"]:
+        if stop:
           ckpt.wait()
-          print(f"SIGTERM: saved checkpoint at step {done}; exiting", flush=True)
+          who = "" if preemption.signalled else " (received by another process)"
+          print(f"SIGTERM{who}: saved checkpoint at step {done}; exiting", flush=True)
           writer.close()
           raise SystemExit(0)
         if done % config.eval_every == 0 and done != config.total_steps:
@@ -209,7 +266,7 @@ def _evaluate(config, s, state, workdir, data_dir, vocabs, writer, step):
   writer.scalars(step, {f"eval/{k}": v for k, v in results.items()
                         if np.isscalar(v) and np.isfinite(v)})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
       json.dump(results, f, indent=1, sort_keys=True)
     print(evaluation_lib.format_table(results), flush=True)
   return results
@@ -219,6 +276,8 @@ def evaluate_only(config, workdir):
   """Evaluates the workdir's latest checkpoint (or config.init_from's) on eval_datasets."""
   config_lib.validate(config)
   data_dir = _data_dir(config, workdir)
+  config_lib.check_inputs(config, workdir, data_dir)
+  _prepare_synthetic(config, data_dir)
   vocabs = data_lib.build_vocabularies(config, workdir)
   s = trainer.setup(config, len(config.datasets), data_lib.vocab_size(config, vocabs))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),

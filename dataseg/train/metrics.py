@@ -2,7 +2,8 @@
 
 Only process 0 writes (clu's `just_logging` elsewhere); every record also goes to
 `<workdir>/metrics.jsonl`, one JSON object per line, so a notebook can read a run
-without TensorBoard.
+without TensorBoard. The JSONL file is written with `tf.io.gfile`, so it lands on GCS with a
+`gs://` workdir.
 """
 
 import json
@@ -11,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import tensorflow as tf
 from clu import metric_writers
 
 
@@ -18,9 +20,14 @@ class Writer:
 
   def __init__(self, workdir, total_steps):
     self.is_lead = jax.process_index() == 0
-    self._tb = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_lead, asynchronous=False)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_lead else None
+    # clu's create_default_writer, minus its etils.epath conversion of the folder (which
+    # knows only some URI schemes): tf.summary writes to anything tf.io.gfile can.
+    writers = [metric_writers.LoggingWriter()]
+    if self.is_lead:
+      writers.append(metric_writers.SummaryWriter(workdir))
+    self._tb = metric_writers.MultiWriter(writers)
+    self._jsonl = (tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a")
+                   if self.is_lead else None)
     self.total_steps = total_steps
     self._t0 = None
     self._s0 = None
