@@ -16,8 +16,10 @@ prints the command), 200 queries [ours: Mask2Former's choice for large backbones
 Expected [paper]: 54.0 mIoU on ADE20k semantic and 53.5 PQ on COCO panoptic from this one
 jointly trained model; not verified here.
 Hardware: 64 chips at batch 64 (one 1024x1024 image per chip). Parameters and AdamW
-state (~0.37 G parameters) fit replicated on 32 GiB chips, but activations of ViT-L at
-1024 px do not without help: plan with `:fsdp,remat` (README, "ViTDet-L").
+state (331 M parameters, 3.9 GB in float32) would fit replicated, but the activations
+of ViT-L at 1024 px dominate: the plan tool estimates 45-49 GiB per chip with
+`:fsdp,remat` and 13.2 TFLOP per chip per step (README, "Pretrained backbones and
+ViTDet-L"), i.e. 80-96 GB chips, or a smaller `res`.
 Differences from ViTDet's ViT-L [ours]: no relative position bias and no drop-path
 (backbone.ViTDet's docstring); layer-wise lr decay is not applied (one backbone
 multiplier, 0.1).
