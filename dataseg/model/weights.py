@@ -37,6 +37,7 @@ big_vision `.npz` (allow_pickle=False) converted in memory.
 """
 
 import dataclasses
+import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -404,7 +405,7 @@ def _exists(path):
   if "://" in path:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf.io.gfile.exists(path)
-  return __import__("os").path.exists(path)
+  return os.path.exists(path)
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
