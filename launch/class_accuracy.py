@@ -5,7 +5,8 @@ r"""Are the masks or the classes wrong? Classification of the best-matching prop
 For every ground-truth segment (crowd excluded) of the first `--num_examples` examples of
 an eval dataset, takes the final-layer proposal whose mask (logit > 0, at the image's size)
 overlaps it best (IoU), and reports, separately for things and stuff: the mean best IoU,
-the mean probability of the true class, the accuracy of the argmax class, and the
+the mean probability of the true class, the accuracy of the argmax class (also among the
+classes of the same kind only, thing vs thing or stuff vs stuff), and the
 confusion matrix (rows: true class; columns: predicted class, last column background).
 A low PQ with good IoU and chance-level accuracy says the classifier, not the masks, is
 what has not been learned.
@@ -69,8 +70,12 @@ def main():
     iou = np.mean([r[1] for r in sel])
     p_true = np.mean([r[2][r[0]] for r in sel])
     acc = np.mean([np.argmax(r[2]) == r[0] for r in sel])
+    # Among its own kind only (things vs things): separates "which shape" from "thing or
+    # stuff" errors.
+    same_kind = np.append(np.asarray(vocab.is_thing, bool) == thing, False)
+    acc_kind = np.mean([np.argmax(np.where(same_kind, r[2], -1.)) == r[0] for r in sel])
     print(f"{kind}: {len(sel)} segments, best IoU {iou:.2f}, p(true class) {p_true:.2f}, "
-          f"accuracy {acc:.2f}")
+          f"accuracy {acc:.2f} (among {kind} classes only: {acc_kind:.2f})")
   for c, _, pr in rows:
     confusion[c, int(np.argmax(pr))] += 1
   width = max(len(n) for n in names + ["background"]) + 1
