@@ -14,15 +14,15 @@ Command (TPU pod: launch/tpu_pod.sh; GPUs under Slurm: launch/slurm.sh):
   python -m dataseg.main --config=configs/joint_r50.py:backbone=vitdet_b --workdir=...
   python -m dataseg.plan --config=configs/joint_r50.py --mesh=data=64   # size it first
 
-Arguments: configs/paper_common.py (backbone=r50|vitdet_b, steps, batch, res, text, fsdp,
-fp32, remat). Hardware: a 64-chip data-parallel mesh (global batch 64, one 1024x1024 image
+Arguments: configs/paper_common.py (backbone=r50|vitdet_b|vitdet_l, steps, batch, res,
+text, fsdp, fp32, remat, scratch). Hardware: a 64-chip data-parallel mesh (global batch 64, one 1024x1024 image
 per chip), e.g. TPU v4-128 (64 chips) or 64 GPUs; fewer chips work with the same batch
 (it must divide by the number of chips), FSDP (`:fsdp`) when parameters + optimizer state
 do not fit. The plan tool's figures for this config are in the README.
 
 Expected figures:
-  * [paper] the jointly trained ViTDet-L model (not a backbone here): 54.0 mIoU ADE20k
-    semantic, 53.5 PQ COCO panoptic.
+  * [paper] the jointly trained ViTDet-L model (configs/joint_vitdet_l.py): 54.0 mIoU
+    ADE20k semantic, 53.5 PQ COCO panoptic.
   * R50 and ViTDet-B: the paper's main results table (joint vs separately trained rows,
     ADE mIoU, COCO PQ, Objects365 mask AP, transfer PQ/mIoU); not verified here. The
     paper's claims to check against configs/ade20k_r50.py, coco_r50.py and
