@@ -25,30 +25,36 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
 
   Args:
     maps: [N, h, w].
-    coords: [P, 2] points shared by all maps, or [N, P, 2] per map; (y, x) in [0, 1].
+    coords: [P, 2] points shared by all maps, or [N, P, 2] per map; (y, x) in [0, 1]
+      (any value works: outside, the zero padding as grid_sample's).
 
   Returns:
     [N, P].
+
+  How: the maps get a zero border (1 before, 2 after: every clipped corner lands in it)
+  and are read as one flat vector at a scalar index per corner. Why: gathers with
+  (map, y, x) index vectors made XLA:CPU build and store an int32 [..., P, 4] index array
+  per corner (4 of them per importance sampling: a third of its time in the train step's
+  profile) and scatter-add their gradients through 3-d indices; with flat indices the
+  gradient of a [100, 12544]-point sample is ~1.6x faster (bench/points.py's maps).
   """
-  if coords.ndim == 3:
-    return jax.vmap(lambda m, c: point_sample(m[None], c)[0])(maps, coords)
-  _, h, w = maps.shape
-  py = coords[:, 0] * h - 0.5
-  px = coords[:, 1] * w - 0.5
+  n, h, w = maps.shape
+  hp, wp = h + 3, w + 3
+  flat = jnp.pad(maps, ((0, 0), (1, 2), (1, 2))).reshape(-1)
+  py = jnp.clip(coords[..., 0] * h - 0.5, -1., h)  # beyond: all four corners are zeros.
+  px = jnp.clip(coords[..., 1] * w - 0.5, -1., w)
   y0 = jnp.floor(py)
   x0 = jnp.floor(px)
   wy1 = py - y0
   wx1 = px - x0
-  y0 = y0.astype(jnp.int32)
-  x0 = x0.astype(jnp.int32)
-  out = 0.
-  for dy, wy in ((0, 1. - wy1), (1, wy1)):
-    for dx, wx in ((0, 1. - wx1), (1, wx1)):
-      yi, xi = y0 + dy, x0 + dx
-      inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-      v = maps[:, jnp.clip(yi, 0, h - 1), jnp.clip(xi, 0, w - 1)]
-      out = out + v * jnp.where(inside, wy * wx, 0.)[None]
-  return out
+  base = (y0.astype(jnp.int32) + 1) * wp + (x0.astype(jnp.int32) + 1)  # in the padding.
+  if coords.ndim == 2:
+    base, wy1, wx1 = base[None], wy1[None], wx1[None]
+  idx = jnp.arange(n, dtype=jnp.int32)[:, None] * (hp * wp) + base
+  take = lambda i: flat.at[i].get(mode="promise_in_bounds")
+  top = take(idx) * (1. - wx1) + take(idx + 1) * wx1
+  bottom = take(idx + wp) * (1. - wx1) + take(idx + wp + 1) * wx1
+  return top * (1. - wy1) + bottom * wy1
 
 
 def nearest_lookup(grid: jax.Array, coords: jax.Array) -> jax.Array:
