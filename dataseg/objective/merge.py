@@ -15,16 +15,18 @@ with BoxInst's projection term. [ours] (METHOD.md section 2):
   * panoptic: stuff classes as semantic, thing segments matched one-to-one; a proposal
     matched to a thing takes its class, the others follow the stuff rule.
   * weight of a merge-assigned proposal in the class loss (`merge_class_weighting`,
-    `merge_class_weights` below). 'split' (default): the proposals that soft_merge
-    assigns to one merged target share one unit of weight (1/n each), so every target,
-    merged or one-to-one, counts once in the class loss, as a matched segment does in
-    Mask2Former. Why: at full weight ('full', the earlier rule) nearly every unmatched
-    proposal lies mostly inside some stuff class and takes it as its target, so on a
-    COCO-like image ~14 of 16 proposals carried stuff targets against one per thing;
-    thing classification collapsed to the stuff classes (thing PQ 0 in the demo; issue
-    14). Alternatives one switch away: 'no_object' (weight of the background class,
-    0.1), 'top' (only the top contributor of each merged class keeps the class, the
-    others become background), 'full'. Ablation: README, "The embedded demo".
+    `merge_class_weights` below). 'no_object' (default): the weight of Mask2Former's
+    no-object class (background_weight, 0.1). Why: at full weight ('full', the earlier
+    rule) nearly every unmatched proposal lies mostly inside some stuff class and takes
+    it as its target, so on a COCO-like image ~14 of 16 proposals carried stuff targets
+    against one per thing, and thing classification collapsed to the stuff classes
+    (issue 14). The merged mask loss still trains p_i(c) of every proposal through M_c.
+    Alternatives one switch away: 'split' (the n proposals of one merged target share
+    one unit of weight, 1/n each: every target counts once), 'top' (only the top
+    contributor of each merged class keeps the class, the others become background),
+    'full'. The demo (configs/demo.py) uses semantic_merge='hungarian_merged' instead,
+    the best of the ablation (README, "The embedded demo"); the paper configs keep
+    soft_merge, METHOD.md's reading, with 'no_object'.
 Thing/stuff comes from the dataset's metadata (`is_thing_vocab[seg_class]`). Crowd segments
 are never targets.
 
