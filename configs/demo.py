@@ -71,11 +71,6 @@ def get_config(arg=None):
   c.model = model_configs.model_config("tiny")
   c.model.classifier.text_dim = 384  # all-MiniLM-L6-v2.
   c.loss.num_points = 16 * 16 if arg.smoke else 32 * 32
-  # [ours] Stuff / semantic targets matched one-to-one (merge.py design note, issue 14):
-  # in the README's ablation it beats soft_merge under every class weighting on PQ_st,
-  # mIoU, mask AP and transfer. Alternative: "soft_merge" (with
-  # c.loss.merge_class_weighting: no_object | split | top | full).
-  c.loss.semantic_merge = "hungarian_merged"
   c.augment.scale_min, c.augment.scale_max = 0.5, 1.5
   c.optimizer.lr = 3e-4
   c.optimizer.backbone_multiplier = 1.0  # trained from scratch: no pretrained backbone.

@@ -46,11 +46,11 @@ def loss_config() -> ml_collections.ConfigDict:
   # (merge.merge_class_weights), [ours] (issue 14: at full weight they outnumbered the
   # things ~14:1 and thing classes collapsed to stuff; ablation in README "The embedded
   # demo"):
+  #   'top': only the top contributor of each merged class keeps it; the rest background.
   #   'no_object': background_weight each (Mask2Former's no-object weight, 0.1).
   #   'split': the n proposals of one merged target get 1/n each (each target counts once).
-  #   'top': only the top contributor of each merged class keeps it; the rest background.
   #   'full': 1 each (the earlier rule).
-  c.merge_class_weighting = 'no_object'
+  c.merge_class_weighting = 'top'
   c.merged_prob_eps = 1e-4    # BCE on merged probabilities clipped to [eps, 1 - eps].
   # Ignore regions of the mask losses.
   c.ignore_void_in_merged = True  # void pixels: ignored by merged (per-class) masks.

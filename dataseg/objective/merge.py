@@ -14,19 +14,19 @@ with BoxInst's projection term. [ours] (METHOD.md section 2):
     are matched one-to-one with the proposals (MaskFormer's semantic training).
   * panoptic: stuff classes as semantic, thing segments matched one-to-one; a proposal
     matched to a thing takes its class, the others follow the stuff rule.
-  * weight of a merge-assigned proposal in the class loss (`merge_class_weighting`,
-    `merge_class_weights` below). 'no_object' (default): the weight of Mask2Former's
-    no-object class (background_weight, 0.1). Why: at full weight ('full', the earlier
-    rule) nearly every unmatched proposal lies mostly inside some stuff class and takes
-    it as its target, so on a COCO-like image ~14 of 16 proposals carried stuff targets
-    against one per thing, and thing classification collapsed to the stuff classes
-    (issue 14). The merged mask loss still trains p_i(c) of every proposal through M_c.
-    Alternatives one switch away: 'split' (the n proposals of one merged target share
-    one unit of weight, 1/n each: every target counts once), 'top' (only the top
-    contributor of each merged class keeps the class, the others become background),
-    'full'. The demo (configs/demo.py) uses semantic_merge='hungarian_merged' instead,
-    the best of the ablation (README, "The embedded demo"); the paper configs keep
-    soft_merge, METHOD.md's reading, with 'no_object'.
+  * class target and weight of a merge-assigned proposal (`merge_class_weighting`,
+    `merge_class_weights` below). 'top' (default): of the proposals that soft_merge
+    assigns to one merged class, only the top contributor (largest C_it) keeps the
+    class; the others get background (weight 0.1), so each stuff class has one class
+    target per image, as a thing does. Why: with the earlier rule ('full') every
+    unmatched proposal lying mostly inside some stuff class took it at full weight, so on
+    a COCO-like image ~14 of 16 proposals carried stuff targets against one per thing,
+    and thing classification collapsed to the stuff classes (issue 14). The merged mask
+    loss still trains p_i(c) of every proposal through M_c. Alternatives one switch
+    away: 'no_object' (merge-assigned proposals keep the class at Mask2Former's
+    no-object weight, background_weight), 'split' (the n proposals of one merged target
+    share one unit of weight, 1/n each), 'full'; or semantic_merge='hungarian_merged'
+    (tied with 'top' in the ablation: README, "The embedded demo").
 Thing/stuff comes from the dataset's metadata (`is_thing_vocab[seg_class]`). Crowd segments
 are never targets.
 
