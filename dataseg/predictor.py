@@ -27,17 +27,16 @@ new list of names needs no new parameters.
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from dataseg import inference
 from dataseg import text as text_lib
 from dataseg import visualize
+from dataseg.train import checkpoint as checkpoint_lib
 from dataseg.train import data as data_lib
 from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
@@ -47,11 +46,15 @@ _PAD_MULTIPLE = 64
 
 
 def load_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
-  """The run's config (`<workdir>/config.json`, written by the trainer at step 0)."""
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.is_file():
+  """The run's config (`<workdir>/config.json`, written by the trainer at step 0).
+
+  Read through tf.io.gfile, so a gs:// workdir works as a local one.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.fspath(workdir), "config.json")
+  if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a dataseg.main workdir?")
-  with path.open() as f:
+  with tf.io.gfile.GFile(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
@@ -66,41 +69,6 @@ def single_device_mesh(device=None) -> jax.sharding.Mesh:
 def data_parallel_mesh() -> jax.sharding.Mesh:
   """All devices on the `data` axis (parameters replicated): evaluation on any machine."""
   return sharding_lib.make_mesh(dict(data=-1, fsdp=1, model=1))
-
-
-def checkpoint_steps(workdir) -> list[int]:
-  directory = pathlib.Path(workdir).resolve() / "checkpoints"
-  if not directory.is_dir():
-    return []
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False)) as manager:
-    return sorted(manager.all_steps())
-
-
-def restore_inference_state(workdir, s: trainer.Setup, step: int | None = None):
-  """(step, {'params', 'frozen'}) of a checkpoint, EMA parameters preferred.
-
-  Reads only step, params, frozen and ema (partial restore): the optimizer state, often
-  twice the parameters, never leaves the disk.
-  """
-  directory = pathlib.Path(workdir).resolve() / "checkpoints"
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint under {directory}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ValueError(f"no checkpoint for step {step} under {directory}; "
-                     f"available: {', '.join(map(str, steps))}")
-  wanted = {k: v for k, v in s.abstract_state.items()
-            if k in ("step", "params", "frozen", "ema")}
-  restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False)) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
-  params = restored.get("ema", restored["params"])
-  return step, dict(params=params, frozen=restored["frozen"])
 
 
 @dataclasses.dataclass
@@ -125,7 +93,8 @@ def load_run(workdir, *, config=None, step=None, mesh=None) -> Run:
   vocabs = data_lib.build_vocabularies(config, workdir)
   size = data_lib.vocab_size(config, vocabs)
   s = trainer.setup(config, len(config.datasets), size, mesh=mesh or single_device_mesh())
-  step, state = restore_inference_state(workdir, s, step)
+  step, state = checkpoint_lib.restore_inference_state(
+      os.path.join(workdir, "checkpoints"), s.abstract_state, step)
   return Run(workdir, config, s, state, step, vocabs, size)
 
 

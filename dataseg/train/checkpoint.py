@@ -152,6 +152,36 @@ class Checkpointer:
       self._best.close()
 
 
+def restore_inference_state(directory, abstract_state, step: int | None = None):
+  """(step, {'params', 'frozen'}) of a checkpoint under `directory`, EMA parameters preferred.
+
+  Reads only step, params, frozen and ema (partial restore): the optimizer state, often
+  twice the parameters, never leaves the disk. Used by the Predictor and the evaluate
+  command (any machine, any mesh: orbax re-shards into `abstract_state`'s shardings).
+  """
+  directory = _absolute(os.fspath(directory))
+  steps = []
+  if tf.io.gfile.isdir(directory):
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        create=False)) as manager:
+      steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {directory}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f"no checkpoint for step {step} under {directory}; "
+                     f"available: {', '.join(map(str, steps))}")
+  wanted = {k: v for k, v in abstract_state.items() if k in ("step", "params", "frozen", "ema")}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False)) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
+  params = restored.get("ema", restored["params"])
+  return step, dict(params=params, frozen=restored["frozen"])
+
+
 def restore_params(directory, abstract_params):
   """Parameters only from the latest checkpoint in `directory` (config.init_from).
 
