@@ -35,54 +35,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "and Slurm when unset).")
 
 
-def _tasks_on_this_node(env):
-  """Tasks of this job step on this node, from Slurm's compressed list "8(x2),4"."""
-  if env.get("SLURM_NTASKS_PER_NODE"):
-    return int(env["SLURM_NTASKS_PER_NODE"])
-  spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-  if not spec:
-    return None
-  counts = []
-  for part in spec.split(","):
-    m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-    if not m:
-      return None
-    counts += [int(m.group(1))] * int(m.group(2) or 1)
-  node = int(env.get("SLURM_NODEID", "0"))
-  return counts[node] if node < len(counts) else None
-
-
-def slurm_local_device_ids(env):
-  """The local GPU indices this Slurm task should drive, for jax.distributed.initialize.
-
-  jax's Slurm detection assumes one task per GPU and restricts every process to the GPU
-  numbered SLURM_LOCALID, so the launch script's one task per node would train on one GPU
-  of eight. Returns [] (no restriction: every GPU the process sees) when the task is alone
-  on its node or Slurm already bound GPUs to tasks (fewer visible than on the node); the
-  task's equal share of the node's GPUs when several unbound tasks share a node; None
-  (jax's default) when the allocation does not say; JAX_LOCAL_DEVICE_IDS wins if set.
-  """
-  if env.get("JAX_LOCAL_DEVICE_IDS"):
-    return None
-  tasks = _tasks_on_this_node(env)
-  if tasks == 1:
-    return []
-  visible = env.get("CUDA_VISIBLE_DEVICES")
-  n_visible = len([d for d in visible.split(",") if d.strip()]) if visible else None
-  on_node = env.get("SLURM_GPUS_ON_NODE")
-  on_node = int(on_node) if on_node and on_node.isdigit() else None
-  if n_visible is not None and on_node is not None and n_visible < on_node:
-    return []  # --gpus-per-task / --gpu-bind: the task sees only its own GPUs.
-  n = n_visible if n_visible is not None else on_node
-  if tasks and n and n % tasks == 0:
-    local = int(env.get("SLURM_LOCALID", "0"))
-    share = n // tasks
-    return list(range(local * share, (local + 1) * share))
-  return None
-
-
 def _maybe_initialize_distributed():
   import jax  # pylint: disable=g-import-not-at-top
+  from dataseg.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   explicit = _COORDINATOR.value is not None
   slurm = all(k in os.environ for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID"))
   auto = _DISTRIBUTED.value
@@ -91,7 +46,7 @@ def _maybe_initialize_distributed():
         "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"])
   kwargs = {}
   if slurm and not explicit:
-    ids = slurm_local_device_ids(os.environ)
+    ids = sharding_lib.slurm_local_device_ids(os.environ)
     if ids is not None:
       kwargs["local_device_ids"] = ids  # [] = all visible (jax would pick SLURM_LOCALID).
   if explicit:

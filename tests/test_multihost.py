@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import trainer_driver
-from dataseg import main as main_lib
+from dataseg.train import sharding as sharding_lib
 
 # One device vs four: the batch mean is reduced in another order (float32), ~1e-6 relative
 # per step. The mask losses are taken at the top-k most uncertain of the sampled points, so
@@ -131,7 +131,7 @@ def test_slurm_one_task_per_node_drives_every_local_device(pair):
     (dict(SLURM_NTASKS_PER_NODE="1", JAX_LOCAL_DEVICE_IDS="0"), None),  # user's choice.
 ])
 def test_slurm_local_device_ids(env, want):
-  assert main_lib.slurm_local_device_ids(env) == want
+  assert sharding_lib.slurm_local_device_ids(env) == want
 
 
 def test_fresh_shared_workdir_starts_as_one_process(pair):
