@@ -98,7 +98,7 @@ def _dataset_problems(key, entry, data_dir):
 
 
 def check_inputs(config, workdir, data_dir):
-  """Raises StartupError listing every missing dataset and text encoder of `config`.
+  """Raises StartupError listing every missing dataset, text encoder and weights file.
 
   Cheap: existence checks and a 3 s reachability probe of the model hub, no downloads.
   """
@@ -130,5 +130,9 @@ def check_inputs(config, workdir, data_dir):
       if problem:
         problems.append(f"class-name embeddings of {', '.join(missing)} are not cached in "
                         f"{cache} and {problem}")
+  from dataseg.model import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  problem = weights_lib.pretrained_problem(config)
+  if problem:
+    problems.append(problem)
   if problems:
     raise StartupError("\n".join(problems))
