@@ -27,7 +27,10 @@ def subprocess_env(cache_dir, devices=1, **extra):
   env.update(
       PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
+      # The caller's XLA flags first (e.g. --xla_cpu_max_isa=AVX2 for a run of the suite
+      # with other vector code), then ours.
+      XLA_FLAGS=(f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE} "
+                 f"--xla_force_host_platform_device_count={devices}").strip(),
       JAX_COMPILATION_CACHE_DIR=str(cache_dir),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
