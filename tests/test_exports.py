@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dataseg import evaluate_files
+from dataseg.evaluation import coco_eval
 from dataseg.evaluation import evaluators
 from dataseg.evaluation import exports
 
@@ -93,11 +94,12 @@ def test_coco_results_round_trip(tmp_path, scenes, task):
     instance_preds.append(pred)
     ev.add(i, pred, g)
     entries += exports.instance_results(i, pred, ev.categories)
-  state = ev.state()
+  # The evaluator's state (numeric arrays) rebuilt into COCO dicts.
+  state = coco_eval.CocoEvaluator.from_states([ev.state()], **ev._init_kwargs)  # pylint: disable=protected-access
   exports.write_json(str(tmp_path / "res.json"), entries)
-  gt_anns = [dict(a, id=j + 1) for j, a in enumerate(state["gts"])]
+  gt_anns = [dict(a, id=j + 1) for j, a in enumerate(state._gts)]  # pylint: disable=protected-access
   exports.write_json(str(tmp_path / "gt.json"), {
-      "images": state["images"], "annotations": gt_anns,
+      "images": state._images, "annotations": gt_anns,  # pylint: disable=protected-access
       "categories": [c for c in ev.categories if c["isthing"]]})
   # Re-read predictions decode to the same masks, classes, scores.
   by_image = exports.read_coco_results(str(tmp_path / "res.json"))
