@@ -180,7 +180,8 @@ def test_predictor_runs_the_evaluation_program(predictor, variant, monkeypatch):
     config.eval_batch_size = n
     config.max_eval_examples = n
   entry = config.eval_datasets["shapes_panoptic"]
-  evaluation.evaluate_dataset(config, setup, predictor.run.state, entry, vocab,
+  # predictor.run.setup: the Predictor's own cached program (thresholds come from `config`).
+  evaluation.evaluate_dataset(config, predictor.run.setup, predictor.run.state, entry, vocab,
                               os.path.join(predictor.run.workdir, "data"))
   assert sorted(recorders) == ["instance", "panoptic", "semantic"]
   images = [ex["image"] for ex in originals]
