@@ -3,9 +3,12 @@ r"""DaTaSeg's joint run: ADE20k semantic + COCO panoptic + Objects365 boxes, one
 The paper's main setting [paper]: all parameters shared, one dataset per step, frozen
 CLIP text embeddings of each dataset's class names as the classifier; Objects365 trains
 from boxes only (BoxInst projection loss). Evaluated on every training set in the tasks
-it supports (Objects365 instance *masks* from boxes on the 1,000-image mask subset) and,
-by direct transfer (class names only, never trained on), on Cityscapes panoptic and
-Pascal Context-59 semantic.
+it supports (Objects365 instance *masks* from boxes on the 1,000-image mask subset; ADE20k
+semantic mIoU and, trained on semantic labels only, ADE20k panoptic PQ on Mask2Former's
+panoptic conversion) and, by direct transfer (class names only, never trained on), on
+Cityscapes panoptic and Pascal Context-59 semantic. Dataset files: the registry's default
+layouts below --config.data_dir (input_pipeline/datasets.py; README, "Preparing the
+paper's datasets").
 
 Command (TPU pod: launch/tpu_pod.sh; GPUs under Slurm: launch/slurm.sh):
 

@@ -43,9 +43,10 @@ FSDP_RULES = (("embed", "fsdp"), ("conv_out", "fsdp"), ("mlp", "model"), ("heads
 # and the direct-transfer sets (class names only, never trained on) [paper].
 EVAL = {
     "coco_panoptic": ("coco_panoptic", "panoptic", ("panoptic", "semantic", "instance")),
-    # ADE panoptic (weak transfer) needs ADE's panoptic annotations, which the registry's
-    # scene_parse150 reader does not provide: semantic only here.
     "ade20k": ("ade20k", "semantic", ("semantic",)),
+    # [paper] ADE20k panoptic from semantic-only training (weak transfer): Mask2Former's
+    # panoptic conversion of ADEChallengeData2016 (registry entry ade20k_panoptic).
+    "ade20k_panoptic": ("ade20k_panoptic", "panoptic", ("panoptic",)),
     "objects365_masks": ("objects365_masks", "instance", ("instance", "box")),  # boxes -> masks.
     "cityscapes": ("cityscapes", "panoptic", ("panoptic", "semantic")),
     "pascal_context": ("pascal_context", "semantic", ("semantic",)),

@@ -61,8 +61,8 @@ def _dataset_problems(key, entry, data_dir):
   info = datasets_lib.lookup(entry.name)
   if info["source"] == "synthetic":
     return []  # generated on first use.
-  spec = dict(info.get("reader", {}))
-  spec.update(entry.reader.to_dict())
+  split = entry.split if key.startswith("datasets.") else entry.eval_split
+  spec = datasets_lib.reader_spec(entry.name, split, data_dir, entry.reader.to_dict())
   fmt = spec.get("format")
   if fmt == "tfds":
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -93,14 +93,8 @@ def reader_for(entry, data_dir, split, vocab_is_thing):
   if info["source"] == "synthetic":
     builder = synthetic.builder(entry.name, data_dir)
     return (builder, split, lambda ex: synthetic.decode(ex, vocab_is_thing))
-  spec = dict(info.get("reader", {}))
-  spec.update(entry.reader.to_dict())
-  spec.setdefault("split", split)
-  spec.setdefault("vocab", entry.vocab or info["vocab"])
-  spec.setdefault("name", entry.name)
-  if spec.get("format") in ("tfds", "objects365_tfds"):
-    spec.setdefault("data_dir", data_dir)
-  return spec
+  return datasets_lib.reader_spec(entry.name, split, data_dir, entry.reader.to_dict(),
+                                  entry.vocab)
 
 
 class TrainData:

@@ -7,9 +7,17 @@ Used for a user's own data and for the raw-file datasets in COCO format:
   - Objects365 v2 raw `zhiyuan_objv2_{split}.json` (boxes) and the instance-mask
     benchmark `o365_instance_seg_val.json` (instance).
 
+Also ADE20k panoptic as Mask2Former's `datasets/prepare_ade20k_pan_seg.py` writes it
+(`ADEChallengeData2016/ade20k_panoptic_{train,val}.json` + PNG folders, string image ids,
+category ids 0..149 = objectInfo150 index - 1: 'category_id_offset': 1).
+
 Spec keys: 'json', 'image_dir', 'mask_dir' (panoptic PNGs; default: the JSON path
 without '.json'), 'vocab' (optional packaged vocabulary; category ids are mapped into it
-by original id), 'keep_empty' (keep images without segments; evaluation sets).
+by original id), 'keep_empty' (keep images without segments; evaluation sets),
+'category_id_offset' (added to every JSON category id before the vocabulary lookup),
+'check_categories' (the JSON's `categories` must agree with the vocabulary on the name
+and `isthing` of every id they share, else ValueError naming the id: catches a file
+whose ids mean other classes, e.g. a wrong offset).
 
 Conventions:
   - panoptic PNG ids are `R + 256 G + 256^2 B`; id 0 is void;
@@ -76,6 +84,9 @@ def _records(spec, fmt, counter: BadInputCounter):
   vocab = readers.vocab_from(spec, data.get("categories"),
                              default_name=os.path.basename(spec["json"]))
   cat_map = _category_map(vocab)
+  offset = int(spec.get("category_id_offset", 0))
+  if spec.get("check_categories") and spec.get("vocab"):
+    check_categories(data.get("categories") or [], vocab, offset, spec["json"])
   finder = ImageFinder(spec["image_dir"])
   mask_dir = spec.get("mask_dir") or os.path.splitext(spec["json"])[0]
   keep_empty = bool(spec.get("keep_empty", False))
@@ -110,10 +121,10 @@ def _records(spec, fmt, counter: BadInputCounter):
       anns = anns[0]["segments_info"]
     bad = False
     for ann in anns:
-      if int(ann["category_id"]) not in cat_map:
+      if int(ann["category_id"]) + offset not in cat_map:
         counter.report("unknown_category", image_id=image_id, file=spec["json"],
                        field="category_id", reason=f"category id {ann['category_id']} "
-                       f"is not in vocabulary {vocab.name!r}")
+                       f"(+ offset {offset}) is not in vocabulary {vocab.name!r}")
         bad = True
         break
       box, usable = readers.box_xywh_to_yxyx(ann.get("bbox", [0, 0, 0, 0]),
@@ -128,7 +139,7 @@ def _records(spec, fmt, counter: BadInputCounter):
                        field="segmentation", reason=f"annotation {ann.get('id')} has "
                        "no mask in an instance file; annotation dropped")
         continue
-      contiguous = cat_map[int(ann["category_id"])]
+      contiguous = cat_map[int(ann["category_id"]) + offset]
       rec["segments"].append(dict(
           id=int(ann.get("id", 0)), cls=contiguous, box=box,
           is_thing=bool(vocab.is_thing[contiguous]),
@@ -141,6 +152,27 @@ def _records(spec, fmt, counter: BadInputCounter):
       continue
     records.append(rec)
   return records, vocab
+
+
+def _norm(name):
+  return " ".join(str(name).lower().split())
+
+
+def check_categories(categories, vocab, offset, path):
+  """Raises ValueError unless `categories` agree with `vocab` on shared ids."""
+  index = {int(i): k for k, i in enumerate(vocab.original_ids)}
+  for c in categories:
+    k = index.get(int(c["id"]) + offset)
+    if k is None:
+      continue
+    if _norm(c.get("name", "")) != _norm(vocab.raw_names[k]):
+      raise ValueError(f"{path}: categories: id {c['id']} is {c.get('name')!r}, but id "
+                       f"{int(c['id']) + offset} of vocabulary {vocab.name!r} is "
+                       f"{vocab.raw_names[k]!r} (category_id_offset={offset})")
+    if "isthing" in c and bool(c["isthing"]) != bool(vocab.is_thing[k]):
+      raise ValueError(f"{path}: categories: id {c['id']} ({c.get('name')!r}) has "
+                       f"isthing={c['isthing']}, vocabulary {vocab.name!r} says "
+                       f"{int(vocab.is_thing[k])}")
 
 
 def _table(rec):

@@ -1,21 +1,23 @@
-"""TFDS datasets -> decoded examples: coco/2017_panoptic, coco/2017, scene_parse150, objects365.
+"""TFDS datasets -> decoded examples: coco/2017_panoptic, coco/2017, objects365.
 
 The decode functions are pure TF on one TFDS feature dict and return
 `(decoded, ok)`; `ok` is False for bad input found only after decoding (a panoptic PNG
 id missing from `panoptic_objects`, a label value that is no class), which `read`
 filters out and counts (input_pipeline/bad_input.py).
 
-Feature layouts (tensorflow_datasets/object_detection/coco.py, scene_parse150):
+Feature layouts (tensorflow_datasets/object_detection/coco.py):
   coco/2017_panoptic: image [h, w, 3], image/id, panoptic_image [h, w, 3] (RGB ids),
     panoptic_objects {id, bbox (normalised ymin, xmin, ymax, xmax), label (133, in
     panoptic category-file order), is_crowd, area}.
   coco/2017 and objects365 (objects365_builder.py): image, image/id, objects {id, bbox,
     label, is_crowd, area}. TFDS coco/2017 has NO instance masks: it is read as boxes
     ('boxes' task / box evaluation); instance masks need the raw JSON (coco.py).
-  scene_parse150: image, annotation [h, w, 3]; channel 0 is read as the 150-class label
-    (0 void). TFDS builds this dataset from the ChallengeData2017 `annotations_instance`
-    archive; prefer the raw ADEChallengeData2016 folder (semantic_png.py) when the
-    exact ADE20k-150 semantic labels matter (see README).
+  scene_parse150 is refused: TFDS builds it from ChallengeData2017's
+    `annotations_instance` archive, whose PNGs hold R = class among the 100 *instance*
+    classes (instanceInfo100, not objectInfo150), G = instance id, and no stuff at all;
+    no per-pixel 150-class label can be recovered from it. ADE20k-150 semantic is read
+    from the raw ADEChallengeData2016 folder (registry entry `ade20k`, semantic_png.py),
+    ADE20k panoptic from Mask2Former's conversion (`ade20k_panoptic`, coco.py).
 
 TFDS class labels are mapped into the vocabulary by name (`label_map`), so label order
 differences between TFDS and dataseg/vocab cannot silently mislabel.
@@ -29,12 +31,17 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import preprocess
 from input_pipeline import readers
 from input_pipeline.bad_input import BadInputCounter
 
 _DEFAULT_VOCAB = {"coco/2017_panoptic": "coco_panoptic", "coco/2017": "coco_panoptic",
-                  "scene_parse150": "ade20k", "objects365": "objects365"}
+                  "objects365": "objects365"}
+SCENE_PARSE150_REFUSED = (
+    "TFDS scene_parse150 is not ADE20k-150 semantic data: TFDS builds it from "
+    "ChallengeData2017 annotations_instance (channel R = one of 100 instance classes of "
+    "instanceInfo100, G = instance id, stuff unlabelled). Use the raw "
+    "ADEChallengeData2016 folder: dataset 'ade20k' (semantic) or 'ade20k_panoptic' "
+    "(README, 'Preparing the paper's datasets')")
 
 
 def _objects(features, key, label_map, is_thing):
@@ -83,36 +90,6 @@ def decode_detection(features, *, label_map, is_thing):
   return out, tf.constant(True)
 
 
-def decode_scene_parse150(features, *, value_lookup, is_thing):
-  """scene_parse150 features -> (decoded, ok): one segment per class present.
-
-  `value_lookup[v]`: contiguous class of label value v, -1 void, -2 unknown.
-  """
-  num_classes = len(is_thing)
-  values = tf.cast(features["annotation"][..., 0], tf.int32)
-  lookup = tf.constant(value_lookup, tf.int32)
-  values = tf.minimum(values, tf.size(lookup) - 1)
-  cls_map = tf.gather(lookup, values)
-  ok = ~tf.reduce_any(cls_map == -2)
-  cls_map = tf.maximum(cls_map, -1)
-  flat = tf.reshape(cls_map, [-1])
-  counts = tf.math.unsorted_segment_sum(tf.ones_like(flat), tf.where(flat >= 0, flat,
-                                                                     num_classes),
-                                        num_classes + 1)[:num_classes]
-  classes = tf.cast(tf.where(counts > 0)[:, 0], tf.int32)
-  row = tf.tensor_scatter_nd_update(-tf.ones([num_classes + 1], tf.int32),
-                                    classes[:, None], tf.range(tf.size(classes)))
-  seg_map = tf.gather(row, tf.where(cls_map >= 0, cls_map, num_classes))
-  _, box = preprocess.segment_stats(seg_map, tf.size(classes))
-  out = dict(
-      image=tf.cast(features["image"], tf.uint8), segment_map=seg_map,
-      seg_class=classes, seg_box=box,
-      seg_is_thing=tf.gather(tf.constant(np.asarray(is_thing, bool)), classes),
-      seg_is_crowd=tf.zeros(tf.shape(classes), tf.bool),
-      image_id=tf.cast(features.get("image/id", tf.constant(0, tf.int64)), tf.int64))
-  return out, ok
-
-
 def label_map_by_name(tfds_names, vocab):
   """TFDS ClassLabel names -> contiguous vocabulary ids (raises on a name not found)."""
   index = {n.lower(): i for i, n in enumerate(vocab.raw_names)}
@@ -122,16 +99,6 @@ def label_map_by_name(tfds_names, vocab):
   return np.array([index[n.lower()] for n in tfds_names], np.int32)
 
 
-def ade_value_lookup(vocab, void_values=(0,)):
-  size = max(int(i) for i in vocab.original_ids) + 2
-  lookup = -2 * np.ones(size, np.int32)
-  lookup[list(void_values)] = -1
-  for original, contiguous in vocab.id_to_contiguous.items():
-    lookup[int(original)] = contiguous
-  lookup[-1] = -2  # Values beyond the vocabulary are clamped here: unknown.
-  return lookup
-
-
 def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None):
   """TFDS spec -> (tf.data.Dataset of this host's decoded examples, Vocabulary).
 
@@ -139,6 +106,8 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
   """
   name = spec["tfds_name"]
   base = name.split(":")[0]
+  if base == "scene_parse150":
+    raise ValueError(SCENE_PARSE150_REFUSED)
   counter = counter or BadInputCounter(spec.get("on_bad_input", "skip"), name)
   vocab = readers.vocab_from(dict(spec, vocab=spec.get("vocab") or _DEFAULT_VOCAB.get(
       base)))
@@ -151,9 +120,6 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
   if base == "coco/2017_panoptic":
     fn = lambda f: decode_coco_panoptic(f, label_map=label_map_by_name(
         features["panoptic_objects"]["label"].names, vocab), is_thing=vocab.is_thing)
-  elif base == "scene_parse150":
-    lookup = ade_value_lookup(vocab)
-    fn = lambda f: decode_scene_parse150(f, value_lookup=lookup, is_thing=vocab.is_thing)
   elif "objects" in features:
     label_map = label_map_by_name(features["objects"]["label"].names, vocab)
     fn = lambda f: decode_detection(f, label_map=label_map, is_thing=vocab.is_thing)
