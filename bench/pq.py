@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dataseg import evaluate_files  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dataseg.evaluation import exports  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dataseg.metrics import files as metric_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dataseg.metrics import exports  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_CLASSES = 40
 IS_THING = np.arange(NUM_CLASSES) < 25
@@ -93,7 +93,7 @@ def run_reference(root):
 
 
 def run_ours(root):
-  return evaluate_files.evaluate_panoptic_files(
+  return metric_files.evaluate_panoptic_files(
       os.path.join(root, "gt.json"), os.path.join(root, "gt"),
       os.path.join(root, "pred.json"), os.path.join(root, "pred"))
 
@@ -112,7 +112,7 @@ def time_pq_only(root, chunk=50, repeats=2):
   """(reference seconds, our seconds) with PNG decoding done beforehand for both."""
   from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as ref  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from dataseg.evaluation import panoptic  # pylint: disable=g-import-not-at-top
+  from dataseg.metrics import panoptic  # pylint: disable=g-import-not-at-top
   gt = json.load(open(os.path.join(root, "gt.json")))
   pred = json.load(open(os.path.join(root, "pred.json")))
   categories = {c["id"]: c for c in gt["categories"]}
@@ -154,7 +154,7 @@ def time_pq_only(root, chunk=50, repeats=2):
       return part_ev
     dt, part_ev = best_of(ours, repeats)
     t_ours += dt
-    ev.merge(part_ev)
+    ev.accumulate(part_ev)
   return t_ref, t_ours, ref.average_pq(stat, categories), ev.result()
 
 

@@ -9,13 +9,13 @@ r"""Scores a checkpoint on datasets, including ones it never saw (direct transfe
   python -m dataseg.evaluate --workdir=W --dataset=shapes_transfer --task=semantic \
       --class_names=orb,slab,cone,sea,field,dunes,street
   # prediction files of any other system (COCO panoptic PNG+JSON, COCO results JSON,
-  # semantic PNGs): every flag is forwarded to `python -m dataseg.evaluate_files`:
+  # semantic PNGs): scored by dataseg/metrics/files.py:
   python -m dataseg.evaluate --task=panoptic --gt_json=G.json --gt_dir=G \
       --pred_json=P.json --pred_dir=P
 
 The checkpoint is restored onto whatever devices exist (parameters replicated, all
 devices on the batch axis), whatever mesh it was trained on; EMA parameters are used
-when the run kept them. Scoring is the trainer's own (dataseg/train/evaluation.py:
+when the run kept them. Scoring is the trainer's own (dataseg/train/eval_loop.py:
 `evaluate_all`), so numbers equal those of `python -m dataseg.main --mode=eval`.
 Prints the metrics table; `--output_json` writes every metric.
 """
@@ -119,7 +119,7 @@ def evaluate(workdir, *, config=None, step=None, dataset=None, task=None, split=
   # Heavy imports here: `--help` and the file-scoring path stay light.
   from dataseg import predictor  # pylint: disable=g-import-not-at-top
   from dataseg.train import data as data_lib  # pylint: disable=g-import-not-at-top
-  from dataseg.train import evaluation  # pylint: disable=g-import-not-at-top
+  from dataseg.train import eval_loop  # pylint: disable=g-import-not-at-top
   workdir = os.fspath(workdir)
   if config is None:
     config = run.config if run is not None else predictor.load_config(workdir)
@@ -138,7 +138,7 @@ def evaluate(workdir, *, config=None, step=None, dataset=None, task=None, split=
   if class_names is not None:
     _rename_classes(run, class_names)
   data_dir = config.data_dir or os.path.join(workdir, "data")
-  results = evaluation.evaluate_all(config, run.setup, run.state, data_dir, run.vocabs,
+  results = eval_loop.evaluate_all(config, run.setup, run.state, data_dir, run.vocabs,
                                     out_dir=out_dir)
   return run.step, results
 
@@ -160,9 +160,9 @@ def _rename_classes(run, class_names):
 
 
 def _print_results(step, results, config_datasets):
-  from dataseg.train import evaluation  # pylint: disable=g-import-not-at-top
+  from dataseg.train import eval_loop  # pylint: disable=g-import-not-at-top
   print(f"checkpoint step {step}")
-  print(evaluation.format_table(results))
+  print(eval_loop.format_table(results))
   rows = sorted({k.split("/")[0] for k in results})
   for r in rows:
     summary = {k[len(r) + 1:]: v for k, v in results.items()
@@ -176,8 +176,8 @@ def _print_results(step, results, config_datasets):
 def main(argv: Sequence[str] | None = None):
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a.split("=")[0] in _FILE_FLAGS for a in argv):
-    from dataseg import evaluate_files  # pylint: disable=g-import-not-at-top
-    return evaluate_files.main(argv)
+    from dataseg.metrics import files  # pylint: disable=g-import-not-at-top
+    return files.main(argv)
   p = argparse.ArgumentParser(prog="python -m dataseg.evaluate",
                               description=__doc__.split("\n")[0],
                               epilog=__doc__.split("\n", 1)[1],

@@ -1,6 +1,6 @@
 """The one inference program: images -> post-processed panoptic, semantic, instance outputs.
 
-Training-time evaluation (dataseg/train/evaluation.py), the notebook Predictor
+Training-time evaluation (dataseg/train/eval_loop.py), the notebook Predictor
 (dataseg/predictor.py), `python -m dataseg.evaluate` and launch/class_accuracy.py all run
 `predict`, and turn one example of its output into a result with `example_result` and into
 a picture with `overlay`. So the paths agree by construction: for the same batch of images

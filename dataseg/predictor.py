@@ -13,7 +13,7 @@ the trainer's evaluation does), never the optimizer state.
 
 The image path is the training-time evaluation's: the eval resize
 (input_pipeline/preprocess.py: longer side -> `eval_image_size`, pad bottom/right), then
-the one inference program (dataseg/inference.py, which `dataseg/train/evaluation.py` runs
+the one inference program (dataseg/inference.py, which `dataseg/train/eval_loop.py` runs
 too) with the run's thresholds, then crop to the valid region. `predict_batch` with the
 eval batch's images therefore runs the same program on the same inputs as the evaluation;
 by default results are then resized back (nearest) to the image's original size.

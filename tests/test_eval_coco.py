@@ -10,8 +10,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dataseg.evaluation import coco_eval
-from dataseg.evaluation import evaluators
+from dataseg.metrics import coco_eval
+from dataseg.metrics import evaluators
 
 NAMES = ["cat", "dog", "sky"]
 IS_THING = [True, True, False]
@@ -138,7 +138,7 @@ def test_equals_cocoeval_direct(name, iou_type):
                                      category_ids=category_ids) for _ in range(2)]
   for image_id, (gt, pred) in enumerate(scenes):
     hosts[image_id % 2].add(image_id, pred, gt)
-  merged = hosts[0].empty_like().merge(hosts[0]).merge(hosts[1])
+  merged = hosts[0].empty_like().accumulate(hosts[0]).accumulate(hosts[1])
   got = merged.result()
   np.testing.assert_allclose([got[s] for s in coco_eval.STAT_NAMES], want, atol=1e-12)
   # COCO-annotation gt gives the same.

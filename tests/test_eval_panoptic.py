@@ -6,9 +6,9 @@ import io
 import numpy as np
 import pytest
 
-from dataseg.evaluation import exports
-from dataseg.evaluation import evaluators
-from dataseg.evaluation import panoptic
+from dataseg.metrics import exports
+from dataseg.metrics import evaluators
+from dataseg.metrics import panoptic
 
 ref = pytest.importorskip("cityscapesscripts.evaluation.evalPanopticSemanticLabeling")
 

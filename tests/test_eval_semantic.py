@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dataseg.evaluation import evaluators
-from dataseg.evaluation import semantic
+from dataseg.metrics import evaluators
+from dataseg.metrics import semantic
 
 NAMES = ["a", "b", "c", "d"]
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from dataseg import evaluate_files
-from dataseg.evaluation import coco_eval
-from dataseg.evaluation import evaluators
-from dataseg.evaluation import exports
+from dataseg import evaluate
+from dataseg.metrics import coco_eval
+from dataseg.metrics import evaluators
+from dataseg.metrics import exports
 
 NAMES = ["person", "car", "road", "sky"]
 IS_THING = np.array([True, True, False, False])
@@ -71,7 +71,7 @@ def test_panoptic_round_trip(tmp_path, scenes):
     on = p0["segment_map"] >= 0
     np.testing.assert_array_equal(p["seg_class"][p["segment_map"][on]],
                                   p0["seg_class"][p0["segment_map"][on]])
-  metrics = evaluate_files.main([
+  metrics = evaluate.main([
       "--task=panoptic", f"--gt_json={tmp_path / 'gt.json'}", f"--gt_dir={tmp_path / 'gt'}",
       f"--pred_json={tmp_path / 'p.json'}", f"--pred_dir={tmp_path / 'p'}"])
   assert metrics == ev.result()
@@ -110,7 +110,7 @@ def test_coco_results_round_trip(tmp_path, scenes, task):
     np.testing.assert_allclose(back["scores"], pred["scores"])
     if len(pred["classes"]):
       np.testing.assert_array_equal(back["masks"], pred["masks"])
-  metrics = evaluate_files.main([f"--task={task}", f"--gt_json={tmp_path / 'gt.json'}",
+  metrics = evaluate.main([f"--task={task}", f"--gt_json={tmp_path / 'gt.json'}",
                                  f"--pred_json={tmp_path / 'res.json'}"])
   want = ev.result()
   for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
@@ -129,7 +129,7 @@ def test_semantic_round_trip(tmp_path, scenes):
     np.testing.assert_array_equal(
         exports.read_semantic_png(str(tmp_path / "gt" / f"{i}.png"), len(NAMES)), lut(g))
   (tmp_path / "cats.json").write_text(json.dumps({"categories": [{"name": n} for n in NAMES]}))
-  metrics = evaluate_files.main([
+  metrics = evaluate.main([
       "--task=semantic", f"--gt_dir={tmp_path / 'gt'}", f"--pred_dir={tmp_path / 'p'}",
       f"--categories_json={tmp_path / 'cats.json'}"])
   want = ev.result()

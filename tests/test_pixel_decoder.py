@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dataseg.model import layers
 from dataseg.model import pixel_decoder
 
 
@@ -70,7 +71,7 @@ def test_ms_deform_attn_core_reads_pixel_centres_exactly():
 
 
 def test_position_embedding_sine_formula():
-  pos = np.asarray(pixel_decoder.position_embedding_sine(3, 4, 8))
+  pos = np.asarray(layers.position_embedding_sine(3, 4, 8))
   assert pos.shape == (3, 4, 8)
   # y half: channel 0 = sin(y_norm), channel 1 = cos(y_norm / 10000**(2*1//2/4)).
   y = 2 / (3 + 1e-6) * 2 * np.pi  # row index 1 -> cumsum 2

@@ -164,8 +164,8 @@ def test_predictor_runs_the_evaluation_program(predictor, variant, monkeypatch):
   Predictor's own preprocessing and vocabulary must produce the very inputs the eval
   pipeline produces, so the outputs are equal exactly (same program, same inputs).
   """
-  from dataseg.evaluation import evaluators as evaluators_lib
-  from dataseg.train import evaluation
+  from dataseg.metrics import evaluators as evaluators_lib
+  from dataseg.train import eval_loop
   setup = predictor.run.setup
   if variant == "foreground":
     predictor, setup = _foreground_variant(predictor)
@@ -181,7 +181,7 @@ def test_predictor_runs_the_evaluation_program(predictor, variant, monkeypatch):
     config.max_eval_examples = n
   entry = config.eval_datasets["shapes_panoptic"]
   # predictor.run.setup: the Predictor's own cached program (thresholds come from `config`).
-  evaluation.evaluate_dataset(config, predictor.run.setup, predictor.run.state, entry, vocab,
+  eval_loop.evaluate_dataset(config, predictor.run.setup, predictor.run.state, entry, vocab,
                               os.path.join(predictor.run.workdir, "data"))
   assert sorted(recorders) == ["instance", "panoptic", "semantic"]
   images = [ex["image"] for ex in originals]

@@ -39,37 +39,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dataseg.model import layers
+
 FROZEN_COLLECTION = "frozen"
-CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
+CONV_AXES = layers.CONV_AXES
 LOGICAL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out", "embed", "mlp",
                 "heads_kv", "norm", "pos_h", "pos_w")
 
-# torchvision initialises convs with kaiming_normal(mode='fan_out', relu).
-_KAIMING = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_XAVIER = nn.initializers.xavier_uniform()
-
-
-def _partitioned(init, names):
-  return nn.with_logical_partitioning(init, names)
-
 
 def _conv(features, kernel, strides=1, *, name, dtype, use_bias=False,
-          padding=None, kernel_init=_KAIMING):
-  """torchvision-style conv: symmetric explicit padding k//2 (not 'SAME')."""
+          padding=None, kernel_init=layers.KAIMING_FAN_OUT):
+  """torchvision-style conv: symmetric explicit padding k//2 (not 'SAME'), no bias."""
   if padding is None:
     padding = [(kernel // 2, kernel // 2)] * 2
-  return nn.Conv(
-      features, (kernel, kernel), (strides, strides), padding=padding,
-      use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=_partitioned(kernel_init, CONV_AXES),
-      bias_init=_partitioned(nn.initializers.zeros, ("conv_out",)), name=name)
-
-
-def _layer_norm(name, dtype, eps=1e-6):
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
-      scale_init=_partitioned(nn.initializers.ones, ("norm",)),
-      bias_init=_partitioned(nn.initializers.zeros, ("norm",)))
+  return layers.conv(features, kernel, strides, dtype=dtype, use_bias=use_bias,
+                     padding=padding, kernel_init=kernel_init, name=name)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -86,8 +70,8 @@ class FrozenBatchNorm(nn.Module):
     c = x.shape[-1]
 
     def stat(name, fill):
-      init = _partitioned(lambda shape: jnp.full(shape, fill, jnp.float32),
-                          ("norm",))
+      init = nn.with_logical_partitioning(
+          lambda shape: jnp.full(shape, fill, jnp.float32), ("norm",))
       return self.variable(FROZEN_COLLECTION, name, init, (c,)).value
 
     scale, bias = stat("scale", 1.0), stat("bias", 0.0)
@@ -102,10 +86,7 @@ def _norm(kind, name, dtype):
   if kind == "frozen_bn":
     return FrozenBatchNorm(dtype=dtype, name=name)
   if kind == "gn":
-    return nn.GroupNorm(
-        num_groups=32, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-        name=name, scale_init=_partitioned(nn.initializers.ones, ("norm",)),
-        bias_init=_partitioned(nn.initializers.zeros, ("norm",)))
+    return layers.group_norm(32, dtype=dtype, name=name)
   raise ValueError(f"norm must be 'frozen_bn' or 'gn', got {kind!r}")
 
 
@@ -260,11 +241,8 @@ class ViTBlock(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, gh, gw, C]
     b, gh, gw, c = x.shape
-    dense = lambda n, names, name: nn.Dense(
-        n, dtype=self.dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=_partitioned(_XAVIER, names),
-        bias_init=_partitioned(nn.initializers.zeros, names[-1:]))
-    y = _layer_norm("norm1", self.dtype, self.ln_eps)(x)
+    dense = lambda n, names, name: layers.dense(n, names, dtype=self.dtype, name=name)
+    y = layers.layer_norm(dtype=self.dtype, eps=self.ln_eps, name="norm1")(x)
     if self.window:
       y = window_partition(y, self.window)
     else:
@@ -277,7 +255,7 @@ class ViTBlock(nn.Module):
     if self.window:
       y = window_unpartition(y, self.window, (gh, gw), b)
     x = x + y.reshape(b, gh, gw, c)
-    y = _layer_norm("norm2", self.dtype, self.ln_eps)(x)
+    y = layers.layer_norm(dtype=self.dtype, eps=self.ln_eps, name="norm2")(x)
     y = dense(self.mlp, ("embed", "mlp"), "fc1")(y)
     y = nn.gelu(y, approximate=self.gelu_approximate)
     return x + dense(c, ("mlp", "embed"), "fc2")(y)
@@ -295,11 +273,12 @@ class _PyramidLevel(nn.Module):
     deconv = lambda n, name: nn.ConvTranspose(
         n, (2, 2), (2, 2), padding="VALID", dtype=self.dtype,
         param_dtype=jnp.float32, name=name,
-        kernel_init=_partitioned(_KAIMING, CONV_AXES),
-        bias_init=_partitioned(nn.initializers.zeros, ("conv_out",)))
+        kernel_init=nn.with_logical_partitioning(layers.KAIMING_FAN_OUT, CONV_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
     if self.scale == 4:
       x = deconv(self.width // 2, "deconv1")(x)
-      x = nn.gelu(_layer_norm("deconv_norm", self.dtype)(x), approximate=False)
+      x = layers.layer_norm(dtype=self.dtype, eps=1e-6, name="deconv_norm")(x)
+      x = nn.gelu(x, approximate=False)
       x = deconv(self.width // 4, "deconv2")(x)
     elif self.scale == 2:
       x = deconv(self.width // 2, "deconv1")(x)
@@ -308,9 +287,9 @@ class _PyramidLevel(nn.Module):
     elif self.scale != 1:
       raise ValueError(f"unsupported pyramid scale {self.scale}")
     x = _conv(self.out_dim, 1, name="lateral", dtype=self.dtype)(x)
-    x = _layer_norm("lateral_norm", self.dtype)(x)
+    x = layers.layer_norm(dtype=self.dtype, eps=1e-6, name="lateral_norm")(x)
     x = _conv(self.out_dim, 3, name="output", dtype=self.dtype)(x)
-    return _layer_norm("output_norm", self.dtype)(x)
+    return layers.layer_norm(dtype=self.dtype, eps=1e-6, name="output_norm")(x)
 
 
 class ViTDet(nn.Module):
@@ -347,12 +326,13 @@ class ViTDet(nn.Module):
       raise ValueError("ViTDet's pyramid (x4, x2, x1, x0.5) assumes patch=16.")
     x = _conv(self.width, self.patch, self.patch, name="patch_embed",
               dtype=self.dtype, use_bias=True, padding="VALID",
-              kernel_init=_XAVIER)(images.astype(self.dtype))
+              kernel_init=layers.XAVIER)(images.astype(self.dtype))
     _, gh, gw, _ = x.shape
     g = self.pretrain_grid
     pos = self.param(
         "pos_embed",
-        _partitioned(nn.initializers.normal(0.02), ("pos_h", "pos_w", "embed")),
+        nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                     ("pos_h", "pos_w", "embed")),
         (g, g, self.width), jnp.float32)
     if (gh, gw) != (g, g):
       pos = jnp.einsum("hi,wj,ijc->hwc", torch_bicubic_matrix(g, gh),

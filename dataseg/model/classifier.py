@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dataseg.model import pixel_decoder as layers
+from dataseg.model import layers
 
 PAD_LOGIT = -1e9
 

@@ -14,9 +14,6 @@ Both return `(memory, mask_features)`:
   memory         list of 3 [B, h_i, w_i, dim], strides 32, 16, 8 in that order
                  (the order the transformer decoder cycles over).
   mask_features  [B, H/4, W/4, dim].
-
-This module also holds the small parameter-annotated layer helpers shared by the
-model (every parameter carries logical axis names; see `dataseg_model.LOGICAL_AXES`).
 """
 
 import math
@@ -27,84 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dataseg.model import layers
+
 Dtype = Any
-_xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
-_ones = nn.initializers.ones
-
-
-# ---------------------------------------------------------------------------
-# Shared layer helpers (logical axis names on every parameter).
-# ---------------------------------------------------------------------------
-
-
-def dense(features: int, axes: tuple[str, str], *, dtype: Dtype = jnp.float32,
-          kernel_init=_xavier, bias_init=_zeros, use_bias: bool = True,
-          name: str | None = None) -> nn.Dense:
-  """nn.Dense with fp32 params, `dtype` compute and logical axis names."""
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)),
-      name=name)
-
-
-def conv(features: int, kernel: int, *, dtype: Dtype = jnp.float32,
-         use_bias: bool = True, name: str | None = None) -> nn.Conv:
-  """NHWC conv, 'SAME' padding, annotated [conv_h, conv_w, conv_in, conv_out]."""
-  return nn.Conv(
-      features, (kernel, kernel), padding="SAME", use_bias=use_bias,
-      dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(
-          _xavier, ("conv_h", "conv_w", "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(_zeros, ("conv_out",)),
-      name=name)
-
-
-def layer_norm(*, dtype: Dtype = jnp.float32, name: str | None = None):
-  return nn.LayerNorm(
-      epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(_ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(_zeros, ("norm",)), name=name)
-
-
-def group_norm(groups: int = 32, *, dtype: Dtype = jnp.float32,
-               name: str | None = None):
-  """GroupNorm: batch-independent, so it behaves the same under any sharding."""
-  return nn.GroupNorm(
-      num_groups=groups, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(_ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(_zeros, ("norm",)), name=name)
-
-
-def position_embedding_sine(height: int, width: int, dim: int,
-                            temperature: float = 10000.0) -> jnp.ndarray:
-  """Mask2Former's `PositionEmbeddingSine(dim // 2, normalize=True)` -> [H, W, dim].
-
-  Computed from static shapes (no padding mask, as in Mask2Former), so it is a
-  constant under jit. Channel order: [pos_y (dim/2), pos_x (dim/2)].
-  """
-  npf = dim // 2
-  eps, scale = 1e-6, 2 * math.pi
-  y = np.arange(1, height + 1, dtype=np.float32) / (height + eps) * scale
-  x = np.arange(1, width + 1, dtype=np.float32) / (width + eps) * scale
-  dim_t = temperature ** (2 * (np.arange(npf) // 2) / npf)
-
-  def enc(v):  # [n] -> [n, npf], interleaved sin/cos as in the torch code.
-    p = v[:, None] / dim_t
-    return np.stack([np.sin(p[:, 0::2]), np.cos(p[:, 1::2])], -1).reshape(
-        len(v), npf)
-
-  py = np.broadcast_to(enc(y)[:, None, :], (height, width, npf))
-  px = np.broadcast_to(enc(x)[None, :, :], (height, width, npf))
-  return jnp.asarray(np.concatenate([py, px], -1))
-
-
-def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
-  """[B, h, w, C] -> [B, height, width, C]; torch `interpolate(bilinear,
-  align_corners=False)` (half-pixel centres, no antialiasing)."""
-  b, _, _, c = x.shape
-  return jax.image.resize(x, (b, height, width, c), "linear", antialias=False)
 
 
 # ---------------------------------------------------------------------------
@@ -196,7 +119,7 @@ class MSDeformAttn(nn.Module):
     value_in [B, S, C]; spatial_shapes static ((h, w), ...) -> [B, Lq, C]."""
     b, lq, _ = query.shape
     m, nl, p = self.heads, self.levels, self.points
-    value = dense(self.dim, ("embed", "heads"), dtype=self.dtype,
+    value = layers.dense(self.dim, ("embed", "heads"), dtype=self.dtype,
                   name="value_proj")(value_in)
     value = value.reshape(b, value.shape[1], m, self.dim // m)
     n_off = m * nl * p * 2
@@ -207,7 +130,7 @@ class MSDeformAttn(nn.Module):
             _sampling_offset_bias(m, nl, p), ("kv",)),
         name="sampling_offsets")(query)
     offsets = offsets.astype(jnp.float32).reshape(b, lq, m, nl, p, 2)
-    logits = dense(m * nl * p, ("embed", "kv"), dtype=self.dtype,
+    logits = layers.dense(m * nl * p, ("embed", "kv"), dtype=self.dtype,
                    kernel_init=_zeros, name="attention_weights")(query)
     weights = jax.nn.softmax(
         logits.astype(jnp.float32).reshape(b, lq, m, nl * p), -1)
@@ -216,7 +139,7 @@ class MSDeformAttn(nn.Module):
     loc = (reference_points[:, :, None, :, None, :]
            + offsets / normalizer[None, None, None, :, None, :])
     out = ms_deform_attn_core(value, spatial_shapes, loc, weights)
-    return dense(self.dim, ("heads", "embed"), dtype=self.dtype,
+    return layers.dense(self.dim, ("heads", "embed"), dtype=self.dtype,
                  name="output_proj")(out)
 
 
@@ -236,11 +159,11 @@ class MSDeformEncoderLayer(nn.Module):
                         self.dtype, name="self_attn")(
                             src + pos, reference_points, src,
                             self.spatial_shapes)
-    src = layer_norm(dtype=self.dtype, name="norm1")(src + attn)
-    y = dense(self.ffn, ("embed", "mlp"), dtype=self.dtype, name="linear1")(src)
-    y = dense(self.dim, ("mlp", "embed"), dtype=self.dtype,
+    src = layers.layer_norm(dtype=self.dtype, name="norm1")(src + attn)
+    y = layers.dense(self.ffn, ("embed", "mlp"), dtype=self.dtype, name="linear1")(src)
+    y = layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype,
               name="linear2")(nn.relu(y))
-    return layer_norm(dtype=self.dtype, name="norm2")(src + y)
+    return layers.layer_norm(dtype=self.dtype, name="norm2")(src + y)
 
 
 def _reference_points(spatial_shapes) -> jnp.ndarray:
@@ -264,13 +187,13 @@ class _FPNFuse(nn.Module):
 
   @nn.compact
   def __call__(self, coarse, lateral_in):
-    lat = conv(self.dim, 1, dtype=self.dtype, use_bias=False,
+    lat = layers.conv(self.dim, 1, dtype=self.dtype, use_bias=False,
                name="lateral")(lateral_in)
-    lat = group_norm(dtype=self.dtype, name="lateral_norm")(lat)
-    y = lat + resize_bilinear(coarse, lat.shape[1], lat.shape[2]).astype(
+    lat = layers.group_norm(dtype=self.dtype, name="lateral_norm")(lat)
+    y = lat + layers.resize_bilinear(coarse, lat.shape[1], lat.shape[2]).astype(
         lat.dtype)
-    y = conv(self.dim, 3, dtype=self.dtype, use_bias=False, name="output")(y)
-    return nn.relu(group_norm(dtype=self.dtype, name="output_norm")(y))
+    y = layers.conv(self.dim, 3, dtype=self.dtype, use_bias=False, name="output")(y)
+    return nn.relu(layers.group_norm(dtype=self.dtype, name="output_norm")(y))
 
 
 class MSDeformPixelDecoder(nn.Module):
@@ -293,12 +216,12 @@ class MSDeformPixelDecoder(nn.Module):
             nn.initializers.normal(1.0), ("levels", "embed")), (nl, self.dim))
     srcs, poss, shapes = [], [], []
     for i, n in enumerate(names):
-      x = conv(self.dim, 1, dtype=self.dtype, name=f"input_proj_{i}")(
+      x = layers.conv(self.dim, 1, dtype=self.dtype, name=f"input_proj_{i}")(
           features[n].astype(self.dtype))
-      x = group_norm(dtype=self.dtype, name=f"input_norm_{i}")(x)
+      x = layers.group_norm(dtype=self.dtype, name=f"input_norm_{i}")(x)
       b, h, w, c = x.shape
       shapes.append((h, w))
-      pos = position_embedding_sine(h, w, self.dim) + level_embed[i]
+      pos = layers.position_embedding_sine(h, w, self.dim) + level_embed[i]
       srcs.append(x.reshape(b, h * w, c))
       poss.append(jnp.broadcast_to(pos.reshape(1, h * w, c), (b, h * w, c)))
     src = jnp.concatenate(srcs, 1)
@@ -318,7 +241,7 @@ class MSDeformPixelDecoder(nn.Module):
       start += h * w
     y = _FPNFuse(self.dim, self.dtype, name="fpn_stride4")(
         memory[-1], features["stride4"].astype(self.dtype))
-    mask_features = conv(self.dim, 1, dtype=self.dtype,
+    mask_features = layers.conv(self.dim, 1, dtype=self.dtype,
                          name="mask_features")(y)
     return memory, mask_features
 
@@ -331,16 +254,16 @@ class FPNPixelDecoder(nn.Module):
   @nn.compact
   def __call__(self, features: dict[str, jnp.ndarray], train: bool = False):
     del train
-    y = conv(self.dim, 3, dtype=self.dtype, use_bias=False, name="output_32")(
+    y = layers.conv(self.dim, 3, dtype=self.dtype, use_bias=False, name="output_32")(
         features["stride32"].astype(self.dtype))
-    y = nn.relu(group_norm(dtype=self.dtype, name="output_norm_32")(y))
+    y = nn.relu(layers.group_norm(dtype=self.dtype, name="output_norm_32")(y))
     memory = [y]
     for s in (16, 8, 4):
       y = _FPNFuse(self.dim, self.dtype, name=f"fpn_stride{s}")(
           y, features[f"stride{s}"].astype(self.dtype))
       if s != 4:
         memory.append(y)
-    mask_features = conv(self.dim, 1, dtype=self.dtype,
+    mask_features = layers.conv(self.dim, 1, dtype=self.dtype,
                          name="mask_features")(y)
     return memory, mask_features
 

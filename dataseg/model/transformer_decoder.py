@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dataseg.model import classifier as classifier_lib
-from dataseg.model import pixel_decoder as layers
+from dataseg.model import layers
 
 Dtype = Any
 

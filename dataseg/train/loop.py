@@ -25,7 +25,7 @@ import tensorflow as tf
 from dataseg import config_lib
 from dataseg.train import checkpoint as checkpoint_lib
 from dataseg.train import data as data_lib
-from dataseg.train import evaluation as evaluation_lib
+from dataseg.train import eval_loop
 from dataseg.train import metrics as metrics_lib
 from dataseg.train import trainer
 from input_pipeline import synthetic
@@ -139,7 +139,7 @@ def train_and_evaluate(config, workdir):
     ckpt.close()
     with tf.io.gfile.GFile(finished) as f:
       results = json.load(f)
-    print(evaluation_lib.format_table(results), flush=True)
+    print(eval_loop.format_table(results), flush=True)
     return results
   s = trainer.setup(config, len(train_names), data_lib.vocab_size(config, vocabs))
   data = data_lib.TrainData(config, data_dir, vocabs)
@@ -261,14 +261,14 @@ def _log(writer, step, window, t_start, images):
 
 
 def _evaluate(config, s, state, workdir, data_dir, vocabs, writer, step):
-  results = evaluation_lib.evaluate_all(config, s, state, data_dir, vocabs,
+  results = eval_loop.evaluate_all(config, s, state, data_dir, vocabs,
                                         out_dir=os.path.join(workdir, f"eval_{step}"))
   writer.scalars(step, {f"eval/{k}": v for k, v in results.items()
                         if np.isscalar(v) and np.isfinite(v)})
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
       json.dump(results, f, indent=1, sort_keys=True)
-    print(evaluation_lib.format_table(results), flush=True)
+    print(eval_loop.format_table(results), flush=True)
   return results
 
 

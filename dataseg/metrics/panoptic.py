@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from dataseg.evaluation import evaluators
+from dataseg.metrics import evaluators
 
 
 def _check_tables(gt_class, gt_is_crowd, pred_class, num_classes):
@@ -283,7 +283,7 @@ class PanopticEvaluator(evaluators.Evaluator):
     return {"iou": self._iou.copy(), "tp": self._tp.copy(), "fp": self._fp.copy(),
             "fn": self._fn.copy(), "num_images": np.int64(self.num_images)}
 
-  def merge_state(self, state):
+  def accumulate_state(self, state):
     self._iou += state["iou"]
     self._tp += state["tp"]
     self._fp += state["fp"]

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dataseg.evaluation import evaluators
+from dataseg.metrics import evaluators
 
 
 def semantic_from_segments(segment_map: np.ndarray, seg_class: np.ndarray) -> np.ndarray:
@@ -97,7 +97,7 @@ class SemanticEvaluator(evaluators.Evaluator):
   def state(self):
     return {"confusion": self._conf.copy()}
 
-  def merge_state(self, state):
+  def accumulate_state(self, state):
     self._conf += state["confusion"]
 
   def result(self):

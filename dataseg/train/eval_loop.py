@@ -3,7 +3,7 @@
 On device, the one inference program (dataseg/inference.py, shared with the Predictor):
 the model's final-layer proposals, mask logits resized to the padded eval image, then
 every task's post-processing (dataseg/objective/postprocess.py). On host: each valid example is
-cropped to its valid region and handed to the evaluators (dataseg/evaluation). Every host
+cropped to its valid region and handed to the evaluators (dataseg/metrics). Every host
 evaluates its own shard; `evaluators.gather` combines them once; padding examples
 (`example_valid` False) never count.
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from dataseg import inference
 from dataseg import visualize
-from dataseg.evaluation import evaluators as evaluators_lib
+from dataseg.metrics import evaluators as evaluators_lib
 from dataseg.train import data as data_lib
 
 _NUM_OVERLAYS = 4

@@ -27,10 +27,10 @@ import numpy as np
 _REGISTRY: dict[str, type] = {}
 # Modules that register evaluators when imported; imported lazily by `make_evaluator`.
 _MODULES = {
-    "panoptic": "dataseg.evaluation.panoptic",
-    "semantic": "dataseg.evaluation.semantic",
-    "instance": "dataseg.evaluation.coco_eval",
-    "box": "dataseg.evaluation.coco_eval",
+    "panoptic": "dataseg.metrics.panoptic",
+    "semantic": "dataseg.metrics.semantic",
+    "instance": "dataseg.metrics.coco_eval",
+    "box": "dataseg.metrics.coco_eval",
 }
 
 
@@ -53,7 +53,7 @@ def make_evaluator(name: str, *, class_names: Sequence[str],
 
 
 class Evaluator:
-  """Base class: subclasses implement `add`, `state`, `merge_state` and `result`."""
+  """Base class: subclasses implement `add`, `state`, `accumulate_state` and `result`."""
 
   def __init__(self, *, class_names: Sequence[str], is_thing: Sequence[bool] | None = None):
     self.class_names = list(class_names)
@@ -74,15 +74,15 @@ class Evaluator:
   def state(self) -> dict[str, Any]:
     raise NotImplementedError
 
-  def merge_state(self, state: dict[str, Any]) -> None:
+  def accumulate_state(self, state: dict[str, Any]) -> None:
     raise NotImplementedError
 
   def result(self) -> dict[str, float]:
     raise NotImplementedError
 
-  def merge(self, other: "Evaluator") -> "Evaluator":
+  def accumulate(self, other: "Evaluator") -> "Evaluator":
     """Adds `other`'s accumulated data to this evaluator (in place) and returns self."""
-    self.merge_state(other.state())
+    self.accumulate_state(other.state())
     return self
 
   def empty_like(self) -> "Evaluator":
@@ -93,7 +93,7 @@ class Evaluator:
   def from_states(cls, states: Sequence[dict[str, Any]], **ctor_kwargs) -> "Evaluator":
     ev = cls(**ctor_kwargs)
     for s in states:
-      ev.merge_state(s)
+      ev.accumulate_state(s)
     return ev
 
 
@@ -128,5 +128,5 @@ def gather(evaluator: Evaluator) -> Evaluator:
       host[key] = value[:int(n)]
   merged = evaluator.empty_like()
   for host in hosts:
-    merged.merge_state(host)
+    merged.accumulate_state(host)
   return merged

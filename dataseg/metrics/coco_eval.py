@@ -21,8 +21,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dataseg.evaluation import evaluators
-from dataseg.evaluation import exports
+from dataseg.metrics import evaluators
+from dataseg.metrics import exports
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -242,7 +242,7 @@ class CocoEvaluator(evaluators.Evaluator):
                       np.int64).reshape(-1, 3)
     return {"images": images, **_pack("gt", self._gts), **_pack("det", self._dets)}
 
-  def merge_state(self, state):
+  def accumulate_state(self, state):
     self._images.extend({"id": int(i), "height": int(h), "width": int(w)}
                         for i, h, w in np.asarray(state["images"]).reshape(-1, 3))
     self._gts.extend(_unpack("gt", state))

@@ -4,7 +4,7 @@
 for the add / state / gather / result protocol.
 """
 
-from dataseg.evaluation.evaluators import Evaluator
-from dataseg.evaluation.evaluators import gather
-from dataseg.evaluation.evaluators import make_evaluator
-from dataseg.evaluation.evaluators import register
+from dataseg.metrics.evaluators import Evaluator
+from dataseg.metrics.evaluators import gather
+from dataseg.metrics.evaluators import make_evaluator
+from dataseg.metrics.evaluators import register

@@ -1,11 +1,11 @@
 r"""Scores prediction files made by any system, in the standard formats.
 
-  python -m dataseg.evaluate_files --task=panoptic \
+  python -m dataseg.evaluate --task=panoptic \
       --gt_json=panoptic_val2017.json --gt_dir=panoptic_val2017 \
       --pred_json=pred.json --pred_dir=pred_pngs
-  python -m dataseg.evaluate_files --task=semantic --gt_dir=ann/validation \
+  python -m dataseg.evaluate --task=semantic --gt_dir=ann/validation \
       --pred_dir=pred_pngs --categories_json=ade20k.json [--reduce_zero_label]
-  python -m dataseg.evaluate_files --task=instance --gt_json=instances_val2017.json \
+  python -m dataseg.evaluate --task=instance --gt_json=instances_val2017.json \
       --pred_json=results.json          # --task=box for box AP
 
 Panoptic: COCO panoptic PNG + JSON on both sides (PQ equal to panopticapi's pq_compute).
@@ -21,10 +21,10 @@ import sys
 from typing import Any, Sequence
 
 
-from dataseg.evaluation import coco_eval
-from dataseg.evaluation import exports
-from dataseg.evaluation import panoptic
-from dataseg.evaluation import semantic
+from dataseg.metrics import coco_eval
+from dataseg.metrics import exports
+from dataseg.metrics import panoptic
+from dataseg.metrics import semantic
 
 
 def evaluate_panoptic_files(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
