@@ -74,12 +74,14 @@ DATASETS = {
                                          image_dir="val", keep_empty=True),
                              tasks=("instance",)),
     # Cityscapes panoptic as cityscapesScripts' createPanopticImgs writes it (labelId
-    # categories, string image ids, images in city sub-folders).
+    # categories, string image ids, images in city sub-folders found by image id: its
+    # JSON file_name '<id>_gtFine_leftImg8bit.png' is no file).
     "cityscapes": dict(source="reader", vocab="cityscapes", splits=_TRAIN_VAL,
                        reader=dict(format="coco_panoptic", root="cityscapes",
                                    json="gtFine/cityscapes_panoptic_{split}.json",
                                    mask_dir="gtFine/cityscapes_panoptic_{split}",
                                    image_dir="leftImg8bit/{split}",
+                                   image_id_suffix="_leftImg8bit.png",
                                    check_categories=True),
                        tasks=("panoptic", "semantic")),
     # Pascal Context-59: VOC2010 images, the official trainval/*.mat label maps (459-class

@@ -368,58 +368,413 @@ def test_tfds_coco_detection_decode_maps_labels_by_name():
   np.testing.assert_allclose(out["seg_box"], [[12, 8, 24, 16], [0, 0, 12, 16]])
 
 
-def test_tfds_scene_parse150_decode():
+def test_tfds_scene_parse150_refused_with_the_raw_alternative():
+  """TFDS scene_parse150 holds instance annotations (R: 100 instance classes, G: ids)."""
+  with pytest.raises(ValueError, match="annotations_instance.*ADEChallengeData2016"):
+    readers.build_reader(dict(format="tfds", tfds_name="scene_parse150"))
+
+
+# Every registry entry's default layout (input_pipeline/datasets.py), built in miniature
+# below one data_dir as the dataset's own tools leave it, read through
+# `datasets.reader_spec` exactly as a config entry is. The expectations are the
+# fixture's own segments: class *names* written into the files (checked against the
+# vocabulary entry of the original id), thing flags from the dataset's definition,
+# crowd, void pixels, tight boxes.
+
+# Mask2Former datasets/ade20k_instance_catid_mapping.txt, column SceneParse150: the 100
+# objectInfo150 ids that are things in ADE20k panoptic.
+ADE_THING_IDS = frozenset((
+    8, 9, 11, 13, 15, 16, 19, 20, 21, 23, 24, 25, 28, 31, 32, 33, 34, 36, 37, 38, 39, 40,
+    42, 43, 44, 45, 46, 48, 50, 51, 54, 56, 57, 58, 59, 63, 65, 66, 67, 68, 70, 71, 72,
+    73, 74, 75, 76, 77, 79, 81, 82, 83, 84, 86, 87, 88, 89, 90, 91, 93, 94, 96, 98, 99,
+    103, 104, 105, 108, 109, 111, 112, 113, 116, 117, 119, 120, 121, 122, 124, 125, 126,
+    127, 128, 130, 131, 133, 134, 135, 136, 137, 138, 139, 140, 143, 144, 145, 147, 148,
+    149, 150))
+# objectInfo150 ids and names (sceneparsing objectInfo150.csv).
+ADE_NAMES = {1: "wall", 3: "sky", 13: "person", 14: "earth, ground", 21: "car",
+             150: "flag"}
+COCO_SPLIT = {"train": "train2017", "validation": "val2017"}
+ADE_SPLIT = {"train": ("train", "training"), "validation": ("val", "validation")}
+
+
+def _save_image(image, path):
+  """Writes `image` (JPEG / PNG by extension); returns what PIL decodes from the file."""
+  if not os.path.exists(path):  # ADE semantic and panoptic share the image folder.
+    Image.fromarray(image).save(path, quality=95)
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def _seg(mask, name, thing, crowd=False):
+  ys, xs = np.nonzero(mask)
+  return dict(mask=mask, name=name, thing=bool(thing), crowd=bool(crowd),
+              box=(ys.min(), xs.min(), ys.max() + 1, xs.max() + 1))
+
+
+def _rect(y0, y1, x0, x1, h=H, w=W):
+  m = np.zeros([h, w], bool)
+  m[y0:y1, x0:x1] = True
+  return m
+
+
+def _coco_bbox(mask):
+  ys, xs = np.nonzero(mask)
+  return [int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)]
+
+
+def _panoptic_scene(i):
+  """A stuff region, two thing instances of one class, a crowd region, void elsewhere."""
+  return [("stuff", _rect(0, 8, 0, W)), ("thing_a", _rect(10, 20, 2, 10 + i)),
+          ("thing_b", _rect(10, 22, 14, 20)), ("crowd", _rect(12, 22, 24, 30))]
+
+
+def _write_panoptic(json_path, png_dir, images, categories, scenes):
+  """COCO panoptic JSON + RGB-id PNGs; scenes[k] = [(segment id, category id, mask, crowd)]."""
+  os.makedirs(png_dir, exist_ok=True)
+  anns = []
+  for im, segs in zip(images, scenes):
+    ids = np.zeros([im["height"], im["width"]], np.int64)
+    info = []
+    for seg_id, cat, mask, crowd in segs:
+      ids[mask] = seg_id
+      info.append(dict(id=int(seg_id), category_id=int(cat), iscrowd=int(crowd),
+                       bbox=_coco_bbox(mask), area=int(mask.sum())))
+    png = os.path.splitext(os.path.basename(im["file_name"]))[0] + ".png"
+    Image.fromarray(_ids_to_rgb(ids)).save(os.path.join(png_dir, png))
+    anns.append(dict(image_id=im["id"], file_name=png, segments_info=info))
+  with open(json_path, "w") as f:
+    json.dump(dict(images=images, annotations=anns, categories=categories), f)
+
+
+def _tfds_mock_download(monkeypatch, paths):
+  """TFDS DownloadManager.download_and_extract -> the given extracted folders (no network)."""
+  def fake(self, url_or_urls):  # pylint: disable=unused-argument
+    return {k: paths[os.path.basename(u)] for k, u in url_or_urls.items()}
+  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", fake)
+
+
+def write_registry_coco_panoptic(data_dir, monkeypatch, n=2, seed=10):
+  """TFDS coco/2017_panoptic built from the real archives' layout (mocked download)."""
+  rng = np.random.default_rng(seed)
+  vocab = vocab_lib.load("coco_panoptic")
+  categories = [dict(id=int(i), name=n_, isthing=int(t), supercategory="x")
+                for i, n_, t in zip(vocab.original_ids, vocab.raw_names, vocab.is_thing)]
+  dl = os.path.join(data_dir, "_coco_archives")
+  ann_dir = os.path.join(dl, "panoptic_annotations_trainval2017")
+  os.makedirs(os.path.join(ann_dir, "annotations"), exist_ok=True)
+  paths = {"panoptic_annotations_trainval2017.zip": ann_dir}
+  expected = {}
+  for split, folder in COCO_SPLIT.items():
+    img_root = os.path.join(dl, folder)
+    os.makedirs(os.path.join(img_root, folder))
+    paths[folder + ".zip"] = img_root
+    images, scenes = [], []
+    for i in range(n):
+      image_id = 1000 * (split == "validation") + 139 + i
+      fname = f"{image_id:012d}.jpg"
+      image = _rgb(rng)
+      image = _save_image(image, os.path.join(img_root, folder, fname))
+      images.append(dict(id=image_id, file_name=fname, height=H, width=W))
+      # sky-other-merged (187, stuff), two persons (1), crowd of cars (3).
+      cats = {"stuff": (187, "sky-other-merged", 0), "thing_a": (1, "person", 1),
+              "thing_b": (1, "person", 1), "crowd": (3, "car", 1)}
+      scene = _panoptic_scene(i)
+      scenes.append([(5 + 256 * k + 65536 * (k % 2), cats[kind][0], m, kind == "crowd")
+                     for k, (kind, m) in enumerate(scene)])
+      expected[split, image_id] = dict(image=image, segs=[
+          _seg(m, cats[kind][1], cats[kind][2], kind == "crowd") for kind, m in scene])
+    png_dir = os.path.join(dl, "_png", f"panoptic_{folder}")
+    _write_panoptic(os.path.join(ann_dir, "annotations", f"panoptic_{folder}.json"),
+                    png_dir, images, categories, scenes)
+    # The PNGs travel as a nested zip inside the annotations archive, as in the real one.
+    import zipfile  # pylint: disable=g-import-not-at-top
+    with zipfile.ZipFile(os.path.join(ann_dir, "annotations", f"panoptic_{folder}.zip"),
+                         "w") as z:
+      for f in sorted(os.listdir(png_dir)):
+        z.write(os.path.join(png_dir, f), f"panoptic_{folder}/{f}")
+  _tfds_mock_download(monkeypatch, paths)
+  tfds.builder("coco/2017_panoptic", data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return expected
+
+
+def write_registry_coco_instance(data_dir, n=2, seed=11):
+  """coco/annotations/instances_{train,val}2017.json (polygon, RLE, crowd) + images."""
+  expected = {}
+  vocab = vocab_lib.load("coco_panoptic")
+  categories = [dict(id=int(i), name=n_, supercategory="x")
+                for i, n_, t in zip(vocab.original_ids, vocab.raw_names, vocab.is_thing) if t]
+  for split, folder in COCO_SPLIT.items():
+    root = os.path.join(data_dir, "coco")
+    spec, exp = write_coco_instance(os.path.join(root, "_tmp"), n=n, seed=seed)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.replace(os.path.join(root, "_tmp", "images"), os.path.join(root, folder))
+    with open(spec["json"]) as f:
+      data = json.load(f)
+    data["categories"] = categories  # fixture ids 1 = person, 3 = car, as in COCO.
+    with open(os.path.join(root, "annotations", f"instances_{folder}.json"), "w") as f:
+      json.dump(data, f)
+    for image_id, want in exp.items():
+      names = {0: "person", 1: "car"}
+      expected[split, image_id] = dict(image=want["image"], order=True, segs=[
+          dict(mask=want["segment_map"] == k, name=names[int(c)], thing=True,
+               crowd=bool(cr), box=tuple(b))
+          for k, (c, cr, b) in enumerate(zip(want["seg_class"], want["seg_is_crowd"],
+                                             want["seg_box"]))])
+  return expected
+
+
+def write_registry_ade20k(data_dir, n=2, seed=12):
+  """ADEChallengeData2016/images/{training,validation}/*.jpg + annotations/*/*.png."""
+  expected = {}
+  for split, (short, folder) in ADE_SPLIT.items():
+    rng = np.random.default_rng(seed)
+    root = os.path.join(data_dir, "ADEChallengeData2016")
+    img_dir = os.path.join(root, "images", folder)
+    ann_dir = os.path.join(root, "annotations", folder)
+    os.makedirs(img_dir, exist_ok=True)
+    os.makedirs(ann_dir, exist_ok=True)
+    for i in range(n):
+      stem = f"ADE_{short}_{i + 1:08d}"
+      image = _rgb(rng)
+      image = _save_image(image, os.path.join(img_dir, stem + ".jpg"))
+      values = np.zeros([H, W], np.uint8)  # 0: void
+      values[:10] = 3                      # sky
+      values[10:, :16] = 13 + i            # person / earth, ground
+      values[14:, 20:] = 150               # flag
+      Image.fromarray(values).save(os.path.join(ann_dir, stem + ".png"))
+      expected[split, i + 1] = dict(image=image, segs=[
+          _seg(values == v, ADE_NAMES[v], v in ADE_THING_IDS)
+          for v in sorted(set(np.unique(values)) - {0})])
+  return expected
+
+
+def write_registry_ade20k_panoptic(data_dir, n=2, seed=13, mask2former_categories=True):
+  """Mask2Former's prepare_ade20k_pan_seg.py output: ade20k_panoptic_{train,val}.json
+  (categories 0..149, string image ids) + ade20k_panoptic_{train,val}/*.png."""
   vocab = vocab_lib.load("ade20k")
-  values = np.zeros([H, W], np.uint8)
-  values[:5] = 150
-  values[5:, 3:9] = 1
-  features = {"image": tf.zeros([H, W, 3], tf.uint8),
-              "annotation": tf.constant(np.stack([values] * 3, -1))}
-  lookup = tfds_readers.ade_value_lookup(vocab)
-  out, ok = tfds_readers.decode_scene_parse150(features, value_lookup=lookup,
-                                               is_thing=vocab.is_thing)
-  out = {k: v.numpy() for k, v in out.items()}
-  assert ok.numpy()
-  np.testing.assert_array_equal(out["seg_class"], [0, 149])
-  want = np.where(values == 1, 0, np.where(values == 150, 1, -1))
-  np.testing.assert_array_equal(out["segment_map"], want)
-  np.testing.assert_allclose(out["seg_box"], [[5, 3, 24, 9], [0, 0, 5, 32]])
-  values[0, 0] = 151  # beyond the 150 classes
-  features["annotation"] = tf.constant(np.stack([values] * 3, -1))
-  _, ok = tfds_readers.decode_scene_parse150(features, value_lookup=lookup,
-                                             is_thing=vocab.is_thing)
-  assert not ok.numpy()
+  # Mask2Former writes every class with id = objectInfo150 index - 1 and its isthing.
+  categories = [dict(id=int(i) - 1, name=n_ + (" " if n_ == "window" else ""),
+                     isthing=int(int(i) in ADE_THING_IDS), color=[0, 0, 0])
+                for i, n_ in zip(vocab.original_ids, vocab.raw_names)]
+  expected = {}
+  for split, (short, folder) in ADE_SPLIT.items():
+    rng = np.random.default_rng(seed)
+    root = os.path.join(data_dir, "ADEChallengeData2016")
+    img_dir = os.path.join(root, "images", folder)
+    os.makedirs(img_dir, exist_ok=True)
+    images, scenes = [], []
+    for i in range(n):
+      stem = f"ADE_{short}_{i + 1:08d}"
+      image = _rgb(rng)
+      image = _save_image(image, os.path.join(img_dir, stem + ".jpg"))
+      images.append(dict(id=stem, file_name=stem + ".jpg", height=H, width=W))
+      # wall (1, stuff), two persons (13), a car (21); no crowd in ADE panoptic.
+      objs = {"stuff": 1, "thing_a": 13, "thing_b": 13, "crowd": 21}
+      scene = _panoptic_scene(i)
+      scenes.append([(objs[kind] + 256 * (k + 1), objs[kind] - 1, m, False)
+                     for k, (kind, m) in enumerate(scene)])
+      expected[split, i] = dict(image=image, segs=[
+          _seg(m, ADE_NAMES[objs[kind]], objs[kind] in ADE_THING_IDS) for kind, m in scene])
+    _write_panoptic(os.path.join(root, f"ade20k_panoptic_{short}.json"),
+                    os.path.join(root, f"ade20k_panoptic_{short}"), images,
+                    categories if mask2former_categories else [], scenes)
+  return expected
 
 
-def test_objects365_builder(tmp_path):
-  """Raw Objects365 layout -> TFDS dataset via the builder -> decoded boxes."""
+def write_registry_objects365(data_dir, n=3, seed=14):
+  """Objects365 v2 raw files -> this repo's TFDS builder -> data_dir/objects365."""
   from input_pipeline.readers import objects365_builder  # pylint: disable=g-import-not-at-top
-  raw = tmp_path / "raw"
-  patch = raw / "val" / "images" / "v1" / "patch0"
-  patch.mkdir(parents=True)
-  rng = np.random.default_rng(4)
-  images, anns = [], []
-  for i in range(3):
-    name = f"objects365_v1_{i:08d}.jpg"
-    Image.fromarray(_rgb(rng)).save(patch / name)
-    images.append(dict(id=10 + i, file_name=f"images/v1/patch0/{name}", height=H,
-                       width=W))
-    anns.append(dict(id=i, image_id=10 + i, category_id=1 + i, bbox=[4, 2, 8, 10],
-                     iscrowd=0, area=80.0))
+  rng = np.random.default_rng(seed)
+  raw = os.path.join(data_dir, "_objects365_raw")
   vocab = vocab_lib.load("objects365")
-  cats = [dict(id=int(i), name=n) for i, n in zip(vocab.original_ids, vocab.raw_names)]
-  with open(raw / "val" / "zhiyuan_objv2_val.json", "w") as f:
-    json.dump(dict(images=images, annotations=anns, categories=cats), f)
-  data_dir = str(tmp_path / "tfds")
-  builder = objects365_builder.Objects365(data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(raw)))
-  ds, v = readers.build_reader(dict(format="objects365_tfds", split="validation",
-                                    data_dir=data_dir))
-  assert v.name == "objects365"
-  got = _collect(ds)
-  assert sorted(got) == [10, 11, 12]
-  for i, image_id in enumerate(sorted(got)):
-    np.testing.assert_array_equal(got[image_id]["seg_class"], [i])
-    np.testing.assert_allclose(got[image_id]["seg_box"], [[2, 4, 12, 12]], atol=1e-4)
-    assert np.all(got[image_id]["segment_map"] == -1)
+  cats = [dict(id=int(i), name=n_) for i, n_ in zip(vocab.original_ids, vocab.raw_names)]
+  expected = {}
+  for split, (folder, json_name) in objects365_builder.SPLITS.items():
+    sub = "images/v1/patch0" if folder == "val" else "patch0"
+    os.makedirs(os.path.join(raw, folder, sub))
+    images, anns = [], []
+    for i in range(n):
+      image_id = 10 + i + 100 * (folder == "val")
+      name = f"objects365_v1_{image_id:08d}.jpg"
+      image = _rgb(rng)
+      image = _save_image(image, os.path.join(raw, folder, sub, name))
+      images.append(dict(id=image_id, file_name=f"images/v1/patch0/{name}", height=H,
+                         width=W))
+      # Category 1 = Person, 3 = Chair; COCO boxes [x, y, w, h].
+      boxes = [(1, [4, 2, 8, 10], 0), (3, [20, 6, 10, 14], 1)]
+      for k, (cat, box, crowd) in enumerate(boxes):
+        anns.append(dict(id=10 * image_id + k, image_id=image_id, category_id=cat,
+                         bbox=box, iscrowd=crowd, area=float(box[2] * box[3])))
+      expected[split, image_id] = dict(image=image, boxes_only=True, segs=[
+          dict(name={1: "Person", 3: "Chair"}[c], thing=True, crowd=bool(cr),
+               box=(b[1], b[0], b[1] + b[3], b[0] + b[2])) for c, b, cr in boxes])
+    with open(os.path.join(raw, folder, json_name), "w") as f:
+      json.dump(dict(images=images, annotations=anns, categories=cats), f)
+  objects365_builder.Objects365(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=raw))
+  return expected
+
+
+def write_registry_objects365_masks(data_dir, seed=15):
+  """objects365/o365_instance_seg_val.json (polygons) + objects365/val/images/v1/patchN."""
+  rng = np.random.default_rng(seed)
+  root = os.path.join(data_dir, "objects365")
+  patch = os.path.join(root, "val", "images", "v2", "patch16")
+  os.makedirs(patch, exist_ok=True)
+  vocab = vocab_lib.load("objects365")
+  cats = [dict(id=int(i), name=n_) for i, n_ in zip(vocab.original_ids, vocab.raw_names)]
+  image = _rgb(rng)
+  name = "objects365_v2_00900001.jpg"
+  image = _save_image(image, os.path.join(patch, name))
+  a, b = _rect(2, 12, 2, 14), _rect(14, 22, 16, 30)
+  anns = [dict(id=1, image_id=900001, category_id=1, iscrowd=0, bbox=_coco_bbox(a),
+               area=float(a.sum()), segmentation=[[2, 2, 14, 2, 14, 12, 2, 12]]),
+          dict(id=2, image_id=900001, category_id=3, iscrowd=0, bbox=_coco_bbox(b),
+               area=float(b.sum()), segmentation=[[16, 14, 30, 14, 30, 22, 16, 22]])]
+  with open(os.path.join(root, "o365_instance_seg_val.json"), "w") as f:
+    json.dump(dict(images=[dict(id=900001, file_name=f"images/v2/patch16/{name}",
+                                height=H, width=W)],
+                   annotations=anns, categories=cats), f)
+  return {("validation", 900001): dict(image=image, segs=[
+      _seg(a, "Person", True), _seg(b, "Chair", True)])}
+
+
+def write_registry_cityscapes(data_dir, seed=16):
+  """gtFine/val/<city>/*_instanceIds.png -> cityscapesScripts createPanopticImgs -> JSON."""
+  convert = pytest.importorskip("cityscapesscripts.preparation.createPanopticImgs")
+  rng = np.random.default_rng(seed)
+  root = os.path.join(data_dir, "cityscapes")
+  expected = {}
+  stems = ["frankfurt_000000_000294", "lindau_000001_000019"]
+  for position, stem in enumerate(sorted(stems)):
+    city = stem.split("_")[0]
+    gt, img = (os.path.join(root, d, "val", city) for d in ("gtFine", "leftImg8bit"))
+    os.makedirs(gt, exist_ok=True)
+    os.makedirs(img, exist_ok=True)
+    image = _rgb(rng)
+    Image.fromarray(image).save(os.path.join(img, stem + "_leftImg8bit.png"))
+    # labelIds: 7 road, 23 sky, 1 ego vehicle (ignored in eval: void); instances
+    # labelId * 1000 + k: 24 person; a car region without instance id (26): crowd.
+    ids = np.full([H, W], 7, np.uint16)
+    ids[:6] = 23
+    ids[20:] = 1
+    ids[8:18, 2:10] = 24000
+    ids[8:18, 12:18] = 24001 + position
+    ids[8:16, 22:30] = 26
+    Image.fromarray(ids).save(os.path.join(gt, stem + "_gtFine_instanceIds.png"))
+    expected["validation", position] = dict(image=image, segs=[
+        _seg(ids == 7, "road", False), _seg(ids == 23, "sky", False),
+        _seg(ids == 24000, "person", True), _seg(ids == 24001 + position, "person", True),
+        _seg(ids == 26, "car", True, crowd=True)])
+  convert.convert2panoptic(os.path.join(root, "gtFine"), os.path.join(root, "gtFine"),
+                           setNames=["val"])
+  return expected
+
+
+def write_registry_pascal_context(data_dir, seed=17):
+  """VOCdevkit/VOC2010: JPEGImages, trainval/*.mat (LabelMap, 459-class ids), Main/val.txt."""
+  rng = np.random.default_rng(seed)
+  root = os.path.join(data_dir, "VOCdevkit", "VOC2010")
+  for d in ("JPEGImages", "trainval", "ImageSets/Main"):
+    os.makedirs(os.path.join(root, d), exist_ok=True)
+  expected = {}
+  # labels.txt of PASCAL-Context: 2 aeroplane, 9 bag; 0 unlabelled; 400 is outside the 59.
+  # Things: the 20 PASCAL VOC classes (aeroplane yes, bag no).
+  stems = ["2008_000002", "2008_000003", "2008_000007"]
+  for k, stem in enumerate(stems):
+    image = _rgb(rng)
+    image = _save_image(image, os.path.join(root, "JPEGImages", stem + ".jpg"))
+    labels = np.zeros([H, W], np.uint16)
+    labels[:12] = 2
+    labels[12:, :8 + k] = 9
+    labels[12:, 20:] = 400
+    scipy.io.savemat(os.path.join(root, "trainval", stem + ".mat"), {"LabelMap": labels})
+    if k < 2:  # the val list holds the first two only.
+      expected["validation", int(stem.split("_")[1])] = dict(image=image, segs=[
+          _seg(labels == 2, "aeroplane", True), _seg(labels == 9, "bag", False)])
+  with open(os.path.join(root, "ImageSets", "Main", "val.txt"), "w") as f:
+    f.write("\n".join(stems[:2]) + "\n")
+  with open(os.path.join(root, "ImageSets", "Main", "train.txt"), "w") as f:
+    f.write(stems[2] + "\n")
+  return expected
+
+
+REGISTRY_WRITERS = {
+    "coco_panoptic": write_registry_coco_panoptic,
+    "coco_instance": write_registry_coco_instance,
+    "ade20k": write_registry_ade20k,
+    "ade20k_panoptic": write_registry_ade20k_panoptic,
+    "objects365": write_registry_objects365,
+    "objects365_masks": write_registry_objects365_masks,
+    "cityscapes": write_registry_cityscapes,
+    "pascal_context": write_registry_pascal_context,
+}
+
+
+def read_registry(name, split, data_dir):
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  ds, vocab = readers.build_reader(datasets.reader_spec(name, split, data_dir),
+                                   on_bad_input="fail")
+  return _collect(ds), vocab
+
+
+def assert_registry_example(got, want, vocab):
+  """The reader's example against the fixture's own segments (order-free for masks)."""
+  image = got["image"]
+  assert image.dtype == np.uint8 and image.shape == want["image"].shape
+  # JPEG decoders (PIL, TF) may differ by rounding: compare as images, not bytes.
+  assert np.abs(image.astype(int) - want["image"].astype(int)).mean() < 2.0
+  segs = want["segs"]
+  assert len(got["seg_class"]) == len(segs)
+  seg_map = got["segment_map"]
+  if want.get("boxes_only"):
+    assert np.all(seg_map == -1)
+    rows = range(len(segs))
+  else:
+    rows = []
+    for s in segs:
+      k = np.unique(seg_map[s["mask"]])
+      assert len(k) == 1 and k[0] >= 0, (s["name"], k)
+      np.testing.assert_array_equal(seg_map == k[0], s["mask"])
+      rows.append(int(k[0]))
+    union = np.any([s["mask"] for s in segs], axis=0)
+    assert np.all(seg_map[~union] == -1)  # void stays void.
+  for k, s in zip(rows, segs):
+    assert vocab.raw_names[got["seg_class"][k]].strip() == s["name"], s["name"]
+    assert bool(got["seg_is_thing"][k]) == s["thing"], s["name"]
+    assert bool(got["seg_is_crowd"][k]) == s["crowd"], s["name"]
+    np.testing.assert_allclose(got["seg_box"][k], s["box"], atol=1e-3)
+
+
+def test_registry_fixtures_cover_every_file_entry():
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  file_entries = {n for n, info in datasets.DATASETS.items()
+                  if info["source"] == "reader" and info.get("reader")}
+  assert file_entries == set(REGISTRY_WRITERS)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY_WRITERS))
+def test_registry_default_layout(name, tmp_path, monkeypatch):
+  data_dir = str(tmp_path / "data")
+  os.makedirs(data_dir)
+  writer = REGISTRY_WRITERS[name]
+  kwargs = dict(monkeypatch=monkeypatch) if name == "coco_panoptic" else {}
+  expected = writer(data_dir, **kwargs)
+  for split in sorted({s for s, _ in expected}):
+    got, vocab = read_registry(name, split, data_dir)
+    want = {i: e for (s, i), e in expected.items() if s == split}
+    assert sorted(got) == sorted(want), (split, sorted(got))
+    for image_id, w in want.items():
+      assert_registry_example(got[image_id], w, vocab)
+
+
+def test_ade20k_panoptic_category_check_names_the_id(tmp_path):
+  """A conversion whose ids are not objectInfo150 - 1 is refused, naming the category."""
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path)
+  write_registry_ade20k_panoptic(data_dir, n=1)
+  spec = datasets.reader_spec("ade20k_panoptic", "validation", data_dir)
+  with pytest.raises(ValueError, match=r"ade20k_panoptic_val\.json: categories: id 0 is "
+                     r"'wall', but id 2 .* is 'building'"):
+    readers.build_reader(dict(spec, category_id_offset=2))

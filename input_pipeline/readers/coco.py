@@ -3,7 +3,9 @@
 Used for a user's own data and for the raw-file datasets in COCO format:
   - COCO panoptic / instances / detection 2017 JSONs;
   - Cityscapes panoptic (`gtFine/cityscapes_panoptic_{split}.json` + PNG folder made by
-    cityscapesScripts `createPanopticImgs`; images are found in city sub-folders);
+    cityscapesScripts `createPanopticImgs`; images are found in city sub-folders, by
+    image id + 'image_id_suffix' '_leftImg8bit.png': the JSON's file_name,
+    '<id>_gtFine_leftImg8bit.png', names no file; detectron2 matches by id too);
   - Objects365 v2 raw `zhiyuan_objv2_{split}.json` (boxes) and the instance-mask
     benchmark `o365_instance_seg_val.json` (instance).
 
@@ -14,7 +16,8 @@ category ids 0..149 = objectInfo150 index - 1: 'category_id_offset': 1).
 Spec keys: 'json', 'image_dir', 'mask_dir' (panoptic PNGs; default: the JSON path
 without '.json'), 'vocab' (optional packaged vocabulary; category ids are mapped into it
 by original id), 'keep_empty' (keep images without segments; evaluation sets),
-'category_id_offset' (added to every JSON category id before the vocabulary lookup),
+'image_id_suffix' (look for `<image id><suffix>` when `file_name` is not
+found), 'category_id_offset' (added to every JSON category id before the vocabulary lookup),
 'check_categories' (the JSON's `categories` must agree with the vocabulary on the name
 and `isthing` of every id they share, else ValueError naming the id: catches a file
 whose ids mean other classes, e.g. a wrong offset).
@@ -99,6 +102,8 @@ def _records(spec, fmt, counter: BadInputCounter):
   for position, im in enumerate(images):
     image_id = _int_id(im["id"], position)
     path = finder(im["file_name"])
+    if path is None and spec.get("image_id_suffix"):
+      path = finder(f"{im['id']}{spec['image_id_suffix']}")
     if path is None:
       counter.report("missing_file", image_id=image_id, file=im["file_name"],
                      field="images.file_name", reason="image file not found under "
