@@ -39,6 +39,10 @@ def _base() -> ml_collections.ConfigDict:
       pre_norm=False))
   c.classifier = ml_collections.ConfigDict(dict(
       text_dim=512, logit_scale_init=1 / 0.07, logit_scale_max=100.0))
+  # [ours] Auxiliary per-pixel text classifier on the mask features (outputs
+  # 'pixel_logits'; trained by loss.pixel_class_weight, as MaX-DeepLab's and
+  # kMaX-DeepLab's auxiliary semantic head). Off in Mask2Former's configs.
+  c.pixel_head = False
   return c
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dataseg.model import backbone as backbone_lib
+from dataseg.model import classifier as classifier_lib
 from dataseg.model import pixel_decoder as pixel_decoder_lib
 from dataseg.model import transformer_decoder as decoder_lib
 
@@ -66,6 +67,10 @@ class DaTaSeg(nn.Module):
         logit_scale_init=cfg.classifier.logit_scale_init,
         logit_scale_max=cfg.classifier.logit_scale_max,
         dtype=dtype, remat=cfg.remat)
+    if cfg.get("pixel_head", False):
+      self.pixel_classifier = classifier_lib.TextClassifier(
+          cfg.classifier.text_dim, cfg.classifier.logit_scale_init,
+          cfg.classifier.logit_scale_max, dtype)
 
   def __call__(self, images, text_embeddings, vocab_valid, *,
                train: bool = False) -> dict[str, jnp.ndarray]:
@@ -83,6 +88,9 @@ class DaTaSeg(nn.Module):
         entries hold -1e9. L = decoder layers + 1 (initial queries first,
         final layer last).
       mask_logits: float32 [L, B, Q, H/4, W/4].
+      pixel_logits: float32 [B, H/4, W/4, V + 1], only with `config.pixel_head`:
+        each pixel of the mask features scored against the same text embeddings
+        (the auxiliary semantic head; a loss term, not used by inference).
     """
     cfg = self.config
     _, h, w, _ = images.shape
@@ -95,8 +103,14 @@ class DaTaSeg(nn.Module):
     memory, mask_features = self.pixel_decoder(features, train=train)
     class_logits, mask_logits = self.decoder(
         memory, mask_features, text_embeddings, vocab_valid, train=train)
-    return {"class_logits": class_logits.astype(jnp.float32),
-            "mask_logits": mask_logits.astype(jnp.float32)}
+    out = {"class_logits": class_logits.astype(jnp.float32),
+           "mask_logits": mask_logits.astype(jnp.float32)}
+    if cfg.get("pixel_head", False):
+      b, h4, w4, c = mask_features.shape
+      pixels = self.pixel_classifier(mask_features.reshape(b, h4 * w4, c),
+                                     text_embeddings, vocab_valid)
+      out["pixel_logits"] = pixels.reshape(b, h4, w4, -1).astype(jnp.float32)
+    return out
 
 
 def build_model(config: ml_collections.ConfigDict) -> DaTaSeg:

@@ -24,6 +24,13 @@ def loss_config() -> ml_collections.ConfigDict:
   # 'weighted_mean': Mask2Former's CE, sum_q w_q ce_q / sum_q w_q over the global batch.
   # 'num_targets': sum_q w_q ce_q / global number of target segments.
   c.class_normalization = 'weighted_mean'
+  # [ours] Auxiliary per-pixel class loss (MaX-DeepLab / kMaX-DeepLab's semantic head):
+  # softmax CE of the model's 'pixel_logits' (model.pixel_head) against the class of each
+  # stride-4 cell's centre pixel, mean over labelled cells (void, crowd and padding
+  # ignored; box-only data has none). Dense supervision of the mask features with every
+  # labelled pixel's class: it is what teaches a from-scratch backbone the things' shapes
+  # (README "The embedded demo", "Things"). 0 = off (Mask2Former).
+  c.pixel_class_weight = 0.0
   # Point sampling (Mask2Former / PointRend).
   c.num_points = 112 * 112
   c.oversample = 3.0

@@ -284,6 +284,25 @@ def _image_sums(task, class_logits, mask_logits, img, targets, vocab_valid, rng,
   return out, asg
 
 
+def pixel_class_sums(pixel_logits, img, vocab_valid, config):
+  """Auxiliary per-pixel CE of one image: (sum of CE, number of labelled cells).
+
+  pixel_logits [h, w, V+1] (stride 4); the label of a cell is the class of the segment at
+  its centre pixel; void (-1), crowd and padding cells are ignored, as are cells of
+  segments without a class (box-only data has no segment map: no labelled cell).
+  """
+  h, w = pixel_logits.shape[:2]
+  yy, xx = jnp.meshgrid((jnp.arange(h) + .5) / h, (jnp.arange(w) + .5) / w, indexing='ij')
+  coords = jnp.stack([yy, xx], -1).reshape(-1, 2)
+  labels = merge_lib.point_labels(img, coords, config)
+  keep = (labels.cls >= 0) & (labels.merged_weight > 0)
+  logits = merge_lib.mask_vocab(pixel_logits.reshape(h * w, -1), vocab_valid)
+  logp = jax.nn.log_softmax(logits, -1)
+  ce = -jnp.take_along_axis(logp, jnp.maximum(labels.cls, 0)[:, None], axis=-1)[:, 0]
+  keep = keep.astype(jnp.float32)
+  return jnp.sum(keep * ce), jnp.sum(keep)
+
+
 def _batch_dict(batch):
   keys = ('image', 'valid', 'segment_map', 'seg_class', 'seg_box', 'seg_is_crowd',
           'seg_valid')
@@ -383,5 +402,12 @@ def compute_loss(outputs, batch, *, task: str, vocab_valid, is_thing_vocab, conf
   metrics['num_targets'] = num_targets
   metrics['dropped_zero_area_boxes'] = dropped
   metrics['dropped_mask_targets'] = per_layer['dropped'][-1]
+  if config.pixel_class_weight and 'pixel_logits' in outputs and task != 'boxes':
+    ce, n = jax.vmap(functools.partial(pixel_class_sums, vocab_valid=vocab_valid,
+                                       config=config))(
+        jnp.asarray(outputs['pixel_logits'], jnp.float32), img)
+    pixel = jnp.sum(example_valid * ce) / jnp.maximum(jnp.sum(example_valid * n), 1.)
+    total = total + config.pixel_class_weight * pixel
+    metrics['loss_pixel_class'] = pixel
   metrics['total_loss'] = total
   return total, metrics
