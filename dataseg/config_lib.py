@@ -1,4 +1,7 @@
-"""Start-up checks of a config: fail early, naming the key and the allowed values.
+"""Configs: a run's saved config, and start-up checks that fail early naming the key.
+
+`load_workdir_config` reads the config a run saved (`<workdir>/config.json`); config files
+(configs/*.py) are loaded by absl's `config_flags`, as `dataseg.main` does.
 
 `validate` checks the config alone; `check_inputs` checks that what it names exists here
 (prepared datasets, raw files, a text encoder or cached embeddings) before anything heavy
@@ -6,13 +9,29 @@ runs, so a run on a machine without data or network stops in seconds saying what
 missing and how to get it, instead of retrying downloads for minutes.
 """
 
+import json
 import os
+
+import ml_collections
 
 from dataseg import schema
 from input_pipeline import datasets as datasets_lib
 
 _EVALUATORS = ("panoptic", "semantic", "instance", "box")
 _PREPARE = "README, 'Preparing the paper's datasets'"
+
+
+def load_workdir_config(workdir) -> ml_collections.ConfigDict:
+  """The run's config (`<workdir>/config.json`, written by the trainer at step 0).
+
+  Read through tf.io.gfile, so a gs:// workdir works as a local one.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.fspath(workdir), "config.json")
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a dataseg.main workdir?")
+  with tf.io.gfile.GFile(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 class StartupError(ValueError):

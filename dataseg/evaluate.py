@@ -9,7 +9,7 @@ r"""Scores a checkpoint on datasets, including ones it never saw (direct transfe
   python -m dataseg.evaluate --workdir=W --dataset=shapes_transfer --task=semantic \
       --class_names=orb,slab,cone,sea,field,dunes,street
   # prediction files of any other system (COCO panoptic PNG+JSON, COCO results JSON,
-  # semantic PNGs): scored by dataseg/metrics/files.py:
+  # semantic PNGs), scored by dataseg/metrics/files.py:
   python -m dataseg.evaluate --task=panoptic --gt_json=G.json --gt_dir=G \
       --pred_json=P.json --pred_dir=P
 
@@ -20,29 +20,18 @@ when the run kept them. Scoring is the trainer's own (dataseg/train/eval_loop.py
 Prints the metrics table; `--output_json` writes every metric.
 """
 
-import argparse
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
-import sys
 from typing import Any, Sequence
 
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
-_FILE_FLAGS = ("--pred_json", "--pred_dir")
-
-
-def load_config_file(spec: str):
-  """'configs/demo.py:smoke' -> that file's get_config('smoke')."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_dataseg_eval_config", path)
-  if module_spec is None:
-    raise FileNotFoundError(f"--config: cannot load {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+from dataseg import cli
+from dataseg import config_lib
 
 
 def _entry(config, dataset, task, evaluators):
@@ -84,11 +73,11 @@ def eval_config(config, *, dataset=None, task=None, split=None, vocab=None,
   return config
 
 
-def _check_learned(run_config, config, workdir):
+def _check_learned(run_config, config):
   """A learned classifier's table is [datasets, V, D]: keep the training V."""
-  from dataseg.train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   if config.classifier == "learned":
-    size = data_lib.vocab_size(run_config, data_lib.build_vocabularies(run_config, workdir))
+    size = padded_vocab.config_vocab_size(run_config)
     with config.unlocked():
       config.vocab_size = size
 
@@ -118,23 +107,23 @@ def evaluate(workdir, *, config=None, step=None, dataset=None, task=None, split=
   """
   # Heavy imports here: `--help` and the file-scoring path stay light.
   from dataseg import predictor  # pylint: disable=g-import-not-at-top
-  from dataseg.train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   from dataseg.train import eval_loop  # pylint: disable=g-import-not-at-top
   workdir = os.fspath(workdir)
   if config is None:
-    config = run.config if run is not None else predictor.load_config(workdir)
+    config = run.config if run is not None else config_lib.load_workdir_config(workdir)
   run_config = config
   config = eval_config(run_config, dataset=dataset, task=task, split=split, vocab=vocab,
                        evaluators=evaluators, max_eval_examples=max_eval_examples,
                        eval_batch_size=eval_batch_size)
-  _check_learned(run_config, config, workdir)
+  _check_learned(run_config, config)
   if run is None:
     run = predictor.load_run(workdir, config=config, step=step,
                              mesh=mesh or predictor.data_parallel_mesh())
   else:  # the restored parameters do not depend on the padded vocabulary size.
-    vocabs = data_lib.build_vocabularies(config, workdir)
+    vocabs = padded_vocab.build_vocabularies(config, workdir)
     run = dataclasses.replace(run, config=config, vocabs=vocabs,
-                              vocab_size=data_lib.vocab_size(config, vocabs))
+                              vocab_size=padded_vocab.vocab_size(config, vocabs))
   if class_names is not None:
     _rename_classes(run, class_names)
   data_dir = config.data_dir or os.path.join(workdir, "data")
@@ -173,46 +162,107 @@ def _print_results(step, results, config_datasets):
       print(f"  {k:28s}{v:10.4f}")
 
 
-def main(argv: Sequence[str] | None = None):
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a.split("=")[0] in _FILE_FLAGS for a in argv):
-    from dataseg.metrics import files  # pylint: disable=g-import-not-at-top
-    return files.main(argv)
-  p = argparse.ArgumentParser(prog="python -m dataseg.evaluate",
-                              description=__doc__.split("\n")[0],
-                              epilog=__doc__.split("\n", 1)[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
-  p.add_argument("--config", default=None,
-                 help="config file[:args] instead of <workdir>/config.json")
-  p.add_argument("--dataset", default=None, help="a registry dataset (default: the run's "
-                 "eval_datasets)")
-  p.add_argument("--task", default=None, choices=("panoptic", "semantic", "instance", "boxes"))
-  p.add_argument("--split", default=None)
-  p.add_argument("--evaluators", default=None, help="comma-separated, e.g. panoptic,semantic")
-  src = p.add_mutually_exclusive_group()
-  src.add_argument("--vocab", default=None, help="a packaged vocabulary (dataseg/vocab)")
-  src.add_argument("--class_names", default=None,
-                   help="comma-separated names, one per class of the dataset, in order")
-  p.add_argument("--max_eval_examples", type=int, default=None)
-  p.add_argument("--eval_batch_size", type=int, default=None)
-  p.add_argument("--overlays_dir", default=None, help="write a few overlay PNGs there")
-  p.add_argument("--output_json", default=None, help="write every metric there")
-  args = p.parse_args(argv)
+_FLAGS = cli.new_flags()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file[:args] instead of <workdir>/config.json", lock_config=True,
+    flag_values=_FLAGS)
+flags.DEFINE_string("workdir", None, "a dataseg.main workdir", flag_values=_FLAGS)
+flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=_FLAGS)
+flags.DEFINE_string("dataset", None, "a registry dataset (default: the run's eval_datasets)",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("task", None, "checkpoint: panoptic|semantic|instance|boxes; files: "
+                    "panoptic|semantic|instance|box", flag_values=_FLAGS)
+flags.DEFINE_string("split", None, "split to score (default: the entry's eval_split)",
+                    flag_values=_FLAGS)
+flags.DEFINE_list("evaluators", None, "comma-separated, e.g. panoptic,semantic",
+                  flag_values=_FLAGS)
+flags.DEFINE_string("vocab", None, "a packaged vocabulary (dataseg/vocab)", flag_values=_FLAGS)
+flags.DEFINE_string("class_names", None, "comma-separated names, one per class of the "
+                    "dataset, in order", flag_values=_FLAGS)
+flags.mark_flags_as_mutual_exclusive(["vocab", "class_names"], flag_values=_FLAGS)
+flags.DEFINE_integer("max_eval_examples", None, "0 = whole split", flag_values=_FLAGS)
+flags.DEFINE_integer("eval_batch_size", None, "eval batch size", flag_values=_FLAGS)
+flags.DEFINE_string("overlays_dir", None, "write a few overlay PNGs there", flag_values=_FLAGS)
+flags.DEFINE_string("output_json", None, "write every metric there", flag_values=_FLAGS)
+# Scoring prediction files (dataseg/metrics/files.py): --pred_json / --pred_dir select it.
+flags.DEFINE_string("gt_json", None, "files: ground-truth JSON", flag_values=_FLAGS)
+flags.DEFINE_string("gt_dir", None, "files: ground-truth PNG folder", flag_values=_FLAGS)
+flags.DEFINE_string("pred_json", None, "files: prediction JSON", flag_values=_FLAGS)
+flags.DEFINE_string("pred_dir", None, "files: prediction PNG folder", flag_values=_FLAGS)
+flags.DEFINE_string("categories_json", None, "files, semantic: class names, in class-id "
+                    "order", flag_values=_FLAGS)
+flags.DEFINE_integer("num_classes", None, "files, semantic: instead of --categories_json",
+                     flag_values=_FLAGS)
+flags.DEFINE_bool("reduce_zero_label", False, "files, semantic: gt stores 0 = unlabelled, "
+                  "1..K = classes (ADE20k)", flag_values=_FLAGS)
+flags.DEFINE_integer("ignore_value", 255, "files, semantic: gt ignore value",
+                     flag_values=_FLAGS)
 
-  config = load_config_file(args.config) if args.config else None
+_PROG = "python -m dataseg.evaluate"
+_CHECKPOINT_TASKS = ("panoptic", "semantic", "instance", "boxes")
+
+
+def _score_files(args) -> dict[str, Any]:
+  """Prediction files of any system against ground-truth files (no checkpoint)."""
+  from dataseg.metrics import exports  # pylint: disable=g-import-not-at-top
+  from dataseg.metrics import files  # pylint: disable=g-import-not-at-top
+  if args.task not in files.TASKS:
+    cli.usage_error(_PROG, f"scoring files needs --task in {', '.join(files.TASKS)}")
+
+  def need(*names):
+    missing = [n for n in names if args[n].value is None]
+    if missing:
+      cli.usage_error(_PROG, f"--task={args.task} needs "
+                      + ", ".join(f"--{n}" for n in missing))
+
+  if args.task == "panoptic":
+    need("gt_json", "gt_dir", "pred_json", "pred_dir")
+    metrics = files.evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json,
+                                            args.pred_dir)
+  elif args.task == "semantic":
+    need("gt_dir", "pred_dir")
+    if args.categories_json:
+      names = files.load_class_names(args.categories_json)
+    elif args.num_classes:
+      names = [str(i) for i in range(args.num_classes)]
+    else:
+      cli.usage_error(_PROG, "--task=semantic needs --categories_json or --num_classes")
+    metrics = files.evaluate_semantic_files(args.gt_dir, args.pred_dir, names,
+                                            gt_ignore_value=args.ignore_value,
+                                            reduce_zero_label=args.reduce_zero_label)
+  else:
+    need("gt_json", "pred_json")
+    metrics = files.evaluate_coco_files(args.gt_json, args.pred_json,
+                                        "segm" if args.task == "instance" else "bbox")
+  print(files.format_table(metrics))
+  if args.output_json:
+    exports.write_json(args.output_json, metrics)
+  return metrics
+
+
+def main(argv: Sequence[str] | None = None):
+  """`python -m dataseg.evaluate FLAGS`; `argv` holds the flags (default sys.argv[1:])."""
+  args = cli.parse(_FLAGS, argv, prog=_PROG, doc=__doc__)
+  if args.pred_json is not None or args.pred_dir is not None:
+    if args.workdir is not None:
+      cli.usage_error(_PROG, "--workdir scores a checkpoint, --pred_json/--pred_dir score "
+                      "files: pass one or the other")
+    return _score_files(args)
+  if args.workdir is None:
+    cli.usage_error(_PROG, "--workdir is required (or --pred_json/--pred_dir to score files)")
+  if args.task is not None and args.task not in _CHECKPOINT_TASKS:
+    cli.usage_error(_PROG, f"--task must be one of {', '.join(_CHECKPOINT_TASKS)}")
+  config = _CONFIG.value
   step, results = evaluate(
       args.workdir, config=config, step=args.step, dataset=args.dataset, task=args.task,
       split=args.split, vocab=args.vocab,
       class_names=([n.strip() for n in args.class_names.split(",") if n.strip()]
                    if args.class_names else None),
-      evaluators=args.evaluators.split(",") if args.evaluators else None,
+      evaluators=args.evaluators or None,
       max_eval_examples=args.max_eval_examples, eval_batch_size=args.eval_batch_size,
       out_dir=args.overlays_dir)
   if config is None:
-    from dataseg import predictor  # pylint: disable=g-import-not-at-top
-    config = predictor.load_config(args.workdir)
+    config = config_lib.load_workdir_config(args.workdir)
   _print_results(step, results, {e.name for e in config.datasets.values()})
   if args.output_json:
     with open(args.output_json, "w") as f:

@@ -91,10 +91,9 @@ from ml_collections import config_flags
 
 from dataseg import config_lib
 from dataseg import schema
-from dataseg import vocab as vocab_lib
 from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
-from input_pipeline import datasets as datasets_lib
+from dataseg.vocab import padded as padded_vocab
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py:args).",
                                           lock_config=True)
@@ -105,19 +104,6 @@ _TASK = flags.DEFINE_string("task", "", "One task to compile; '' = every task th
 _FAST = flags.DEFINE_bool("fast_compile", True, "Skip LLVM optimisation of the CPU code "
                           "(memory and FLOP figures unchanged, compile faster).")
 _JSON = flags.DEFINE_string("json", "", "Also write the report as JSON to this path.")
-
-
-def vocab_size(config):
-  """The run's static padded vocabulary size, from the config's vocab lists."""
-  sizes = []
-  for group in ("datasets", "eval_datasets"):
-    for entry in config[group].values():
-      name = entry.vocab or datasets_lib.lookup(entry.name)["vocab"]
-      sizes.append(len(vocab_lib.load(name).class_names))
-  largest = max(sizes)
-  if config.vocab_size and config.vocab_size < largest:
-    raise ValueError(f"config.vocab_size={config.vocab_size} < largest vocabulary ({largest})")
-  return config.vocab_size or largest
 
 
 def abstract_inputs(config, mesh, vocab_size_):
@@ -166,7 +152,7 @@ def plan(config, mesh_sizes, tasks=None, log=None):
     raise ValueError(f"mesh {mesh_sizes} needs {n} devices, jax sees {len(devices)}: run "
                      f"`python -m dataseg.plan` (it sets XLA_FLAGS before jax starts)")
   mesh = sharding_lib.make_mesh(mesh_sizes, devices=devices[:n])
-  v = vocab_size(config)
+  v = padded_vocab.config_vocab_size(config)
   s = trainer.setup(config, len(config.datasets), v, mesh=mesh)
   batch, vocab = abstract_inputs(config, mesh, v)
   trained = list(dict.fromkeys(e.task for e in config.datasets.values()))

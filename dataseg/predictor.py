@@ -18,14 +18,12 @@ too) with the run's thresholds, then crop to the valid region. `predict_batch` w
 eval batch's images therefore runs the same program on the same inputs as the evaluation;
 by default results are then resized back (nearest) to the image's original size.
 
-A vocabulary is a [V, D] matrix of class-name text embeddings (dataseg/text.py, with the
-run's encoder and templates), padded to the run's static size V (or the next multiple of
-64 above it for longer lists), so a program compiles once per (task, padded size) and a
-new list of names needs no new parameters.
+A vocabulary is a [V, D] matrix of class-name text embeddings padded to the run's static
+size V (dataseg/vocab/padded.py), so a program compiles once per (task, padded size) and
+a new list of names needs no new parameters.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -33,29 +31,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from dataseg import config_lib
 from dataseg import inference
-from dataseg import text as text_lib
 from dataseg import visualize
 from dataseg.train import checkpoint as checkpoint_lib
-from dataseg.train import data as data_lib
 from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
+from dataseg.vocab import padded as padded_vocab
 
 TASKS = inference.TASKS
-_PAD_MULTIPLE = 64
-
-
-def load_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
-  """The run's config (`<workdir>/config.json`, written by the trainer at step 0).
-
-  Read through tf.io.gfile, so a gs:// workdir works as a local one.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.fspath(workdir), "config.json")
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir} a dataseg.main workdir?")
-  with tf.io.gfile.GFile(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def single_device_mesh(device=None) -> jax.sharding.Mesh:
@@ -79,7 +63,7 @@ class Run:
   setup: trainer.Setup
   state: dict
   step: int
-  vocabs: dict  # {train key | 'eval:<key>': trainer.Vocab}
+  vocabs: dict  # {train key | 'eval:<key>': padded_vocab.PaddedVocab}
   vocab_size: int
 
 
@@ -89,9 +73,9 @@ def load_run(workdir, *, config=None, step=None, mesh=None) -> Run:
   `config` defaults to the run's own; `mesh` to `single_device_mesh()`.
   """
   workdir = os.fspath(workdir)
-  config = config if config is not None else load_config(workdir)
-  vocabs = data_lib.build_vocabularies(config, workdir)
-  size = data_lib.vocab_size(config, vocabs)
+  config = config if config is not None else config_lib.load_workdir_config(workdir)
+  vocabs = padded_vocab.build_vocabularies(config, workdir)
+  size = padded_vocab.vocab_size(config, vocabs)
   s = trainer.setup(config, len(config.datasets), size, mesh=mesh or single_device_mesh())
   step, state = checkpoint_lib.restore_inference_state(
       os.path.join(workdir, "checkpoints"), s.abstract_state, step)
@@ -163,7 +147,7 @@ class Predictor:
     return keys[0]
 
   @property
-  def default_vocab(self) -> trainer.Vocab:
+  def default_vocab(self) -> padded_vocab.PaddedVocab:
     return self.run.vocabs[self.default_vocab_key("panoptic")]
 
   @classmethod
@@ -176,22 +160,7 @@ class Predictor:
     return self.run.step
 
   # ---------------------------------------------------------------- vocabularies.
-  def _text_embeddings(self, class_names):
-    text = self.config.text
-    kwargs = {}
-    if text.templates != "default":
-      kwargs["templates"] = text.templates.split("|")
-    cache = text.cache_dir or os.path.join(self.run.workdir, "text_cache")
-    return text_lib.class_embeddings(class_names, encoder=text.encoder, cache_dir=cache,
-                                     **kwargs)
-
-  def _known_is_thing(self, name):
-    for vocab in self.run.vocabs.values():
-      if name in vocab.names:
-        return bool(vocab.is_thing[vocab.names.index(name)])
-    return True
-
-  def vocabulary(self, class_names=None, is_thing=None, task=None) -> trainer.Vocab:
+  def vocabulary(self, class_names=None, is_thing=None, task=None) -> padded_vocab.PaddedVocab:
     """A padded vocabulary for `class_names` (None: `default_vocab_key(task)`'s).
 
     `is_thing` defaults to the flag of the same name in the run's vocabularies, else
@@ -202,35 +171,8 @@ class Predictor:
       if is_thing is None:
         return vocab
       class_names = list(vocab.names)
-    class_names = [str(n) for n in class_names]
-    n = len(class_names)
-    if not n:
-      raise ValueError("class_names is empty")
-    if is_thing is None:
-      is_thing = [self._known_is_thing(c) for c in class_names]
-    if len(is_thing) != n:
-      raise ValueError(f"is_thing has {len(is_thing)} entries for {n} class names")
-    size = self.run.vocab_size
-    if n > size:
-      size = -(-n // _PAD_MULTIPLE) * _PAD_MULTIPLE
-    index = -1
-    if self.config.classifier == "learned":
-      for key, vocab in self.run.vocabs.items():
-        if not key.startswith("eval:") and list(vocab.names) == class_names:
-          index = vocab.index
-      if index < 0:
-        raise ValueError("this run's classifier is 'learned' (per-dataset weights): it only "
-                         "predicts the vocabularies of its training datasets")
-      text = np.zeros((n, self.config.model.classifier.text_dim), np.float32)
-    else:
-      text = self._text_embeddings(class_names)
-    pad = size - n
-    return trainer.Vocab(
-        names=tuple(class_names),
-        is_thing=np.pad(np.asarray(is_thing, bool), (0, pad)),
-        valid=np.arange(size) < n,
-        text=np.pad(np.asarray(text, np.float32), ((0, pad), (0, 0))),
-        index=max(index, 0))
+    return padded_vocab.from_names(self.config, self.run.vocabs, self.run.vocab_size,
+                                   class_names, is_thing, self.run.workdir)
 
   # ------------------------------------------------------------------ inference.
   def predict(self, image, task: str = "panoptic", class_names: Sequence[str] | None = None,

@@ -21,7 +21,6 @@ CLI:
   python -m dataseg.text --names=sofa,couch,zebra --out=x.npy
 """
 
-import argparse
 import functools
 import hashlib
 import io
@@ -33,9 +32,12 @@ import socket
 import sys
 from typing import Callable, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dataseg import cli
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -313,7 +315,7 @@ def class_embeddings(class_names: Sequence[str], encoder: str = MINILM,
   barrier, then read its file: a shared cache (the workdir's) means one encoder download
   for the whole job; a cache the others cannot see makes them compute their own copy.
   Every process must call this with the same arguments in the same order (as
-  `dataseg.train.data.build_vocabularies` does).
+  `dataseg.vocab.padded.build_vocabularies` does).
   """
   class_names, templates = list(class_names), list(templates)
   if not class_names:
@@ -338,18 +340,23 @@ def class_embeddings(class_names: Sequence[str], encoder: str = MINILM,
   return emb
 
 
+_FLAGS = cli.new_flags()
+flags.DEFINE_string("vocab", None, "packaged vocabulary, e.g. coco_panoptic",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("names", None, "comma-separated class names", flag_values=_FLAGS)
+flags.DEFINE_string("encoder", MINILM, "text encoder: minilm or clip:<model>",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("templates", None, "'|'-separated templates (default: DEFAULT_TEMPLATES)",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("cache_dir", None, "embedding cache directory", flag_values=_FLAGS)
+flags.DEFINE_string("out", None, ".npy output, [V, D] float32", flag_values=_FLAGS)
+flags.mark_flags_as_mutual_exclusive(["vocab", "names"], required=True, flag_values=_FLAGS)
+flags.mark_flag_as_required("out", flag_values=_FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> np.ndarray:
-  parser = argparse.ArgumentParser(
-      prog="python -m dataseg.text", description=__doc__.split("\n")[0])
-  src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--vocab", help="packaged vocabulary, e.g. coco_panoptic")
-  src.add_argument("--names", help="comma-separated class names")
-  parser.add_argument("--encoder", default=MINILM)
-  parser.add_argument("--templates", default=None,
-                      help="'|'-separated templates (default: DEFAULT_TEMPLATES)")
-  parser.add_argument("--cache_dir", default=None)
-  parser.add_argument("--out", required=True, help=".npy output, [V, D] float32")
-  args = parser.parse_args(argv)
+  """`python -m dataseg.text FLAGS`; `argv` holds the flags (default sys.argv[1:])."""
+  args = cli.parse(_FLAGS, argv, prog="python -m dataseg.text", doc=__doc__)
   if args.vocab:
     from dataseg import vocab  # pylint: disable=g-import-not-at-top
     names = vocab.load(args.vocab).class_names
@@ -366,4 +373,4 @@ def main(argv: Sequence[str] | None = None) -> np.ndarray:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  main()

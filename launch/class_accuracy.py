@@ -12,9 +12,10 @@ A low PQ with good IoU and chance-level accuracy says the classifier, not the ma
 what has not been learned.
 """
 
-import argparse
 import os
 
+from absl import app
+from absl import flags
 import numpy as np
 
 from dataseg import predictor as predictor_lib
@@ -22,6 +23,10 @@ from dataseg.objective import postprocess
 from dataseg.train import data as data_lib
 from dataseg.train import trainer
 from input_pipeline import pipeline
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a dataseg.main workdir", required=True)
+_DATASET = flags.DEFINE_string("dataset", "shapes_panoptic", "an eval_datasets key")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 40, "examples of the dataset to use")
 
 
 def best_proposals(p, key, num_examples):
@@ -49,19 +54,16 @@ def best_proposals(p, key, num_examples):
       yield int(cls), float(iou[q]), probs[q]
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--dataset", default="shapes_panoptic", help="an eval_datasets key")
-  parser.add_argument("--num_examples", type=int, default=40)
-  args = parser.parse_args()
-  p = predictor_lib.Predictor.from_workdir(args.workdir)
-  if args.dataset not in p.config.eval_datasets:
-    raise SystemExit(f"--dataset={args.dataset!r} is not an eval dataset of {args.workdir}; "
-                     f"allowed: {', '.join(p.config.eval_datasets)}")
-  vocab = p.run.vocabs[f"eval:{args.dataset}"]
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  p = predictor_lib.Predictor.from_workdir(_WORKDIR.value)
+  if _DATASET.value not in p.config.eval_datasets:
+    raise SystemExit(f"--dataset={_DATASET.value!r} is not an eval dataset of "
+                     f"{_WORKDIR.value}; allowed: {', '.join(p.config.eval_datasets)}")
+  vocab = p.run.vocabs[f"eval:{_DATASET.value}"]
   names, num = list(vocab.names), len(vocab.names)
-  rows = list(best_proposals(p, args.dataset, args.num_examples))
+  rows = list(best_proposals(p, _DATASET.value, _NUM_EXAMPLES.value))
   confusion = np.zeros((num, num + 1), np.int64)
   for kind, thing in (("thing", True), ("stuff", False)):
     sel = [(c, iou, pr) for c, iou, pr in rows if bool(vocab.is_thing[c]) == thing]
@@ -86,4 +88,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -11,16 +11,19 @@ written to `<root>/claims.md`, with the command, machine and wall time of each r
 several seeds a cell reads `mean (a / b ...)`: why: at this scale two seeds differ by
 several points, so a difference smaller than that spread is a tie, not a win.
 Single-dataset runs get the same number of steps on their dataset as the joint run spends
-on it (configs/demo.py), so every comparison has the same per-dataset budget.
+on it (configs/demo.py), so every comparison has the same per-dataset budget. Flags this
+tool does not define (e.g. --config.eval_every=100) are passed to every `dataseg.main` run.
 """
 
-import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+
+from absl import app
+from absl import flags
 
 VARIANTS = ("joint", "panoptic_only", "semantic_only", "boxes_only", "learned_classifier",
             "no_boxes")
@@ -91,27 +94,26 @@ def table(rows, steps):
   return "\n".join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--root", default="workdirs/claims")
-  parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--seeds", default="0,1",
-                      help="comma-separated config seeds, one run per variant and seed")
-  parser.add_argument("--table_only", action="store_true",
-                      help="only rebuild the table from the runs' newest eval_<step>.json")
-  args, extra = parser.parse_known_args()
+_STEPS = flags.DEFINE_integer("steps", 600, "training steps of the joint run")
+_ROOT = flags.DEFINE_string("root", "workdirs/claims", "where the runs and claims.md go")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "variants of configs/demo.py")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "config seeds, one run per variant and seed")
+_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "only rebuild the table from the runs' "
+                                "newest eval_<step>.json")
+
+
+def main(argv):
+  extra = argv[1:]  # flags this tool does not define go to every `dataseg.main` run.
   rows = {}
-  seeds = [int(k) for k in args.seeds.split(",")]
-  for variant in args.variants.split(","):
-    rows[variant] = [run(variant, args.steps, args.root, extra, args.table_only, seed)
+  seeds = [int(k) for k in _SEEDS.value]
+  for variant in _VARIANTS.value:
+    rows[variant] = [run(variant, _STEPS.value, _ROOT.value, extra, _TABLE_ONLY.value, seed)
                      for seed in seeds]
-  text = table(rows, args.steps)
-  with open(os.path.join(args.root, "claims.md"), "w") as f:
+  text = table(rows, _STEPS.value)
+  with open(os.path.join(_ROOT.value, "claims.md"), "w") as f:
     f.write(text + "\n")
   print(text)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

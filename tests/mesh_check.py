@@ -24,6 +24,7 @@ from dataseg.train import checkpoint as checkpoint_lib
 from dataseg.train import data as data_lib
 from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
+from dataseg.vocab import padded as padded_vocab
 import trainer_driver
 
 # One device against a mesh that splits both the batch (data=4) and the parameters and
@@ -55,8 +56,8 @@ def main(data_dir, emb, work_dir, out_path):
   # it the loss by ~1/num_points of a point's loss), which is not what this test is about.
   # The sharded reductions are; the selection is tested against numpy in its own tests.
   config.loss.importance_ratio = 0.0
-  vocabs = data_lib.build_vocabularies(config, work_dir)
-  v_size = data_lib.vocab_size(config, vocabs)
+  vocabs = padded_vocab.build_vocabularies(config, work_dir)
+  v_size = padded_vocab.vocab_size(config, vocabs)
   data = data_lib.TrainData(config, data_dir, vocabs)
   batches = [data.next(i) for i in range(NUM_STEPS)]
   out = {}

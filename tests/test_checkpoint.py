@@ -148,15 +148,15 @@ def test_corrupt_latest_checkpoint_falls_back_in_process(tiny_env, reference_run
                                                          capsys):
   import jax  # pylint: disable=g-import-not-at-top
   from dataseg.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from dataseg.train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   from dataseg.train import trainer  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path / "run"
   shutil.copytree(reference_run.workdir / "checkpoints", workdir / "checkpoints")
   _corrupt(workdir / "checkpoints" / "8")
   config = tiny_env.config()
-  vocabs = data_lib.build_vocabularies(config, str(workdir))
-  s = trainer.setup(config, 1, data_lib.vocab_size(config, vocabs))
+  vocabs = padded_vocab.build_vocabularies(config, str(workdir))
+  s = trainer.setup(config, 1, padded_vocab.vocab_size(config, vocabs))
   ckpt = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"))
   step, state, data_state = ckpt.restore_latest(s.abstract_state)
   out = capsys.readouterr().out

@@ -78,11 +78,11 @@ def test_no_weight_decay_on_norms_biases_embeddings():
 
 
 def test_masks_on_the_real_model_params(tiny_env):
-  from dataseg.train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   from dataseg.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_env.config()
-  vocabs = data_lib.build_vocabularies(config, str(tiny_env.data_dir))
-  s = trainer.setup(config, 1, data_lib.vocab_size(config, vocabs))
+  vocabs = padded_vocab.build_vocabularies(config, str(tiny_env.data_dir))
+  s = trainer.setup(config, 1, padded_vocab.vocab_size(config, vocabs))
   params = s.abstract_state["params"]
   flat = lambda t: {jax.tree_util.keystr(p): v
                     for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}

@@ -18,6 +18,7 @@ from configs import demo
 from configs import joint_r50
 from dataseg import plan
 from dataseg import schema
+from dataseg.vocab import padded as padded_vocab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHRINK = ["--task=semantic", "--config.model.decoder.layers=1", "--config.loss.num_points=64",
@@ -39,9 +40,9 @@ def test_vocab_size_from_the_vocab_lists():
   """The joint run's padded vocabulary is Objects365's 365 names (counted from the JSON)."""
   with open(ROOT / "dataseg" / "vocab" / "objects365.json") as f:
     o365 = len(json.load(f)["categories"])
-  assert plan.vocab_size(joint_r50.get_config()) == o365 == 365
+  assert padded_vocab.config_vocab_size(joint_r50.get_config()) == o365 == 365
   c = demo.get_config("smoke")
-  assert plan.vocab_size(c) == max(
+  assert padded_vocab.config_vocab_size(c) == max(
       len(json.load(open(ROOT / "dataseg" / "vocab" / f"{e.name}.json"))["categories"])
       for g in ("datasets", "eval_datasets") for e in c[g].values())
 

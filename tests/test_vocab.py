@@ -110,3 +110,25 @@ def test_from_categories_user_data():
   assert v.synonyms[2] == ("w",)
   with pytest.raises(ValueError, match="duplicate"):
     vocab.from_categories("bad", cats + [{"id": 5, "name": "dog"}])
+
+
+def test_padded_vocabulary_and_static_size():
+  """Padding keeps names, flags and rows in place, zeros after; V is checked once."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded  # pylint: disable=g-import-not-at-top
+  text = np.arange(6, dtype=np.float32).reshape(3, 2)
+  p = padded.pad(["a", "b", "c"], [True, False, True], text, 5, index=1)
+  assert p.names == ("a", "b", "c") and p.index == 1
+  assert p.valid.tolist() == [True, True, True, False, False]
+  assert p.is_thing.tolist() == [True, False, True, False, False]
+  np.testing.assert_array_equal(p.text, np.concatenate([text, np.zeros((2, 2))]))
+  assert set(p.arrays()) == {"text", "valid", "is_thing", "index"}
+  with pytest.raises(ValueError, match="do not fit"):
+    padded.pad(["a"] * 6, [True] * 6, np.zeros((6, 2)), 5, index=0)
+  config = ml_collections.ConfigDict(dict(vocab_size=0))
+  assert padded.static_size(config, {"x": 3, "y": 7}) == 7
+  config.vocab_size = 10
+  assert padded.static_size(config, {"x": 3, "y": 7}) == 10
+  config.vocab_size = 5
+  with pytest.raises(ValueError, match=r"vocab_size=5 < largest vocabulary \(7 classes of 'y'\)"):
+    padded.static_size(config, {"x": 3, "y": 7})

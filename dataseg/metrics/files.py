@@ -11,20 +11,19 @@ r"""Scores prediction files made by any system, in the standard formats.
 Panoptic: COCO panoptic PNG + JSON on both sides (PQ equal to panopticapi's pq_compute).
 Semantic: PNGs of class ids with the same file names in both folders (255 = ignore by
 default). Instance / box: COCO results JSON against a COCO instances JSON.
-Prints a metrics table; `--output_json` also writes the metrics.
+The command line is `python -m dataseg.evaluate` with --pred_json / --pred_dir.
 """
 
-import argparse
 import json
 import os
-import sys
-from typing import Any, Sequence
-
+from typing import Sequence
 
 from dataseg.metrics import coco_eval
 from dataseg.metrics import exports
 from dataseg.metrics import panoptic
 from dataseg.metrics import semantic
+
+TASKS = ("panoptic", "semantic", "instance", "box")
 
 
 def evaluate_panoptic_files(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
@@ -97,52 +96,3 @@ def format_table(metrics: dict[str, float]) -> str:
     scale = 1 if k.startswith("N") else 100
     lines.append(f"{k:24s}{scale * v:9.2f}")
   return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--task", required=True, choices=("panoptic", "semantic", "instance", "box"))
-  p.add_argument("--gt_json")
-  p.add_argument("--gt_dir")
-  p.add_argument("--pred_json")
-  p.add_argument("--pred_dir")
-  p.add_argument("--categories_json", help="semantic: class names, in class-id order")
-  p.add_argument("--num_classes", type=int, help="semantic: instead of --categories_json")
-  p.add_argument("--reduce_zero_label", action="store_true",
-                 help="semantic gt stores 0 = unlabelled, 1..K = classes (ADE20k)")
-  p.add_argument("--ignore_value", type=int, default=255)
-  p.add_argument("--output_json")
-  args = p.parse_args(argv)
-
-  def need(*names):
-    missing = [n for n in names if getattr(args, n) is None]
-    if missing:
-      p.error(f"--task={args.task} needs " + ", ".join(f"--{n}" for n in missing))
-
-  if args.task == "panoptic":
-    need("gt_json", "gt_dir", "pred_json", "pred_dir")
-    metrics = evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
-  elif args.task == "semantic":
-    need("gt_dir", "pred_dir")
-    if args.categories_json:
-      names = load_class_names(args.categories_json)
-    elif args.num_classes:
-      names = [str(i) for i in range(args.num_classes)]
-    else:
-      p.error("--task=semantic needs --categories_json or --num_classes")
-    metrics = evaluate_semantic_files(args.gt_dir, args.pred_dir, names,
-                                      gt_ignore_value=args.ignore_value,
-                                      reduce_zero_label=args.reduce_zero_label)
-  else:
-    need("gt_json", "pred_json")
-    metrics = evaluate_coco_files(args.gt_json, args.pred_json,
-                                  "segm" if args.task == "instance" else "bbox")
-  print(format_table(metrics))
-  if args.output_json:
-    exports.write_json(args.output_json, metrics)
-  return metrics
-
-
-if __name__ == "__main__":
-  main(sys.argv[1:])

@@ -10,13 +10,14 @@ figures (e.g. Mask2Former's "226 GFLOPs") count it as 1, so compare against
 `gmacs` (= gflops / 2) for those.
 """
 
-import argparse
 import math
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dataseg import cli
 from dataseg.model import configs
 from dataseg.model import dataseg_model
 
@@ -84,15 +85,22 @@ def format_summary(name: str, resolution: int, vocab: int, s: dict) -> str:
   return "\n".join(lines)
 
 
+_FLAGS = cli.new_flags()
+flags.DEFINE_enum("model", "r50", configs.NAMES, "model size (dataseg/model/configs.py)",
+                  flag_values=_FLAGS)
+flags.DEFINE_integer("resolution", 1024, "square input side", flag_values=_FLAGS)
+flags.DEFINE_integer("vocab", 133, "vocabulary size", flag_values=_FLAGS)
+flags.DEFINE_integer("text_dim", None, "text embedding width (default: the model's)",
+                     flag_values=_FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the "
+                  "model's)", flag_values=_FLAGS)
+flags.DEFINE_bool("no_flops", False, "skip compiling the forward pass for its FLOPs",
+                  flag_values=_FLAGS)
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="r50", choices=configs.NAMES)
-  p.add_argument("--resolution", type=int, default=1024)
-  p.add_argument("--vocab", type=int, default=133)
-  p.add_argument("--text_dim", type=int, default=None)
-  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
-  p.add_argument("--no_flops", action="store_true")
-  a = p.parse_args(argv)
+  """`python -m dataseg.model.summary FLAGS`; `argv` holds the flags (default sys.argv[1:])."""
+  a = cli.parse(_FLAGS, argv, prog="python -m dataseg.model.summary", doc=__doc__)
   config = configs.model_config(a.model)
   if a.text_dim:
     config.classifier.text_dim = a.text_dim

@@ -1,19 +1,14 @@
-"""Glue from a config to data: vocabularies + text embeddings, train mixture, eval batches.
+"""Glue from a config to data: the train mixture and the eval batches.
 
 Dataset-specific knowledge stays in input_pipeline/datasets.py (the registry) and the
-readers; this module only turns config entries into readers, pipelines and the padded
-per-dataset vocabulary arrays the train step takes as arguments.
+readers, vocabularies in dataseg/vocab/; this module only turns config entries into
+readers and pipelines.
 """
-
-import os
 
 import jax
 import numpy as np
 
 from dataseg import schema
-from dataseg import text as text_lib
-from dataseg import vocab as vocab_lib
-from dataseg.train import trainer
 from input_pipeline import datasets as datasets_lib
 from input_pipeline import mixing
 from input_pipeline import pipeline
@@ -22,69 +17,6 @@ from input_pipeline import synthetic
 
 def default_evaluators(task):
   return datasets_lib.EVALUATORS_BY_TASK[task]
-
-
-def _vocabulary(entry):
-  info = datasets_lib.lookup(entry.name)
-  name = entry.vocab or info["vocab"]
-  if not name:
-    raise ValueError(f"dataset {entry.name!r} needs `vocab` (a dataseg/vocab name)")
-  return vocab_lib.load(name)
-
-
-def _text_embeddings(config, entry, vocab, workdir):
-  if entry.text_embeddings:
-    emb = np.load(entry.text_embeddings).astype(np.float32)
-    if emb.shape[0] != len(vocab.class_names):
-      raise ValueError(f"{entry.text_embeddings}: {emb.shape[0]} rows for "
-                       f"{len(vocab.class_names)} classes of {vocab.name!r}")
-    return emb
-  if config.classifier == "learned":
-    return np.zeros((len(vocab.class_names), config.model.classifier.text_dim), np.float32)
-  kwargs = {}
-  if config.text.templates != "default":
-    kwargs["templates"] = config.text.templates.split("|")
-  cache = config.text.cache_dir or os.path.join(workdir, "text_cache")
-  return text_lib.class_embeddings(vocab.class_names, encoder=config.text.encoder,
-                                   cache_dir=cache, **kwargs)
-
-
-def vocab_size(config, vocabs):
-  largest = max(len(v.names) for v in vocabs.values())
-  if config.vocab_size and config.vocab_size < largest:
-    raise ValueError(f"config.vocab_size={config.vocab_size} < largest vocabulary ({largest})")
-  return config.vocab_size or largest
-
-
-def build_vocabularies(config, workdir):
-  """{train key | 'eval:<key>': trainer.Vocab} padded to one static size V."""
-  entries = [(k, e) for k, e in config.datasets.items()]
-  entries += [(f"eval:{k}", e) for k, e in config.eval_datasets.items()]
-  train_keys = list(config.datasets.keys())
-  raw = {}
-  for key, entry in entries:
-    vocab = _vocabulary(entry)
-    raw[key] = (vocab, _text_embeddings(config, entry, vocab, workdir))
-  size = config.vocab_size or max(len(v.class_names) for v, _ in raw.values())
-  out = {}
-  for key, (vocab, emb) in raw.items():
-    n = len(vocab.class_names)
-    if n > size:
-      raise ValueError(f"config.vocab_size={size} < {n} classes of {vocab.name!r}")
-    pad = size - n
-    name = key[len("eval:"):] if key.startswith("eval:") else key
-    # A learned classifier has rows only for training datasets (looked up by name).
-    train_name = next((k for k in train_keys
-                       if config.datasets[k].name == (config.eval_datasets[name].name
-                                                      if key.startswith("eval:") else
-                                                      config.datasets[name].name)), None)
-    out[key] = trainer.Vocab(
-        names=tuple(vocab.class_names),
-        is_thing=np.pad(np.asarray(vocab.is_thing, bool), (0, pad)),
-        valid=np.arange(size) < n,
-        text=np.pad(emb.astype(np.float32), ((0, pad), (0, 0))),
-        index=train_keys.index(train_name) if train_name is not None else -1)
-  return out
 
 
 def reader_for(entry, data_dir, split, vocab_is_thing):

@@ -28,6 +28,7 @@ from dataseg.train import data as data_lib
 from dataseg.train import eval_loop
 from dataseg.train import metrics as metrics_lib
 from dataseg.train import trainer
+from dataseg.vocab import padded as padded_vocab
 from input_pipeline import synthetic
 
 
@@ -125,7 +126,7 @@ def train_and_evaluate(config, workdir):
   config_lib.check_inputs(config, workdir, data_dir)
   tf.io.gfile.makedirs(workdir)
   _prepare_synthetic(config, data_dir)
-  vocabs = data_lib.build_vocabularies(config, workdir)
+  vocabs = padded_vocab.build_vocabularies(config, workdir)
   train_names = list(config.datasets.keys())
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.keep_checkpoints,
@@ -141,7 +142,7 @@ def train_and_evaluate(config, workdir):
       results = json.load(f)
     print(eval_loop.format_table(results), flush=True)
     return results
-  s = trainer.setup(config, len(train_names), data_lib.vocab_size(config, vocabs))
+  s = trainer.setup(config, len(train_names), padded_vocab.vocab_size(config, vocabs))
   data = data_lib.TrainData(config, data_dir, vocabs)
   state, data_state = _restore_or_init(config, s, ckpt, data)
   if data_state is not None:
@@ -278,8 +279,8 @@ def evaluate_only(config, workdir):
   data_dir = _data_dir(config, workdir)
   config_lib.check_inputs(config, workdir, data_dir)
   _prepare_synthetic(config, data_dir)
-  vocabs = data_lib.build_vocabularies(config, workdir)
-  s = trainer.setup(config, len(config.datasets), data_lib.vocab_size(config, vocabs))
+  vocabs = padded_vocab.build_vocabularies(config, workdir)
+  s = trainer.setup(config, len(config.datasets), padded_vocab.vocab_size(config, vocabs))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.keep_checkpoints)
   restored = ckpt.restore_latest(s.abstract_state)

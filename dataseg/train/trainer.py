@@ -29,20 +29,6 @@ from dataseg.train import sharding as sharding_lib
 LEARNED_VOCAB = "learned_vocab"  # params entry of the 'learned' classifier ablation.
 
 
-@dataclasses.dataclass(frozen=True)
-class Vocab:
-  """One dataset's vocabulary, padded to the run's static size V."""
-  names: tuple
-  is_thing: np.ndarray  # bool [V]
-  valid: np.ndarray  # bool [V]
-  text: np.ndarray  # float32 [V, D] (zeros for the 'learned' classifier)
-  index: int  # dataset index (row of the learned vocab table)
-
-  def arrays(self):
-    return dict(text=self.text, valid=self.valid, is_thing=self.is_thing,
-                index=np.int32(self.index))
-
-
 def model_inputs(config, params, vocab):
   """Splits the learned vocabulary table (ablation) from the model's parameters."""
   model_params = {k: v for k, v in params.items() if k != LEARNED_VOCAB}

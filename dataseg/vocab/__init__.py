@@ -11,6 +11,8 @@ module as COCO-panoptic-style category files,
 `prompt_name` is the readable form sent to the text encoder ("wall-other-merged" ->
 "wall"), defaulting to `name`. Contiguous ids 0..V-1 follow the file order; models,
 readers and evaluators use them, exports map them back with `contiguous_to_id`.
+What the model takes (text embeddings padded to the run's static size) is built in
+`dataseg/vocab/padded.py`.
 """
 
 import dataclasses
