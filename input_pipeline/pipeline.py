@@ -181,8 +181,3 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       dict(local_batch))
 
-
-def schema_shapes(batch_size, image_size, max_segments):
-  """`{field: (dtype, shape)}` of one host-local batch."""
-  return {k: (d, (batch_size,) + s) for k, (d, s) in
-          schema.field_shapes(image_size, image_size, max_segments).items()}

@@ -39,10 +39,6 @@ def category_index(categories: Sequence[Mapping[str, Any]]) -> dict[int, int]:
   return {int(c["id"]): i for i, c in enumerate(categories)}
 
 
-def _to_category_ids(classes, categories) -> list[int]:
-  return [int(categories[int(c)]["id"]) for c in classes]
-
-
 # ----------------------------------------------------------------------------- panoptic
 
 
