@@ -24,7 +24,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dataseg import schema
 from input_pipeline import preprocess
 from input_pipeline import readers
 
