@@ -1,0 +1,74 @@
+"""The real-data smoke run: configs/real_smoke.py end to end on fixtures of the real formats.
+
+COCO panoptic (TFDS coco/2017_panoptic built from a mocked download), ADE20k (raw
+ADEChallengeData2016 folder and Mask2Former's panoptic conversion) and Objects365 (this
+repo's TFDS builder) are written in their default layouts below one data dir by the
+fixture writers of tests/test_readers.py; `python -m dataseg.main` trains the R50
+architecture (shrunk) jointly through the same registry entries as configs/joint_r50.py,
+one step on each dataset at least, then evaluates every eval entry.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conftest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import test_readers as fx  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import real_smoke  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dataseg import vocab as vocab_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from input_pipeline import mixing  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+WRITERS = ("coco_panoptic", "ade20k", "ade20k_panoptic", "objects365")
+
+
+def _write_data(root):
+  data = root / "data"
+  data.mkdir()
+  with pytest.MonkeyPatch.context() as mp:
+    for name in WRITERS:
+      kwargs = dict(monkeypatch=mp) if name == "coco_panoptic" else {}
+      fx.REGISTRY_WRITERS[name](str(data), **kwargs)
+  emb = root / "emb"
+  emb.mkdir()
+  rng = np.random.default_rng(0)
+  for vocab in set(real_smoke.VOCABS.values()):
+    e = rng.normal(size=(len(vocab_lib.load(vocab).class_names), real_smoke.TEXT_DIM))
+    np.save(emb / f"{vocab}.npy", (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(
+        np.float32))
+  return data, emb
+
+
+def test_real_smoke_trains_every_dataset_and_evaluates(tmp_path):
+  data, emb = _write_data(tmp_path)
+  steps = 3
+  workdir = tmp_path / "run"
+  arg = f"data={data},emb={emb},steps={steps}"
+  proc = subprocess.run(
+      [sys.executable, "-m", "dataseg.main", f"--config=configs/real_smoke.py:{arg}",
+       f"--workdir={workdir}"], cwd=conftest.ROOT, capture_output=True, text=True,
+      timeout=900, check=False, env=conftest.subprocess_env(tmp_path / "xla_cache"))
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-6000:]
+  # Every training dataset had a step (the config's seed guarantees it).
+  config = real_smoke.get_config(arg)
+  names = list(config.datasets.keys())
+  trained = {names[mixing.dataset_for_step(config.seed, k, [config.datasets[n].weight
+                                                             for n in names])]
+             for k in range(steps)}
+  assert trained == set(real_smoke.TRAIN)
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert lines, out[-3000:]
+  # Every eval entry scored by every evaluator it names: finite headline metrics.
+  results = json.loads((workdir / f"eval_{steps}.json").read_text())
+  headline = {"panoptic": "PQ", "semantic": "mIoU", "box": "AP", "instance": "AP"}
+  for key, (_, _, evaluators) in real_smoke.EVAL.items():
+    for ev in evaluators:
+      value = results.get(f"{key}/{ev}/{headline[ev]}")
+      assert value is not None and math.isfinite(value), (key, ev, sorted(results)[:20])
