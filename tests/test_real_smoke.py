@@ -45,6 +45,20 @@ def _write_data(root):
   return data, emb
 
 
+def test_real_smoke_uses_the_joint_runs_registry_entries():
+  """Same dataset entries, tasks and default layouts (no reader override) as joint_r50."""
+  from configs import joint_r50  # pylint: disable=g-import-not-at-top
+  joint, smoke = joint_r50.get_config(), real_smoke.get_config("data=/d,emb=/e")
+  for group in ("datasets", "eval_datasets"):
+    for key, entry in smoke[group].items():
+      assert not entry.reader, (group, key)
+      if group == "datasets" or key != "objects365":  # joint scores its masks subset.
+        assert joint[group][key].name == entry.name and joint[group][key].task == entry.task
+  assert set(smoke.datasets) == set(joint.datasets)
+  assert smoke.model.backbone.name == joint.model.backbone.name == "resnet"
+  assert smoke.model.backbone.depth == joint.model.backbone.depth == 50
+
+
 def test_real_smoke_trains_every_dataset_and_evaluates(tmp_path):
   data, emb = _write_data(tmp_path)
   steps = 3
