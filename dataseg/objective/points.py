@@ -20,6 +20,30 @@ import jax
 import jax.numpy as jnp
 
 
+def _unfused(arrays, source):
+  """The uint32 arrays or float arrays in [0, 1], unchanged, computed once, not per use.
+
+  Why: XLA fuses cheap elementwise producers into every consumer, recomputing them per
+  consumed element; `lax.optimization_barrier` does not stop that on XLA:CPU (the pass
+  that lowers it runs before fusion). An integer remainder by a value unknown at compile
+  time counts as expensive, and XLA does not duplicate expensive producers into several
+  consumers or into ones that reuse elements. Here the divisor `big` >= 2**31 is made
+  from a bit of `source` at run time (so the compiler cannot fold it), an exact identity
+  on the uint32 values below it: corner indices, and the bits of non-negative floats
+  (a float division would not do: XLA rewrites x / scalar as x * (1 / scalar)).
+  """
+  bits = jax.lax.bitcast_convert_type(source.reshape(-1)[:1].astype(jnp.float32),
+                                      jnp.uint32)[0]
+  big = bits | jnp.uint32(0x80000000)
+
+  def once(a):
+    if a.dtype == jnp.uint32:
+      return a % big
+    as_bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32) % big
+    return jax.lax.bitcast_convert_type(as_bits, jnp.float32).astype(a.dtype)
+  return tuple(once(a) for a in arrays)
+
+
 def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
   """Bilinear sample of maps at points, zero outside (grid_sample, align_corners=False).
 
@@ -37,24 +61,37 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
   per corner (4 of them per importance sampling: a third of its time in the train step's
   profile) and scatter-add their gradients through 3-d indices; with flat indices the
   gradient of a [100, 12544]-point sample is ~1.6x faster (bench/points.py's maps).
+  Points shared by all maps ([P, 2]) read the maps pixel-major ([h*w, N]): P gathers of N
+  contiguous values per corner instead of N * P scalar gathers.
+  The corner indices (uint32: no negative-index wrap-around) and weights are computed
+  once (`_unfused`): XLA had fused their computation, and the uniform_points hash that
+  made the points, into each corner's gather and the weighting, once per gathered value
+  (for shared points: ~5 x N times per point; the [2, 100, 12544] gathers of the
+  matching cost were ~9% of the train step's profile, issue 15).
   """
   n, h, w = maps.shape
   hp, wp = h + 3, w + 3
-  flat = jnp.pad(maps, ((0, 0), (1, 2), (1, 2))).reshape(-1)
+  padded = jnp.pad(maps, ((0, 0), (1, 2), (1, 2)))
   py = jnp.clip(coords[..., 0] * h - 0.5, -1., h)  # beyond: all four corners are zeros.
   px = jnp.clip(coords[..., 1] * w - 0.5, -1., w)
   y0 = jnp.floor(py)
   x0 = jnp.floor(px)
   wy1 = py - y0
   wx1 = px - x0
-  base = (y0.astype(jnp.int32) + 1) * wp + (x0.astype(jnp.int32) + 1)  # in the padding.
-  if coords.ndim == 2:
-    base, wy1, wx1 = base[None], wy1[None], wx1[None]
-  idx = jnp.arange(n, dtype=jnp.int32)[:, None] * (hp * wp) + base
+  base = ((y0.astype(jnp.int32) + 1) * wp + (x0.astype(jnp.int32) + 1)).astype(jnp.uint32)
+  base, wy1, wx1 = _unfused((base, wy1, wx1), coords)
+  if coords.ndim == 2:  # shared points: row gathers of the pixel-major maps, [P, N].
+    flat = padded.reshape(n, hp * wp).T
+    wy1, wx1 = wy1[:, None], wx1[:, None]
+    idx = base
+  else:
+    flat = padded.reshape(-1)
+    idx = jnp.arange(n, dtype=jnp.uint32)[:, None] * jnp.uint32(hp * wp) + base
   take = lambda i: flat.at[i].get(mode="promise_in_bounds")
   top = take(idx) * (1. - wx1) + take(idx + 1) * wx1
   bottom = take(idx + wp) * (1. - wx1) + take(idx + wp + 1) * wx1
-  return top * (1. - wy1) + bottom * wy1
+  out = top * (1. - wy1) + bottom * wy1
+  return out.T if coords.ndim == 2 else out
 
 
 def nearest_lookup(grid: jax.Array, coords: jax.Array) -> jax.Array:
