@@ -778,3 +778,20 @@ def test_ade20k_panoptic_category_check_names_the_id(tmp_path):
   with pytest.raises(ValueError, match=r"ade20k_panoptic_val\.json: categories: id 0 is "
                      r"'wall', but id 2 .* is 'building'"):
     readers.build_reader(dict(spec, category_id_offset=2))
+
+
+def test_reader_spec_overrides_root_and_splits():
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  spec = datasets.reader_spec("cityscapes", "train", "/data")
+  assert spec["json"] == "/data/cityscapes/gtFine/cityscapes_panoptic_train.json"
+  assert spec["image_dir"] == "/data/cityscapes/leftImg8bit/train"
+  # `root` moves every default path; a field given by the config is used as given.
+  spec = datasets.reader_spec("ade20k", "validation", "/data",
+                              dict(root="/elsewhere/ADE", mask_dir="labels"))
+  assert spec["image_dir"] == "/elsewhere/ADE/images/validation"
+  assert spec["mask_dir"] == "labels"
+  assert spec["vocab"] == "ade20k" and spec["name"] == "ade20k"
+  assert datasets.reader_spec("coco_panoptic", "train", "gs://b/tfds")["data_dir"] == (
+      "gs://b/tfds")
+  with pytest.raises(ValueError, match="no split 'test'.*allowed: train, validation"):
+    datasets.reader_spec("ade20k_panoptic", "test", "/data")
