@@ -191,14 +191,6 @@ def num_rows(config, num_queries: int, num_slots: int, task: str) -> int:
   return max(1, min(cap, num_slots))
 
 
-def row_uncertainty(one_to_one):
-  """Point uncertainty of rows holding logits (one-to-one) or merged probabilities."""
-  def fn(values):
-    return jnp.where(one_to_one[:, None], points_lib.logit_uncertainty(values),
-                     points_lib.prob_uncertainty(jnp.clip(values, 0., 1.)))
-  return fn
-
-
 def mask_sums(maps, rows: Rows, img, targets, coords, config, has_merged=True):
   """BCE and dice sums of the supervised rows against their targets.
 
@@ -271,35 +263,49 @@ def _image_sums(task, class_logits, mask_logits, img, targets, vocab_valid, rng,
         maps, jnp.where(rows.valid, rows.slot, -1), img, config, image_hw)
     return out, asg
   has_merged = task in ('semantic', 'panoptic') and config.semantic_merge == 'soft_merge'
-  uncertainty = points_lib.logit_uncertainty
+  uncertainty, flags = points_lib.logit_uncertainty, None
   if has_merged:
     probs = merge_lib.class_probs(class_logits, vocab_valid)
     merged = merge_lib.merged_masks(probs, mask_logits, jnp.take(targets.cls, rows.slot))
     maps = jnp.where(rows.one_to_one[:, None, None], maps, merged)
-    uncertainty = row_uncertainty(rows.one_to_one)
+    uncertainty, flags = points_lib.logit_or_prob_uncertainty, rows.one_to_one
+  # The padding rows (not valid, after the valid ones) are not sampled (num_valid).
   coords = points_lib.importance_points(
       rng_points, maps, num_points=config.num_points, oversample=config.oversample,
-      importance_ratio=config.importance_ratio, uncertainty_fn=uncertainty)  # [P, K, 2]
+      importance_ratio=config.importance_ratio, uncertainty_fn=uncertainty,
+      row_flags=flags, selection=config.point_selection,
+      num_valid=jnp.sum(rows.valid))  # [P, K, 2]
   out['bce'], out['dice'] = mask_sums(maps, rows, img, targets, coords, config, has_merged)
   return out, asg
 
 
 def pixel_class_sums(pixel_logits, img, vocab_valid, config):
-  """Auxiliary per-pixel CE of one image: (sum of CE, number of labelled cells).
+  """Auxiliary per-pixel CE of one image: (weighted sum of CE, sum of weights).
 
   pixel_logits [h, w, V+1] (stride 4); the label of a cell is the class of the segment at
   its centre pixel; void (-1), crowd and padding cells are ignored, as are cells of
   segments without a class (box-only data has no segment map: no labelled cell).
+  config.pixel_class_balance: 'pixel' weighs every labelled cell 1; 'segment' weighs the
+  cells of a segment 1 / (its number of labelled cells), so every segment counts once
+  (the sum of weights is the number of segments): a small thing then counts as much as
+  a large stuff region, as in the query class loss.
   """
   h, w = pixel_logits.shape[:2]
   yy, xx = jnp.meshgrid((jnp.arange(h) + .5) / h, (jnp.arange(w) + .5) / w, indexing='ij')
   coords = jnp.stack([yy, xx], -1).reshape(-1, 2)
   labels = merge_lib.point_labels(img, coords, config)
-  keep = (labels.cls >= 0) & (labels.merged_weight > 0)
+  keep = ((labels.cls >= 0) & (labels.merged_weight > 0)).astype(jnp.float32)
   logits = merge_lib.mask_vocab(pixel_logits.reshape(h * w, -1), vocab_valid)
   logp = jax.nn.log_softmax(logits, -1)
   ce = -jnp.take_along_axis(logp, jnp.maximum(labels.cls, 0)[:, None], axis=-1)[:, 0]
-  keep = keep.astype(jnp.float32)
+  if config.pixel_class_balance == 'segment':
+    num_slots = img['seg_class'].shape[0]
+    seg = jnp.clip(labels.seg, 0, num_slots - 1)
+    count = jax.ops.segment_sum(keep, seg, num_segments=num_slots)
+    keep = keep / jnp.maximum(jnp.take(count, seg), 1.)
+  elif config.pixel_class_balance != 'pixel':
+    raise ValueError(f'unknown pixel_class_balance {config.pixel_class_balance!r}; '
+                     "allowed: 'pixel', 'segment'")
   return jnp.sum(keep * ce), jnp.sum(keep)
 
 

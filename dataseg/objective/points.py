@@ -13,6 +13,7 @@ from the compact `segment_map` by nearest lookup (row floor(y * H)), so no full-
 per-segment mask is ever formed.
 """
 
+import functools
 import math
 from typing import Callable
 
@@ -111,7 +112,7 @@ def _mix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def uniform_points(rng: jax.Array, shape: tuple) -> jax.Array:
+def uniform_points(rng: jax.Array, shape: tuple, offset=0) -> jax.Array:
   """Uniform normalised (y, x) points, [*shape, 2].
 
   Why not `jax.random.uniform`: on XLA:CPU threefry costs ~45 ns a number, and the
@@ -120,10 +121,16 @@ def uniform_points(rng: jax.Array, shape: tuple) -> jax.Array:
   threefry draw gives a 64-bit key and each number is a keyed hash of its counter
   (two rounds of murmur3's finaliser, 24-bit mantissa): ~8x faster, still a function of
   `rng` alone (reproducible, fold_in / split as usual).
+  `offset` (an int, may be traced) starts the counter there: uniform_points(rng, (n, m),
+  offset=r * m * 2) is row r.. of a larger draw uniform_points(rng, (N, m)) (the same
+  values), so a draw can be made in pieces.
   """
   seed = jax.random.bits(rng, (2,), jnp.uint32)
   count = math.prod(shape) * 2
-  h = jax.lax.iota(jnp.uint32, count) * jnp.uint32(0x9E3779B9) + seed[0]
+  counter = jax.lax.iota(jnp.uint32, count)
+  if not (isinstance(offset, int) and offset == 0):
+    counter = counter + jnp.asarray(offset).astype(jnp.uint32)
+  h = counter * jnp.uint32(0x9E3779B9) + seed[0]
   h = _mix32(_mix32(h) ^ seed[1])
   u = (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
   return u.reshape(*shape, 2)
@@ -240,6 +247,8 @@ def sampled_top_k_indices(x: jax.Array, k: int, sample: int = 4096) -> jax.Array
 # sampled_top_k_indices, ~4x faster on a CPU) or 'exact' (top_k_indices, detectron2's set).
 SELECTION = "sampled"
 SELECT = {"sampled": sampled_top_k_indices, "exact": top_k_indices}
+# Rows per while-loop iteration of importance_points(num_valid=...).
+ROW_CHUNK = 8
 
 
 def logit_uncertainty(logits: jax.Array) -> jax.Array:
@@ -252,14 +261,45 @@ def prob_uncertainty(probs: jax.Array) -> jax.Array:
   return -jnp.abs(probs - 0.5)
 
 
+def logit_or_prob_uncertainty(values: jax.Array, is_logit: jax.Array) -> jax.Array:
+  """Per row: logit_uncertainty where is_logit [N], else prob_uncertainty of clip(p, 0, 1).
+
+  For importance_points' `row_flags` (rows of logits and of merged probabilities).
+  """
+  return jnp.where(is_logit[:, None], logit_uncertainty(values),
+                   prob_uncertainty(jnp.clip(values, 0., 1.)))
+
+
+def _sample_rows(rng, maps, row0, num_points, oversample, importance_ratio, uncertainty_fn,
+                 row_flags, selection):
+  """importance_points of rows row0.. of the whole draw (maps: those rows)."""
+  n = maps.shape[0]
+  num_sampled = int(num_points * oversample)
+  num_uncertain = int(importance_ratio * num_points)
+  num_random = num_points - num_uncertain
+  # One draw for candidates and fresh points (one PRNG kernel instead of two).
+  per_row = num_sampled + num_random
+  pts = uniform_points(rng, (n, per_row), offset=row0 * (per_row * 2))
+  cand, fresh = pts[:, :num_sampled], pts[:, num_sampled:]
+  if num_uncertain == 0:
+    return fresh
+  values = point_sample(maps, cand)
+  unc = uncertainty_fn(values) if row_flags is None else uncertainty_fn(values, row_flags)
+  idx = SELECT[selection](unc, num_uncertain)
+  return jnp.concatenate([jnp.take_along_axis(cand, idx[..., None], axis=1), fresh], 1)
+
+
 def importance_points(
     rng: jax.Array,
     maps: jax.Array,
     num_points: int,
     oversample: float = 3.0,
     importance_ratio: float = 0.75,
-    uncertainty_fn: Callable[[jax.Array], jax.Array] = logit_uncertainty,
+    uncertainty_fn: Callable[..., jax.Array] = logit_uncertainty,
     selection: str = "",
+    row_flags=None,
+    num_valid=None,
+    chunk: int = ROW_CHUNK,
 ) -> jax.Array:
   """detectron2's get_uncertain_point_coords_with_randomness, per map.
 
@@ -269,25 +309,46 @@ def importance_points(
     num_points: K.
     oversample: draws int(K * oversample) candidates per map.
     importance_ratio: keeps int(K * ratio) most uncertain candidates.
-    uncertainty_fn: elementwise uncertainty, higher = more uncertain.
+    uncertainty_fn: elementwise uncertainty, higher = more uncertain; called as
+      uncertainty_fn(values [n, C]) or, with row_flags, uncertainty_fn(values, flags [n])
+      (e.g. logit_or_prob_uncertainty).
     selection: 'exact' | 'sampled' (see SELECT); '' = the module default SELECTION.
+    row_flags: optional [N] per-row argument of uncertainty_fn.
+    num_valid: optional int scalar (may be traced): only rows [0, num_valid) are
+      needed. They are sampled `chunk` rows at a time in a while loop that stops after
+      the last needed chunk, and get exactly the points they get without num_valid (the
+      draw is indexed by row); rows from the first chunk past num_valid on are not
+      sampled and hold (0.5, 0.5) points. Why: the losses' rows are padded to a static
+      P (50 by default) and an image has ~20 targets; the candidates' sampling and
+      selection were most of the objective's time on CPU (issue 15).
+    chunk: rows per loop iteration when num_valid is given.
 
   Returns:
     [N, K, 2] normalised (y, x) points (no gradient flows through the choice).
   """
   maps = jax.lax.stop_gradient(maps)
-  n = maps.shape[0]
-  num_sampled = int(num_points * oversample)
-  num_uncertain = int(importance_ratio * num_points)
-  num_random = num_points - num_uncertain
-  # One draw for candidates and fresh points (one PRNG kernel instead of two).
-  pts = uniform_points(rng, (n, num_sampled + num_random))
-  cand, fresh = pts[:, :num_sampled], pts[:, num_sampled:]
-  if num_uncertain == 0:
-    return fresh
-  unc = uncertainty_fn(point_sample(maps, cand))
   selection = selection or SELECTION
   if selection not in SELECT:
     raise ValueError(f"unknown selection {selection!r}; allowed: {', '.join(SELECT)}")
-  idx = SELECT[selection](unc, num_uncertain)
-  return jnp.concatenate([jnp.take_along_axis(cand, idx[..., None], axis=1), fresh], 1)
+  sample = functools.partial(_sample_rows, rng, num_points=num_points,
+                             oversample=oversample, importance_ratio=importance_ratio,
+                             uncertainty_fn=uncertainty_fn, selection=selection)
+  if num_valid is None:
+    return sample(maps, 0, row_flags=row_flags)
+  n = maps.shape[0]
+  chunk = max(1, min(chunk, n))
+  num_chunks = jnp.minimum((jnp.asarray(num_valid, jnp.int32) + chunk - 1) // chunk,
+                           -(-n // chunk))
+
+  def body(carry):
+    i, out = carry
+    row0 = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before.
+    rows = jax.lax.dynamic_slice_in_dim(maps, row0, chunk)
+    flags = (None if row_flags is None
+             else jax.lax.dynamic_slice_in_dim(row_flags, row0, chunk))
+    pts = sample(rows, row0, row_flags=flags)
+    return i + 1, jax.lax.dynamic_update_slice_in_dim(out, pts, row0, 0)
+
+  out = jnp.full((n, num_points, 2), 0.5, jnp.float32)
+  _, out = jax.lax.while_loop(lambda c: c[0] < num_chunks, body, (jnp.int32(0), out))
+  return out
