@@ -8,7 +8,7 @@ r"""The DaTaSeg objective alone (forward + backward), by the number of mask rows
 random logits and the same synthetic panoptic batch (~20 segments per image, 100 slots).
 `--caps` are values of `config.loss.max_mask_targets` (0 = every slot, i.e. 100 rows); the
 first is the reference the others' ratios are taken against, measured in the same run.
-`--selections` are values of `points.SELECTION` (the importance sampling's choice of the
+`--selections` are values of `config.loss.point_selection` (the importance sampling's choice of the
 most uncertain candidates: 'exact' top-k or 'sampled' threshold), crossed with the caps.
 Why: the mask terms cost in proportion to the rows (importance sampling of 3x oversampled
 candidates per row), and they were most of the step's objective time.
@@ -30,14 +30,13 @@ import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong
 
 from dataseg.objective import config as loss_config_lib  # pylint: disable=wrong-import-position
 from dataseg.objective import losses  # pylint: disable=wrong-import-position
-from dataseg.objective import points  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 
 
 def time_loss(size, batch, cap, steps=3, layers=10, queries=100, selection=""):
-  points.SELECTION = selection or points.SELECTION  # read when the loss is traced.
   fields, _ = ref.synthetic_panoptic(0, batch, size, 100)
   config = loss_config_lib.loss_config()
+  config.point_selection = selection or config.point_selection
   config.max_mask_targets = cap
   rng = np.random.default_rng(0)
   v = ref.NUM_CLASSES
@@ -73,14 +72,15 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--caps", default="0,50,32")
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--selections", default="", help="points.SELECTION values, e.g. "
+  parser.add_argument("--selections", default="", help="config.loss.point_selection values, e.g. "
                       "exact,sampled ('' = the default)")
   parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
                       help="persistent compilation cache dir ('' = off)")
   args = parser.parse_args()
   compile_cache.enable(args.compilation_cache)
   caps = [int(c) for c in args.caps.split(",")]
-  selections = args.selections.split(",") if args.selections else [points.SELECTION]
+  selections = (args.selections.split(",") if args.selections
+                else [loss_config_lib.loss_config().point_selection])
   print(f"# objective fwd+bwd, {args.size}x{args.size}, batch {args.batch}, jax "
         f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU cores)")
   base = None

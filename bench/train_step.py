@@ -47,7 +47,6 @@ import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong
 
 from configs import common  # pylint: disable=wrong-import-position
 from dataseg.model import configs as model_configs  # pylint: disable=wrong-import-position
-from dataseg.objective import points  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 from dataseg.train import trainer  # pylint: disable=wrong-import-position
 
@@ -56,8 +55,10 @@ REF_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ref_venv
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM).
 
 
-def bench_config(size, batch, model="r50", dtype="float32", remat=False, max_segments=100):
+def bench_config(size, batch, model="r50", dtype="float32", remat=False, max_segments=100,
+                 selection=""):
   c = common.base_config()
+  c.loss.point_selection = selection or c.loss.point_selection
   c.image_size = c.eval_image_size = size
   c.batch_size = batch
   c.max_segments = max_segments
@@ -86,9 +87,9 @@ def peak_flops(device):
 
 
 def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
-              profile_dir="", max_segments=100):
+              profile_dir="", max_segments=100, selection=""):
   """Compiles and times our jitted train step; returns a dict of figures."""
-  config = bench_config(size, batch, model, dtype, remat, max_segments)
+  config = bench_config(size, batch, model, dtype, remat, max_segments, selection)
   start = time.perf_counter()
   s = trainer.setup(config, num_datasets=1, vocab_size=ref.NUM_CLASSES)
   state = jax.block_until_ready(trainer.init_state(s))
@@ -220,12 +221,10 @@ def main():
   parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
                       help="persistent compilation cache dir ('' = off; see "
                       "dataseg/train/compile_cache.py)")
-  parser.add_argument("--selection", default="", help="points.SELECTION for ours "
-                      "(exact | sampled; '' = the default)")
+  parser.add_argument("--selection", default="", help="config.loss.point_selection for "
+                      "ours (exact | sampled; '' = the default)")
   args = parser.parse_args()
   compile_cache.enable(args.compilation_cache)
-  if args.selection:
-    points.SELECTION = args.selection
   if args.demo_memory:
     print(json.dumps(demo_memory()))
     return
@@ -236,7 +235,8 @@ def main():
     ours, theirs = side_by_side(
         args.side,
         lambda: time_ours(size, args.batch, args.steps, args.dtype, args.remat,
-                          profile_dir=args.profile, max_segments=args.max_segments),
+                          profile_dir=args.profile, max_segments=args.max_segments,
+                          selection=args.selection),
         lambda: run_reference("train", size, args.batch, args.ref_steps, args.threads,
                               args.ref_args.split()))
     if ours and theirs and "seconds" in theirs:
