@@ -16,7 +16,6 @@ import tensorflow_datasets as tfds
 
 from dataseg import vocab as vocab_lib
 from input_pipeline import readers
-from input_pipeline.readers import coco
 from input_pipeline.readers import tfds_readers
 
 H, W = 24, 32
