@@ -17,10 +17,14 @@ from dataseg.model import dataseg_model
 from dataseg.objective import losses
 
 
-def np_pixel_ce(logits, img, vocab_valid):
-  """Reference: CE at the centre pixel (4i + 2, 4j + 2) of each stride-4 cell."""
-  total, count = 0., 0
+def np_pixel_ce(logits, img, vocab_valid, balance='segment'):
+  """Reference: CE at the centre pixel (4i + 2, 4j + 2) of each stride-4 cell.
+
+  Returns (weighted CE sum, sum of weights): per-cell weight 1 ('pixel'), or
+  1 / (the segment's labelled cells) ('segment').
+  """
   keep_v = np.append(vocab_valid, True)
+  cells = {}  # segment -> list of CE
   for i in range(logits.shape[0]):
     for j in range(logits.shape[1]):
       y, x = 4 * i + 2, 4 * j + 2
@@ -32,24 +36,28 @@ def np_pixel_ce(logits, img, vocab_valid):
         continue
       z = np.where(keep_v, logits[i, j], -np.inf).astype(np.float64)
       logp = z - np.log(np.sum(np.exp(z - z.max()))) - z.max()
-      total += -logp[c]
-      count += 1
-  return total, count
+      cells.setdefault(int(s), []).append(-logp[c])
+  if balance == 'pixel':
+    return sum(sum(v) for v in cells.values()), sum(len(v) for v in cells.values())
+  return sum(np.mean(v) for v in cells.values()), len(cells)
 
 
+@pytest.mark.parametrize('balance', ['segment', 'pixel'])
 @pytest.mark.parametrize('seed', [0, 1])
-def test_pixel_class_sums_match_numpy(seed):
+def test_pixel_class_sums_match_numpy(seed, balance):
   img = make_image(seed)
   r = np.random.RandomState(10 + seed)
   logits = r.randn(HM, WM, V + 1).astype(np.float32) * 3
   vocab_valid = np.array([True, True, True, True, False])
-  cfg = small_config()
+  cfg = small_config(pixel_class_balance=balance)
   ce, n = losses.pixel_class_sums(jnp.asarray(logits), {k: jnp.asarray(v) for k, v in
                                                         img.items()},
                                   jnp.asarray(vocab_valid), cfg)
-  ref_ce, ref_n = np_pixel_ce(logits, img, vocab_valid)
-  assert ref_n > 0 and int(n) == ref_n
-  np.testing.assert_allclose(float(ce), ref_ce, rtol=1e-5)  # float32 log-softmax.
+  ref_ce, ref_n = np_pixel_ce(logits, img, vocab_valid, balance)
+  assert ref_n > 1
+  # float32 log-softmax and 1/n weights against float64.
+  np.testing.assert_allclose(float(n), ref_n, rtol=1e-6)
+  np.testing.assert_allclose(float(ce), ref_ce, rtol=1e-5)
 
 
 def test_compute_loss_adds_the_pixel_term_and_skips_box_data():
@@ -79,6 +87,9 @@ def test_compute_loss_adds_the_pixel_term_and_skips_box_data():
   # Same program structure otherwise: the other terms are the same computation.
   np.testing.assert_allclose(float(total1) - float(total0), 2.0 * ce / n, rtol=1e-4,
                              atol=1e-4)
+  with pytest.raises(ValueError, match='pixel_class_balance'):
+    losses.pixel_class_sums(outputs['pixel_logits'][0], {k: v[0] for k, v in batch.items()},
+                            vocab_valid, small_config(pixel_class_balance='area'))
   _, mb = run('boxes', 2.0)  # box-only data has no pixel labels: no term.
   assert 'loss_pixel_class' not in mb
 
