@@ -474,3 +474,13 @@ def test_normalisation_by_global_number_of_targets():
     np.testing.assert_allclose(float(manual[name]) * 3, float(auto[name]), rtol=1e-5)
   np.testing.assert_allclose(float(manual['loss_class']), float(auto['loss_class']),
                              rtol=1e-6)
+
+
+def test_compute_loss_reads_point_selection():
+  """config.loss.point_selection is the importance sampling's selection (traced: an
+  unknown value fails before anything runs)."""
+  cfg = small_config(point_selection='nope')
+  with pytest.raises(ValueError, match='selection'):
+    jax.eval_shape(lambda o: losses.compute_loss(
+        o, edge_case_batch(), task='panoptic', vocab_valid=np.ones(V, bool),
+        is_thing_vocab=IS_THING, config=cfg, rng=jax.random.PRNGKey(0)), random_outputs())
