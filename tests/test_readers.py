@@ -367,10 +367,31 @@ def test_tfds_coco_detection_decode_maps_labels_by_name():
   np.testing.assert_allclose(out["seg_box"], [[12, 8, 24, 16], [0, 0, 12, 16]])
 
 
-def test_tfds_scene_parse150_refused_with_the_raw_alternative():
-  """TFDS scene_parse150 holds instance annotations (R: 100 instance classes, G: ids)."""
+def test_tfds_scene_parse150_is_instance_data_and_refused(tmp_path, monkeypatch):
+  """TFDS scene_parse150 built from ChallengeData2017's layout (mocked download) stores the
+  `annotations_instance` PNG as is: channel 0 is the instanceInfo100 class (person = 4;
+  objectInfo150 says 13), G the instance id, stuff pixels 0. No 150-class map: refused."""
+  rng = np.random.default_rng(5)
+  images, annotations = tmp_path / "dl" / "images", tmp_path / "dl" / "annotations"
+  for folder in ("training", "validation"):
+    (images / "images" / folder).mkdir(parents=True)
+    (annotations / "annotations_instance" / folder).mkdir(parents=True)
+    Image.fromarray(_rgb(rng)).save(images / "images" / folder / "ADE_x_00000001.jpg")
+    instance = np.zeros([H, W, 3], np.uint8)  # wall (stuff) everywhere else: 0.
+    instance[4:12, 2:10] = (4, 1, 0)          # person, instance 1
+    instance[14:22, 12:20] = (4, 2, 0)        # person, instance 2
+    Image.fromarray(instance).save(
+        annotations / "annotations_instance" / folder / "ADE_x_00000001.png")
+  _tfds_mock_download(monkeypatch, {"images.tar": str(images),
+                                    "annotations_instance.tar": str(annotations)})
+  builder = tfds.builder("scene_parse150", data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  (ex,) = builder.as_dataset(split="train").as_numpy_iterator()
+  np.testing.assert_array_equal(ex["annotation"], instance)
   with pytest.raises(ValueError, match="annotations_instance.*ADEChallengeData2016"):
-    readers.build_reader(dict(format="tfds", tfds_name="scene_parse150"))
+    readers.build_reader(dict(format="tfds", tfds_name="scene_parse150",
+                              data_dir=str(tmp_path / "tfds")))
 
 
 # Every registry entry's default layout (input_pipeline/datasets.py), built in miniature
