@@ -107,8 +107,9 @@ def evaluate(workdir, *, config=None, step=None, dataset=None, task=None, split=
   """
   # Heavy imports here: `--help` and the file-scoring path stay light.
   from dataseg import predictor  # pylint: disable=g-import-not-at-top
-  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   from dataseg.train import eval_loop  # pylint: disable=g-import-not-at-top
+  from dataseg.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   workdir = os.fspath(workdir)
   if config is None:
     config = run.config if run is not None else config_lib.load_workdir_config(workdir)
@@ -119,7 +120,7 @@ def evaluate(workdir, *, config=None, step=None, dataset=None, task=None, split=
   _check_learned(run_config, config)
   if run is None:
     run = predictor.load_run(workdir, config=config, step=step,
-                             mesh=mesh or predictor.data_parallel_mesh())
+                             mesh=mesh or sharding_lib.data_parallel_mesh())
   else:  # the restored parameters do not depend on the padded vocabulary size.
     vocabs = padded_vocab.build_vocabularies(config, workdir)
     run = dataclasses.replace(run, config=config, vocabs=vocabs,
@@ -134,7 +135,7 @@ def evaluate(workdir, *, config=None, step=None, dataset=None, task=None, split=
 
 def _rename_classes(run, class_names):
   """Open vocabulary on a dataset: its classes scored under `class_names` (same order)."""
-  from dataseg.predictor import Predictor  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   keys = [k for k in run.vocabs if k.startswith("eval:")]
   if len(keys) != 1:
     raise ValueError("--class_names needs exactly one eval dataset (use --dataset)")
@@ -142,7 +143,8 @@ def _rename_classes(run, class_names):
   if len(class_names) != len(old.names):
     raise ValueError(f"--class_names has {len(class_names)} names; the dataset has "
                      f"{len(old.names)} classes ({', '.join(old.names)})")
-  new = Predictor(run).vocabulary(class_names, is_thing=old.is_thing[:len(old.names)])
+  new = padded_vocab.from_names(run.config, run.vocabs, run.vocab_size, class_names,
+                               old.is_thing[:len(old.names)], run.workdir)
   if len(new.valid) != len(old.valid):  # keep the run's padded size (one program).
     raise ValueError("--class_names: padded vocabulary size changed")
   run.vocabs[keys[0]] = dataclasses.replace(old, names=new.names, text=new.text)

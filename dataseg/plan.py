@@ -4,22 +4,11 @@ r"""Plan before you launch: compile the train step for a simulated mesh, report 
   python -m dataseg.plan --config=configs/joint_r50.py:fsdp --mesh=data=8,fsdp=8 --task=panoptic
   python -m dataseg.plan --config=configs/demo.py:smoke --mesh=data=2 --json=/tmp/plan.json
 
-Sizes a TPU-pod or multi-GPU config on a laptop: the process pretends to have
-N*M CPU devices (XLA's `--xla_force_host_platform_device_count`, set before jax
-starts), builds the run's state *abstractly* (trainer.setup: jax.eval_shape, never
-materialised) with the config's shardings, and compiles each task's train step
-ahead of time with `jax.jit(step).lower(abstract args).compile()`. Nothing runs and
-no dataset or text encoder is read: the vocabulary is a zero ShapeDtypeStruct of the
-config's width and padded size (from the dataset vocab lists), the batch one of the
-schema's fields.
-
-Reported per task, per device (XLA's `memory_analysis` / `cost_analysis` of the
-SPMD-partitioned program): argument, output, temporary and generated-code bytes,
-the estimated peak (arguments + outputs + temporaries - donated aliases), FLOPs per
-step and the compile time. The numbers come from XLA's *CPU* compiler: buffer
-assignment and fusion differ on TPU / GPU, so read them as a sizing estimate (what
-is sharded, what is replicated, how activations scale), not as the accelerator's
-exact footprint.
+Sizes a TPU-pod or multi-GPU config on a laptop: N*M fake CPU devices, the state built
+abstractly with the config's shardings, each task's train step compiled ahead of time from
+abstract arguments (no data, no text encoder). Reports XLA's per-device memory and FLOPs of
+the partitioned program; from the CPU compiler, so a sizing estimate, not the
+accelerator's exact footprint.
 """
 
 import os

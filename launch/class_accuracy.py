@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from dataseg import images as images_lib
 from dataseg import predictor as predictor_lib
 from dataseg.objective import postprocess
 from dataseg.train import data as data_lib
@@ -39,11 +40,11 @@ def best_proposals(p, key, num_examples):
   predict = trainer.make_predict_fn(p.run.setup)
   for ex in pipeline.host_dataset(reader, 0, 1).take(num_examples).as_numpy_iterator():
     image = ex["image"]
-    padded, valid = predictor_lib.eval_preprocess(image, p.config.eval_image_size)
+    padded, valid = images_lib.eval_preprocess(image, p.config.eval_image_size)
     class_logits, mask_logits = predict(p.run.state, padded[None], arrays)
     logits = np.asarray(postprocess.resize_to_image(mask_logits[0], valid.shape))
     h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
-    masks = predictor_lib.resize_nearest(logits[:, :h, :w], image.shape[:2]) > 0
+    masks = images_lib.resize_nearest(logits[:, :h, :w], image.shape[:2]) > 0
     probs = np.asarray(postprocess.class_probs(class_logits[0], arrays["valid"]))
     for s, (cls, crowd) in enumerate(zip(ex["seg_class"], ex["seg_is_crowd"])):
       gt = ex["segment_map"] == s

@@ -26,7 +26,8 @@ import pytest
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_NOT_TRAINING = {"dataseg/predictor.py", "dataseg/evaluate.py"}
+_NOT_TRAINING = {"dataseg/predictor.py", "dataseg/evaluate.py", "dataseg/images.py",
+                 "dataseg/metrics/files.py", "dataseg/plan.py", "dataseg/model/summary.py"}
 
 
 def _code_key():
@@ -346,3 +347,26 @@ def test_prediction_files_are_forwarded(tmp_path):
   metrics = evaluate.main(["--task=semantic", f"--gt_dir={tmp_path / 'gt'}",
                            f"--pred_dir={tmp_path / 'pred'}", "--num_classes=3"])
   assert metrics["mIoU"] == pytest.approx(np.mean(inter / union))
+
+
+def test_load_run_turns_on_the_compilation_cache_first(tmp_path, monkeypatch):
+  """As dataseg.main does: the run's compilation_cache_dir (default when a saved config has
+  none), before anything is built or compiled."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dataseg import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from dataseg.train import compile_cache  # pylint: disable=g-import-not-at-top
+
+  class Enabled(Exception):
+    pass
+
+  def enable(cache_dir, *args, **kwargs):
+    raise Enabled(cache_dir)
+
+  monkeypatch.setattr(compile_cache, "enable", enable)
+  for config, want in ((dict(compilation_cache_dir=str(tmp_path / "c")), str(tmp_path / "c")),
+                       (dict(compilation_cache_dir=""), ""),
+                       ({}, compile_cache.DEFAULT_DIR)):
+    with pytest.raises(Enabled) as e:
+      predictor_lib.load_run(tmp_path, config=ml_collections.ConfigDict(config))
+    assert e.value.args == (want,)
+

@@ -1,39 +1,15 @@
 """Pre-trained backbone weights, imported by explicit name tables.
 
-A name table is a list of `Entry(sources, collection, path, fn)`: the original
-checkpoint keys `sources` are combined by `fn` into the array at
-`variables[collection][path]` of our modules (backbone.py). Keeping the table as
-data makes the mapping testable (tests/test_weights.py writes a checkpoint in each
-naming and checks every tensor lands where it should, and that the stem / first
-block compute what the original arrays compute).
+A name table is a list of `Entry(sources, collection, path, fn)`: the original checkpoint
+keys `sources` are combined by `fn` into `variables[collection][path]` of backbone.py's
+modules. Why tables: the mapping is data, so tests/test_weights.py checks every tensor's
+destination and that the stem / first block compute what the original arrays compute.
+Namings: torchvision / timm ResNet, MAE / timm ViT, big_vision ViT `.npz` (`SOURCES`).
 
-Supported namings:
-  * torchvision / timm ResNet (`conv1.weight`, `bn1.running_mean`,
-    `layer1.0.downsample.0.weight`, ...; `fc.*` dropped): `resnet_from_torchvision`.
-  * MAE / timm ViT (`patch_embed.proj.weight`, `blocks.N.attn.qkv.weight`,
-    `pos_embed`; `cls_token`, final `norm`, `head`, MAE decoder dropped):
-    `vit_from_mae`.
-  * big_vision ViT `.npz` (`Transformer/encoderblock_N/MultiHeadDotProductAttention_0/
-    query/kernel`, `embedding/kernel`, `pos_embedding`; also the scanned
-    `Transformer/encoderblock/...` layout): `vit_from_big_vision_npz`.
-Conversions return float32 numpy trees; `merge_pretrained` drops them into a full
-model's variables at a sub-tree path and reports what was left initialised.
-
-From a published checkpoint to a training run:
-  1. Once, where torch is installed if the input is a `.pth`:
-       python -m dataseg.model.weights --from torchvision --input resnet50-0676ba61.pth \
-           --output weights/resnet50_imagenet_torchvision.safetensors
-     (`--from timm|mae|big_vision` likewise). The output holds our names
-     (`params/layer1_0/conv1/kernel`, `frozen/bn1/mean`) rooted at the backbone, and
-     the conversion's dropped / reshaped names in its metadata.
-  2. `config.model.backbone.pretrained = <that file>` (the paper configs name the
-     file they expect: dataseg/model/configs.py PRETRAINED). `trainer.init_state`
-     calls `check_pretrained` (a missing file stops the run before anything compiles,
-     printing the command of step 1) and `load_pretrained`, which merges the file into
-     the fresh state in its shardings and prints loaded / missing / unexpected /
-     reshaped names. Anything that should have loaded and did not is an error.
-Training reads no pickle: `.safetensors`, or an original-layout `.safetensors` /
-big_vision `.npz` (allow_pickle=False) converted in memory.
+`python -m dataseg.model.weights --from SOURCE --input FILE --output FILE.safetensors`
+converts once (torch needed only for a `.pth`); `config.model.backbone.pretrained` names the
+output, which `trainer.init_state` merges (`load_pretrained`, reporting every name). The
+README's "Pretrained backbones" section has the commands. Training reads no pickle.
 """
 
 import dataclasses

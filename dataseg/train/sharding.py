@@ -43,6 +43,18 @@ def make_mesh(mesh_config, devices=None):
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def single_device_mesh(device=None) -> jax.sharding.Mesh:
+  """A (1, 1, 1) mesh over one local device: every parameter replicated on it."""
+  device = device or jax.local_devices()[0]
+  return jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=[device],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_mesh() -> jax.sharding.Mesh:
+  """All devices on the `data` axis (parameters replicated): evaluation on any machine."""
+  return make_mesh(dict(data=-1, fsdp=1, model=1))
+
+
 def logical_rules(config_rules):
   """Config rules ('' = replicated) -> flax logical axis rules."""
   return tuple((name, (axis or None) if not isinstance(axis, (tuple, list)) else tuple(axis))
