@@ -62,8 +62,8 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
   per corner (4 of them per importance sampling: a third of its time in the train step's
   profile) and scatter-add their gradients through 3-d indices; with flat indices the
   gradient of a [100, 12544]-point sample is ~1.6x faster (bench/points.py's maps).
-  Points shared by all maps ([P, 2]) read the maps pixel-major ([h*w, N]): P gathers of N
-  contiguous values per corner instead of N * P scalar gathers.
+  (Shared points read as row gathers of pixel-major maps, [h*w, N], were slower in the
+  matching cost: the [P, N] -> [N, P] transposition went into each consumer.)
   The corner indices (uint32: no negative-index wrap-around) and weights are computed
   once (`_unfused`): XLA had fused their computation, and the uniform_points hash that
   made the points, into each corner's gather and the weighting, once per gathered value
@@ -81,18 +81,14 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
   wx1 = px - x0
   base = ((y0.astype(jnp.int32) + 1) * wp + (x0.astype(jnp.int32) + 1)).astype(jnp.uint32)
   base, wy1, wx1 = _unfused((base, wy1, wx1), coords)
-  if coords.ndim == 2:  # shared points: row gathers of the pixel-major maps, [P, N].
-    flat = padded.reshape(n, hp * wp).T
-    wy1, wx1 = wy1[:, None], wx1[:, None]
-    idx = base
-  else:
-    flat = padded.reshape(-1)
-    idx = jnp.arange(n, dtype=jnp.uint32)[:, None] * jnp.uint32(hp * wp) + base
+  flat = padded.reshape(-1)
+  if coords.ndim == 2:
+    base, wy1, wx1 = base[None], wy1[None], wx1[None]
+  idx = jnp.arange(n, dtype=jnp.uint32)[:, None] * jnp.uint32(hp * wp) + base
   take = lambda i: flat.at[i].get(mode="promise_in_bounds")
   top = take(idx) * (1. - wx1) + take(idx + 1) * wx1
   bottom = take(idx + wp) * (1. - wx1) + take(idx + wp + 1) * wx1
-  out = top * (1. - wy1) + bottom * wy1
-  return out.T if coords.ndim == 2 else out
+  return top * (1. - wy1) + bottom * wy1
 
 
 def nearest_lookup(grid: jax.Array, coords: jax.Array) -> jax.Array:
