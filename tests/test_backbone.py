@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dataseg.model import backbone as bb
+from dataseg.model import configs
 
 IMG = 64  # Multiple of 32: strides 4..32 give 16, 8, 4, 2.
 TINY_VIT = dict(name="vitdet", patch=16, width=64, depth=2, heads=4, mlp=128,
@@ -237,14 +238,14 @@ def test_build_backbone_rejects_unknown():
 
 
 def test_default_configs_parameter_counts():
-  """R50 without fc: torchvision's 23,508,032 (conv params + BN scale/bias)."""
+  """The paper models' backbones. R50 without fc: torchvision's 23,508,032 (conv params + BN scale/bias)."""
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  v = nn.unbox(jax.eval_shape(bb.build_backbone(bb.get_config("resnet")).init,
+  v = nn.unbox(jax.eval_shape(bb.build_backbone(configs.model_config("r50").backbone).init,
                               jax.random.PRNGKey(0), x))
   bn_affine = count(v[bb.FROZEN_COLLECTION]) // 2  # scale + bias of 4 vectors.
   assert count(v["params"]) + bn_affine == 23_508_032
-  v = nn.unbox(jax.eval_shape(bb.build_backbone(bb.get_config("vitdet")).init,
+  v = nn.unbox(jax.eval_shape(bb.build_backbone(configs.model_config("vitdet_b").backbone).init,
                               jax.random.PRNGKey(0), x))
   vit = {k: p for k, p in v["params"].items() if not k.startswith("simfp")}
   # timm vit_base_patch16_224 without head: 86,567,656 - 769,000; then minus
@@ -257,7 +258,6 @@ def test_vitdet_l_encoder_is_vit_l16():
   without its head (1,025,000), cls token and its position entry (1,024 each) and
   final norm (2,048) = 303,297,536, within 0.3% of the ~304M quoted for ViT-L in
   ViTDet's comparisons; the simple pyramid comes on top."""
-  from dataseg.model import configs  # pylint: disable=g-import-not-at-top
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
   cfg = configs.model_config("vitdet_l").backbone
   assert (cfg.width, cfg.depth, cfg.heads, cfg.mlp, cfg.window,

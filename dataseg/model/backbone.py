@@ -379,17 +379,3 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   if "global_blocks" in kwargs:
     kwargs["global_blocks"] = tuple(kwargs["global_blocks"])
   return cls(**kwargs)
-
-
-def get_config(name: str = "resnet") -> ml_collections.ConfigDict:
-  """Default backbone configs: ResNet-50 frozen BN, or ViTDet-B (MAE ViT-B/16)."""
-  if name == "resnet":
-    return ml_collections.ConfigDict(dict(
-        name="resnet", depth=50, norm="frozen_bn", width=64, dtype="float32",
-        remat=False))
-  if name == "vitdet":
-    return ml_collections.ConfigDict(dict(
-        name="vitdet", patch=16, width=768, depth=12, heads=12, mlp=3072,
-        window=14, global_blocks=(2, 5, 8, 11), pretrain_grid=14, out_dim=256,
-        dtype="float32", remat=False))
-  raise ValueError(f"Unknown backbone {name!r}; allowed: {sorted(BACKBONES)}")
