@@ -12,11 +12,23 @@ first is the reference the others' ratios are taken against, measured in the sam
 most uncertain candidates: 'exact' top-k or 'sampled' threshold), crossed with the caps.
 Why: the mask terms cost in proportion to the rows (importance sampling of 3x oversampled
 candidates per row), and they were most of the step's objective time.
+
+  PYTHONPATH=. python bench/loss.py --caps 50 --before 8e21426
+
+`--before REV`: the objective with the current code against the same objective with
+dataseg/objective/points.py and costs.py as of git revision REV (the rest of the code is
+the current one; an earlier importance_points is called without its newer arguments:
+every row sampled), both compiled in this process and timed alternately (wall and
+process CPU seconds, all threads; the ratio is current / REV); also prints the two
+losses (equal up to float rounding unless the sampling's semantics changed).
 """
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -29,11 +41,14 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import config as loss_config_lib  # pylint: disable=wrong-import-position
+from dataseg.objective import costs  # pylint: disable=wrong-import-position
 from dataseg.objective import losses  # pylint: disable=wrong-import-position
+from dataseg.objective import points  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 
 
-def time_loss(size, batch, cap, steps=3, layers=10, queries=100, selection=""):
+def loss_fn(size, batch, cap, layers=10, queries=100, selection=""):
+  """The jitted objective (value and gradient) and its arguments."""
   fields, _ = ref.synthetic_panoptic(0, batch, size, 100)
   config = loss_config_lib.loss_config()
   config.point_selection = selection or config.point_selection
@@ -53,17 +68,90 @@ def time_loss(size, batch, cap, steps=3, layers=10, queries=100, selection=""):
         rng=jax.random.PRNGKey(0))
     return total, metrics["dropped_mask_targets"]
 
-  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), (class_logits,
+                                                                           mask_logits)
+
+
+def time_loss(size, batch, cap, steps=3, layers=10, queries=100, selection=""):
+  fn, args = loss_fn(size, batch, cap, layers, queries, selection)
   start = time.perf_counter()
-  compiled = fn.lower(class_logits, mask_logits).compile()
+  compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   times = []
   for i in range(steps + 1):
     start = time.perf_counter()
-    (_, dropped), _ = jax.block_until_ready(compiled(class_logits, mask_logits))
+    (_, dropped), _ = jax.block_until_ready(compiled(*args))
     if i:
       times.append(time.perf_counter() - start)
   return float(np.median(times)), compile_s, float(dropped)
+
+
+def _module_at(rev, path):
+  """The module at `path` as of git revision `rev` (a fresh module object)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True,
+                        capture_output=True, text=True).stdout
+  with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+    f.write(text)
+  spec = importlib.util.spec_from_file_location(f"before_{os.path.basename(path)[:-3]}",
+                                                f.name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  os.unlink(f.name)
+  return module
+
+
+def _swap(module, source):
+  """Sets module's functions and selection tables to source's (a module or a dict)."""
+  items = vars(source) if not isinstance(source, dict) else source
+  for name, value in items.items():
+    if not name.startswith("__") and (callable(value) or name in ("SELECTION", "SELECT")):
+      setattr(module, name, value)
+
+
+def compare_before(rev, size, batch, cap, steps, selection=""):
+  """Current points.py / costs.py against REV's, compiled and timed in this process."""
+  current = {m: dict(vars(m)) for m in (points, costs)}
+  before = {points: _module_at(rev, "dataseg/objective/points.py"),
+            costs: _module_at(rev, "dataseg/objective/costs.py")}
+  earlier = before[points].importance_points
+  if "num_valid" not in earlier.__code__.co_varnames:
+    def importance_points(rng, maps, num_points, oversample=3., importance_ratio=.75,
+                          uncertainty_fn=points.logit_uncertainty, selection="",
+                          row_flags=None, num_valid=None, chunk=None):
+      del num_valid, chunk  # every row sampled, as before.
+      fn = uncertainty_fn if row_flags is None else (
+          lambda v: uncertainty_fn(v, row_flags))
+      return earlier(rng, maps, num_points, oversample, importance_ratio, fn, selection)
+    before[points].importance_points = importance_points
+    before[points].logit_or_prob_uncertainty = points.logit_or_prob_uncertainty
+  compiled = {}
+  for name in (rev, "current"):
+    for module in (points, costs):
+      _swap(module, before[module] if name == rev else current[module])
+    fn, args = loss_fn(size, batch, cap, selection=selection)
+    start = time.perf_counter()
+    compiled[name] = fn.lower(*args).compile()
+    print(f"# {name}: compile {time.perf_counter() - start:.1f} s", flush=True)
+  for module in (points, costs):
+    _swap(module, current[module])
+  values = {}
+  times = {name: [] for name in compiled}
+  for i in range(steps + 1):
+    for name, fn in compiled.items():
+      wall, cpu = time.perf_counter(), time.process_time()
+      (total, _), _ = jax.block_until_ready(fn(*args))
+      if i:
+        times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+      values[name] = float(total)
+  med = {name: np.median(np.array(t), 0) for name, t in times.items()}
+  for name in compiled:
+    print(f"{name}: {med[name][0]:.3f} s wall, {med[name][1]:.3f} s CPU, loss "
+          f"{values[name]:.6f}", flush=True)
+  print(f"objective fwd+bwd {size}x{size} batch {batch}, {cap or 100} rows/image: current / "
+        f"{rev}: {med['current'][0] / med[rev][0]:.2f} wall, "
+        f"{med['current'][1] / med[rev][1]:.2f} CPU; load average "
+        f"{os.getloadavg()[0]:.1f}", flush=True)
 
 
 def main():
@@ -74,6 +162,8 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--selections", default="", help="config.loss.point_selection values, e.g. "
                       "exact,sampled ('' = the default)")
+  parser.add_argument("--before", default="", help="git revision: compare the current "
+                      "points.py / costs.py with that revision's (see the docstring)")
   parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
                       help="persistent compilation cache dir ('' = off)")
   args = parser.parse_args()
@@ -83,6 +173,10 @@ def main():
                 else [loss_config_lib.loss_config().point_selection])
   print(f"# objective fwd+bwd, {args.size}x{args.size}, batch {args.batch}, jax "
         f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU cores)")
+  if args.before:
+    for cap in caps:
+      compare_before(args.before, args.size, args.batch, cap, args.steps, selections[0])
+    return
   base = None
   for selection in selections:
     for cap in caps:
