@@ -1,32 +1,14 @@
 """Jax's persistent compilation cache, on by default for training, prediction and benches.
 
-Why: the R50 train step takes tens of seconds to compile on a CPU and minutes on an
-accelerator (issue 15); a restart after pre-emption, a resume or a second debug run
-recompiles exactly the programs it compiled before. With the cache, XLA's executables are
-written to `config.compilation_cache_dir` and read back by any later process whose program,
-jax/jaxlib version, backend and devices match (jax keys the entries on all of them), on CPU,
-GPU and TPU alike. The directory may be local or any path jax's cache accepts (gs://...
-on Cloud TPU). '' disables the cache.
-
-Default directory: DEFAULT_DIR (`~/.cache/dataseg/jax_compilation_cache`, the default of
-`config.compilation_cache_dir`). When the config keeps that default and jax's own
-environment variable JAX_COMPILATION_CACHE_DIR is set, jax's variable wins (the test suite
-and clusters point every process at one directory that way); an explicit config value
-always wins.
-
-jax reads the settings when it compiles its first program in a process, so `enable` must run
-before the first `jax.jit` call compiles (dataseg.main calls it right after distributed
-initialisation; the benches at start-up; the Predictor before it builds its programs).
-
-`enable` also sets `jax_threefry_gpu_kernel_lowering` (GPU only; CPU and TPU ignore it):
-threefry as one CUDA kernel instead of its unrolled rounds in every program. Why: the
-parameter init is ~250 initialiser draws (no forward: jit drops it as dead code), and
-their unrolled threefry was most of its compile time (37 s of CPU time on the R50 model on
-this project's CPU; 67 s on an H200 in issue 15). Same bits either way.
-
-`enable` also lowers jax's thresholds so that every program is cached: by default jax skips
-programs that compiled in under a second, which on a CPU is most of the small ones a run
-compiles (initialisers, metrics, evaluation helpers), and together those are seconds.
+Why: the R50 train step compiles for tens of seconds on a CPU and minutes on an accelerator
+(issue 15), and a resume, a restart after pre-emption or a second session compiles exactly
+the same programs. XLA's executables go to `config.compilation_cache_dir` (DEFAULT_DIR unless
+set; '' disables; jax's JAX_COMPILATION_CACHE_DIR wins over the default, as the tests and
+clusters use it) and any later process with the same program, jax version and devices reads
+them back. `enable` must run before the first program compiles (dataseg.main, the
+Predictor's `load_run`, the benches); it caches every program, however small, and lowers
+threefry as one GPU kernel (the ~250 initialiser draws' unrolled rounds were most of the
+init's compile time; same bits).
 """
 
 import atexit
