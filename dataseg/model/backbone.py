@@ -1,33 +1,13 @@
 """Backbones: ResNet (v1.5) and a plain ViT with ViTDet's simple feature pyramid.
 
-Every backbone maps normalised images `[B, H, W, 3]` (H, W multiples of 32) to
-`{'stride4': [B, H/4, W/4, C4], 'stride8': ..., 'stride16': ..., 'stride32': ...}`,
-which is all the pixel decoder needs. Compute runs in `dtype` (bf16 allowed),
-parameters are always float32.
-
-Normalisation must not depend on batch statistics, so that data-parallel sharding
-(and per-device batches of 1-2 images at 1024px) changes nothing:
-  * `norm='frozen_bn'`: BatchNorm frozen at its (pretrained) statistics. Its four
-    vectors (scale, bias, mean, var) live in the variable collection
-    `FROZEN_COLLECTION = 'frozen'`, never in 'params', so an optimizer built over
-    'params' cannot touch them. Pass them back to `apply` unchanged:
-    `model.apply({'params': p, 'frozen': f}, x)`.
-  * `norm='gn'`: GroupNorm(32), trainable, in 'params'.
-
-Logical axis names on parameters (map them to mesh axes with
-`nn.logical_to_mesh_sharding(nn.get_partition_spec(vars), mesh, rules)`):
-  conv_h, conv_w, conv_in, conv_out  conv / deconv kernels [kh, kw, in, out];
-                                     conv biases ('conv_out',).
-  embed, mlp                         MLP kernels ('embed', 'mlp') and ('mlp', 'embed');
-                                     biases ('mlp',) / ('embed',).
-  heads_kv                           attention qkv kernel ('embed', 'heads_kv') and bias
-                                     ('heads_kv',); output kernel ('heads_kv', 'embed').
-  norm                               every norm scale / bias and frozen-BN statistic.
-  pos_h, pos_w                       ViT absolute position table [gh, gw, embed].
-Names with no rule are replicated by flax, so a rule table may name only a few.
-
-Parameter names mirror the original implementations (torchvision's ResNet, timm's
-ViT) so that `weights.py`'s name tables read line by line against them.
+Each maps normalised images [B, H, W, 3] (H, W multiples of 32) to {'stride4', 'stride8',
+'stride16', 'stride32'} feature maps, all the pixel decoder needs; compute in `dtype`,
+parameters float32, every one named with logical axes (LOGICAL_AXES; shared layers from
+layers.py). Normalisation never uses batch statistics, so sharding and per-device batches
+of 1-2 images change nothing: `norm='frozen_bn'` keeps BatchNorm's pretrained statistics in
+the FROZEN_COLLECTION ('frozen') collection, out of reach of an optimizer over 'params'
+(pass it back to `apply`); `norm='gn'` is a trainable GroupNorm(32). Parameter names
+mirror torchvision's ResNet and timm's ViT, so weights.py's name tables read against them.
 """
 
 import dataclasses
