@@ -124,7 +124,10 @@ def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
         first_step_s = time.time() - _PROCESS_START
         print(f"# ours {size}x{size}: first step finished {first_step_s:.1f} s after "
               f"process start", flush=True)
-    if profile_dir:
+    if profile_dir:  # the HLO maps the trace's ops to source (bench/profile_summary.py).
+      os.makedirs(profile_dir, exist_ok=True)
+      with open(os.path.join(profile_dir, "step.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
       with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
         for _ in range(2):
           state, metrics = compiled(state, batch_arrays, vocab)
