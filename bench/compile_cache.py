@@ -25,11 +25,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_once(config, workdir, cache_dir, data_dir, extra=()):
   stats_path = os.path.join(workdir + ".stats.json")
-  env = dict(os.environ, DATASEG_COMPILE_STATS=stats_path,
-             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-  cmd = [sys.executable, "-m", "dataseg.main", f"--config={config}", f"--workdir={workdir}",
-         f"--config.compilation_cache_dir={cache_dir}", f"--config.data_dir={data_dir}",
-         "--verbosity=-1", *extra]
+  env = dict(
+    os.environ,
+    DATASEG_COMPILE_STATS=stats_path,
+    PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+  )
+  cmd = [
+    sys.executable,
+    "-m",
+    "dataseg.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--config.compilation_cache_dir={cache_dir}",
+    f"--config.data_dir={data_dir}",
+    "--verbosity=-1",
+    *extra,
+  ]
   start = time.perf_counter()
   cpu0 = os.times()
   proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -39,9 +50,12 @@ def run_once(config, workdir, cache_dir, data_dir, extra=()):
     raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
   with open(stats_path) as f:
     stats = json.load(f)
-  return dict(stats, wall_s=wall,
-              process_cpu_s=(cpu1.children_user - cpu0.children_user)
-              + (cpu1.children_system - cpu0.children_system))
+  return dict(
+    stats,
+    wall_s=wall,
+    process_cpu_s=(cpu1.children_user - cpu0.children_user)
+    + (cpu1.children_system - cpu0.children_system),
+  )
 
 
 def main():
@@ -53,19 +67,28 @@ def main():
   root = args.root or tempfile.mkdtemp(prefix="dataseg_compile_cache_")
   cache_dir = os.path.join(root, "cache")
   data_dir = os.path.join(root, "data")
-  print(f"# {args.config}: {args.runs} runs, cache {cache_dir} (empty at start), "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+  print(
+    f"# {args.config}: {args.runs} runs, cache {cache_dir} (empty at start), "
+    f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+    flush=True,
+  )
   results = []
   for i in range(args.runs):
     r = run_once(args.config, os.path.join(root, f"run{i}"), cache_dir, data_dir, extra)
     results.append(r)
     print(json.dumps(dict(run=i, **r)), flush=True)
-    print(f"run {i}: XLA compile {r['compile_s']:.1f} s for {r['programs']} programs "
-          f"({r['cache_hits']} from the cache); wall {r['wall_s']:.1f} s, CPU "
-          f"{r['process_cpu_s']:.1f} s; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+      f"run {i}: XLA compile {r['compile_s']:.1f} s for {r['programs']} programs "
+      f"({r['cache_hits']} from the cache); wall {r['wall_s']:.1f} s, CPU "
+      f"{r['process_cpu_s']:.1f} s; load average {os.getloadavg()[0]:.1f}",
+      flush=True,
+    )
   if len(results) > 1 and results[0]["compile_s"]:
-    print(f"second run's compile time / first's: "
-          f"{results[1]['compile_s'] / results[0]['compile_s']:.3f} (target < 0.2)", flush=True)
+    print(
+      f"second run's compile time / first's: "
+      f"{results[1]['compile_s'] / results[0]['compile_s']:.3f} (target < 0.2)",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

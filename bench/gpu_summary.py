@@ -22,8 +22,9 @@ def main(path):
       line = line.rstrip("\n")
       m = re.match(r"## (\w+): exit (\d+) after (\d+) s \(limit (\d+) s\)", line)
       if m:
-        parts[m.group(1)].update(exit=int(m.group(2)), seconds=int(m.group(3)),
-                                 limit_s=int(m.group(4)))
+        parts[m.group(1)].update(
+          exit=int(m.group(2)), seconds=int(m.group(3)), limit_s=int(m.group(4))
+        )
         continue
       m = re.match(r"## (\w+): (.*)", line)
       if m:

@@ -31,8 +31,10 @@ import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import postprocess  # pylint: disable=wrong-import-position
-from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
-from dataseg.train import trainer  # pylint: disable=wrong-import-position
+from dataseg.train import (
+  compile_cache,  # pylint: disable=wrong-import-position
+  trainer,  # pylint: disable=wrong-import-position
+)
 
 
 def make_program(s):
@@ -43,17 +45,22 @@ def make_program(s):
   def one(class_logits, mask_logits, vocab, size):
     logits = postprocess.resize_to_image(mask_logits, size)
     seg_map, cls, _, score, seg_valid = postprocess.panoptic_inference(
-        class_logits, logits, vocab["valid"], vocab["is_thing"],
-        score_threshold=post.score_threshold, overlap_threshold=post.overlap_threshold,
-        mask_threshold=post.mask_threshold)
-    return dict(segment_map=seg_map, seg_class=jnp.where(seg_valid, cls, -1),
-                seg_score=score)
+      class_logits,
+      logits,
+      vocab["valid"],
+      vocab["is_thing"],
+      score_threshold=post.score_threshold,
+      overlap_threshold=post.overlap_threshold,
+      mask_threshold=post.mask_threshold,
+    )
+    return dict(segment_map=seg_map, seg_class=jnp.where(seg_valid, cls, -1), seg_score=score)
 
   @jax.jit
   def run(state, images, vocab):
     class_logits, mask_logits = predict(state, images, vocab)
     size = images.shape[1:3]
     return jax.vmap(lambda c, m: one(c, m, vocab, size))(class_logits, mask_logits)
+
   return run
 
 
@@ -73,18 +80,27 @@ def time_ours(size, batch, steps=3, dtype="float32"):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
   times = []
-  with jax.transfer_guard_device_to_host("allow"), jax.transfer_guard_host_to_device(
-      "disallow"):
+  with jax.transfer_guard_device_to_host("allow"), jax.transfer_guard_host_to_device("disallow"):
     for i in range(steps + 1):
       start = time.perf_counter()
       out = jax.device_get(compiled(state, images, vocab))  # results on the host.
       if i:
         times.append(time.perf_counter() - start)
   med = float(np.median(times))
-  res = dict(side="ours", backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-             size=size, batch=batch, dtype=dtype, compile_s=compile_s, seconds=med,
-             images_per_s=batch / med, all_seconds=times, flops_per_batch=flops,
-             segments_per_image=float(np.mean(np.sum(out["seg_class"] >= 0, -1))))
+  res = dict(
+    side="ours",
+    backend=jax.default_backend(),
+    device=jax.devices()[0].device_kind,
+    size=size,
+    batch=batch,
+    dtype=dtype,
+    compile_s=compile_s,
+    seconds=med,
+    images_per_s=batch / med,
+    all_seconds=times,
+    flops_per_batch=flops,
+    segments_per_image=float(np.mean(np.sum(out["seg_class"] >= 0, -1))),
+  )
   peak = train_step.peak_flops(jax.devices()[0])
   if peak and flops:
     res["mfu"] = flops / (med * peak)
@@ -102,27 +118,39 @@ def main():
   parser.add_argument("--side", choices=("both", "ours", "reference"), default="both")
   parser.add_argument("--ref_args", default="")
   parser.add_argument("--skip", default="", help="size x batch pairs to skip, e.g. 1024x8")
-  parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
-                      help="persistent compilation cache dir ('' = off)")
+  parser.add_argument(
+    "--compilation_cache",
+    default=compile_cache.DEFAULT_DIR,
+    help="persistent compilation cache dir ('' = off)",
+  )
   args = parser.parse_args()
   compile_cache.enable(args.compilation_cache)
   skip = set(filter(None, args.skip.split(",")))
-  print(f"# ours: jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU "
-        f"cores; XLA CPU uses all); reference: torch threads {args.threads}", flush=True)
+  print(
+    f"# ours: jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU "
+    f"cores; XLA CPU uses all); reference: torch threads {args.threads}",
+    flush=True,
+  )
   for size in (int(x) for x in args.sizes.split(",")):
     for batch in (int(x) for x in args.batches.split(",")):
       if f"{size}x{batch}" in skip:
         print(f"# skipped {size}x{size} batch {batch}", flush=True)
         continue
       ours, theirs = train_step.side_by_side(
-          args.side, lambda: time_ours(size, batch, args.steps, args.dtype),
-          lambda: train_step.run_reference("infer", size, batch, args.ref_steps,
-                                           args.threads, args.ref_args.split()))
+        args.side,
+        lambda: time_ours(size, batch, args.steps, args.dtype),
+        lambda: train_step.run_reference(
+          "infer", size, batch, args.ref_steps, args.threads, args.ref_args.split()
+        ),
+      )
       if ours and theirs and "images_per_s" in theirs:
-        print(f"panoptic inference {size}x{size} batch {batch}: ours "
-              f"{ours['images_per_s']:.3f} img/s, reference {theirs['images_per_s']:.3f} "
-              f"img/s, speed-up {ours['images_per_s'] / theirs['images_per_s']:.2f}x "
-              f"(target >= 2)", flush=True)
+        print(
+          f"panoptic inference {size}x{size} batch {batch}: ours "
+          f"{ours['images_per_s']:.3f} img/s, reference {theirs['images_per_s']:.3f} "
+          f"img/s, speed-up {ours['images_per_s'] / theirs['images_per_s']:.2f}x "
+          f"(target >= 2)",
+          flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ import tempfile
 import time
 
 import numpy as np
-from PIL import Image
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,7 +37,8 @@ def write_fixture(root, n, seed=0):
   for d in ("images", "panoptic"):
     os.makedirs(os.path.join(root, d), exist_ok=True)
   categories = [dict(id=i + 1, name=f"thing{i}", isthing=1) for i in range(80)] + [
-      dict(id=100 + i, name=f"stuff{i}", isthing=0) for i in range(53)]
+    dict(id=100 + i, name=f"stuff{i}", isthing=0) for i in range(53)
+  ]
   images, anns = [], []
   for i in range(n):
     short = int(rng.integers(360, 641))
@@ -64,15 +64,20 @@ def write_fixture(root, n, seed=0):
     arr = np.asarray(image).astype(np.int16) + rng.integers(-12, 13, (h, w, 3))
     name = f"{i:012d}"
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(
-        os.path.join(root, "images", name + ".jpg"), quality=90)
+      os.path.join(root, "images", name + ".jpg"), quality=90
+    )
     ids.save(os.path.join(root, "panoptic", name + ".png"))
     images.append(dict(id=i, file_name=name + ".jpg", height=h, width=w))
     anns.append(dict(image_id=i, file_name=name + ".png", segments_info=segs))
   path = os.path.join(root, "panoptic.json")
   with open(path, "w") as f:
     json.dump(dict(images=images, annotations=anns, categories=categories), f)
-  return dict(format="coco_panoptic", json=path, image_dir=os.path.join(root, "images"),
-              mask_dir=os.path.join(root, "panoptic"))
+  return dict(
+    format="coco_panoptic",
+    json=path,
+    image_dir=os.path.join(root, "images"),
+    mask_dir=os.path.join(root, "panoptic"),
+  )
 
 
 def main():
@@ -87,10 +92,18 @@ def main():
   with tempfile.TemporaryDirectory() as root:
     spec = write_fixture(root, args.images)
     it = pipeline.make_iterator(
-        spec, batch_size=args.batch_size, image_size=args.image_size,
-        max_segments=args.max_segments, task_id=schema.task_id("panoptic"),
-        training=True, seed=0, process_index=0, process_count=1,
-        shuffle_buffer=args.images, threads=args.cores)
+      spec,
+      batch_size=args.batch_size,
+      image_size=args.image_size,
+      max_segments=args.max_segments,
+      task_id=schema.task_id("panoptic"),
+      training=True,
+      seed=0,
+      process_index=0,
+      process_count=1,
+      shuffle_buffer=args.images,
+      threads=args.cores,
+    )
     next(it)  # warm-up: tracing, thread pools, first shuffle buffer fill
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.batches):
@@ -101,12 +114,16 @@ def main():
   images = args.batches * args.batch_size
   rate = images / elapsed
   per_core = rate / args.cores
-  print(f"COCO-like panoptic LSJ {args.image_size}x{args.image_size}: {rate:.1f} images/s "
-        f"on {args.cores} cores = {per_core:.1f} images/s/core "
-        f"({per_core / TARGET:.2f}x the {TARGET:.0f} images/s/core target)")
+  print(
+    f"COCO-like panoptic LSJ {args.image_size}x{args.image_size}: {rate:.1f} images/s "
+    f"on {args.cores} cores = {per_core:.1f} images/s/core "
+    f"({per_core / TARGET:.2f}x the {TARGET:.0f} images/s/core target)"
+  )
   # On a shared machine wall time undercounts; CPU time gives images per busy core-second.
-  print(f"CPU time: {cpu:.1f} core-s for {images} images = {images / cpu:.1f} images per "
-        f"core-second ({images / cpu / TARGET:.2f}x target)")
+  print(
+    f"CPU time: {cpu:.1f} core-s for {images} images = {images / cpu:.1f} images per "
+    f"core-second ({images / cpu / TARGET:.2f}x target)"
+  )
 
 
 if __name__ == "__main__":

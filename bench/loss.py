@@ -41,9 +41,11 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import config as loss_config_lib  # pylint: disable=wrong-import-position
-from dataseg.objective import costs  # pylint: disable=wrong-import-position
-from dataseg.objective import losses  # pylint: disable=wrong-import-position
-from dataseg.objective import points  # pylint: disable=wrong-import-position
+from dataseg.objective import (
+  costs,  # pylint: disable=wrong-import-position
+  losses,  # pylint: disable=wrong-import-position
+  points,  # pylint: disable=wrong-import-position
+)
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 
 
@@ -56,20 +58,26 @@ def loss_fn(size, batch, cap, layers=10, queries=100, selection=""):
   rng = np.random.default_rng(0)
   v = ref.NUM_CLASSES
   class_logits = rng.normal(size=(layers, batch, queries, v + 1)).astype(np.float32)
-  mask_logits = rng.normal(size=(layers, batch, queries, size // 4, size // 4)).astype(
-      np.float32)
+  mask_logits = rng.normal(size=(layers, batch, queries, size // 4, size // 4)).astype(np.float32)
   vocab_valid = np.ones((v,), bool)
   is_thing = np.arange(v) < ref.NUM_THINGS
 
   def loss(c, m):
     total, metrics = losses.compute_loss(
-        dict(class_logits=c, mask_logits=m), fields, task="panoptic",
-        vocab_valid=vocab_valid, is_thing_vocab=is_thing, config=config,
-        rng=jax.random.PRNGKey(0))
+      dict(class_logits=c, mask_logits=m),
+      fields,
+      task="panoptic",
+      vocab_valid=vocab_valid,
+      is_thing_vocab=is_thing,
+      config=config,
+      rng=jax.random.PRNGKey(0),
+    )
     return total, metrics["dropped_mask_targets"]
 
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), (class_logits,
-                                                                           mask_logits)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), (
+    class_logits,
+    mask_logits,
+  )
 
 
 def time_loss(size, batch, cap, steps=3, layers=10, queries=100, selection=""):
@@ -89,12 +97,12 @@ def time_loss(size, batch, cap, steps=3, layers=10, queries=100, selection=""):
 def _module_at(rev, path):
   """The module at `path` as of git revision `rev` (a fresh module object)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True,
-                        capture_output=True, text=True).stdout
+  text = subprocess.run(
+    ["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True, text=True
+  ).stdout
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(text)
-  spec = importlib.util.spec_from_file_location(f"before_{os.path.basename(path)[:-3]}",
-                                                f.name)
+  spec = importlib.util.spec_from_file_location(f"before_{os.path.basename(path)[:-3]}", f.name)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   os.unlink(f.name)
@@ -112,17 +120,29 @@ def _swap(module, source):
 def compare_before(rev, size, batch, cap, steps, selection=""):
   """Current points.py / costs.py against REV's, compiled and timed in this process."""
   current = {m: dict(vars(m)) for m in (points, costs)}
-  before = {points: _module_at(rev, "dataseg/objective/points.py"),
-            costs: _module_at(rev, "dataseg/objective/costs.py")}
+  before = {
+    points: _module_at(rev, "dataseg/objective/points.py"),
+    costs: _module_at(rev, "dataseg/objective/costs.py"),
+  }
   earlier = before[points].importance_points
   if "num_valid" not in earlier.__code__.co_varnames:
-    def importance_points(rng, maps, num_points, oversample=3., importance_ratio=.75,
-                          uncertainty_fn=points.logit_uncertainty, selection="",
-                          row_flags=None, num_valid=None, chunk=None):
+
+    def importance_points(
+      rng,
+      maps,
+      num_points,
+      oversample=3.0,
+      importance_ratio=0.75,
+      uncertainty_fn=points.logit_uncertainty,
+      selection="",
+      row_flags=None,
+      num_valid=None,
+      chunk=None,
+    ):
       del num_valid, chunk  # every row sampled, as before.
-      fn = uncertainty_fn if row_flags is None else (
-          lambda v: uncertainty_fn(v, row_flags))
+      fn = uncertainty_fn if row_flags is None else (lambda v: uncertainty_fn(v, row_flags))
       return earlier(rng, maps, num_points, oversample, importance_ratio, fn, selection)
+
     before[points].importance_points = importance_points
     before[points].logit_or_prob_uncertainty = points.logit_or_prob_uncertainty
   compiled = {}
@@ -146,12 +166,17 @@ def compare_before(rev, size, batch, cap, steps, selection=""):
       values[name] = float(total)
   med = {name: np.median(np.array(t), 0) for name, t in times.items()}
   for name in compiled:
-    print(f"{name}: {med[name][0]:.3f} s wall, {med[name][1]:.3f} s CPU, loss "
-          f"{values[name]:.6f}", flush=True)
-  print(f"objective fwd+bwd {size}x{size} batch {batch}, {cap or 100} rows/image: current / "
-        f"{rev}: {med['current'][0] / med[rev][0]:.2f} wall, "
-        f"{med['current'][1] / med[rev][1]:.2f} CPU; load average "
-        f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(
+      f"{name}: {med[name][0]:.3f} s wall, {med[name][1]:.3f} s CPU, loss {values[name]:.6f}",
+      flush=True,
+    )
+  print(
+    f"objective fwd+bwd {size}x{size} batch {batch}, {cap or 100} rows/image: current / "
+    f"{rev}: {med['current'][0] / med[rev][0]:.2f} wall, "
+    f"{med['current'][1] / med[rev][1]:.2f} CPU; load average "
+    f"{os.getloadavg()[0]:.1f}",
+    flush=True,
+  )
 
 
 def main():
@@ -160,19 +185,34 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--caps", default="0,50,32")
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--selections", default="", help="config.loss.point_selection values, e.g. "
-                      "exact,sampled ('' = the default)")
-  parser.add_argument("--before", default="", help="git revision: compare the current "
-                      "points.py / costs.py with that revision's (see the docstring)")
-  parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
-                      help="persistent compilation cache dir ('' = off)")
+  parser.add_argument(
+    "--selections",
+    default="",
+    help="config.loss.point_selection values, e.g. exact,sampled ('' = the default)",
+  )
+  parser.add_argument(
+    "--before",
+    default="",
+    help="git revision: compare the current "
+    "points.py / costs.py with that revision's (see the docstring)",
+  )
+  parser.add_argument(
+    "--compilation_cache",
+    default=compile_cache.DEFAULT_DIR,
+    help="persistent compilation cache dir ('' = off)",
+  )
   args = parser.parse_args()
   compile_cache.enable(args.compilation_cache)
   caps = [int(c) for c in args.caps.split(",")]
-  selections = (args.selections.split(",") if args.selections
-                else [loss_config_lib.loss_config().point_selection])
-  print(f"# objective fwd+bwd, {args.size}x{args.size}, batch {args.batch}, jax "
-        f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU cores)")
+  selections = (
+    args.selections.split(",")
+    if args.selections
+    else [loss_config_lib.loss_config().point_selection]
+  )
+  print(
+    f"# objective fwd+bwd, {args.size}x{args.size}, batch {args.batch}, jax "
+    f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU cores)"
+  )
   if args.before:
     for cap in caps:
       compare_before(args.before, args.size, args.batch, cap, args.steps, selections[0])
@@ -180,13 +220,17 @@ def main():
   base = None
   for selection in selections:
     for cap in caps:
-      seconds, compile_s, dropped = time_loss(args.size, args.batch, cap, args.steps,
-                                              selection=selection)
+      seconds, compile_s, dropped = time_loss(
+        args.size, args.batch, cap, args.steps, selection=selection
+      )
       base = base or seconds
       rows = cap or 100
-      print(f"selection={selection} max_mask_targets={cap} ({rows} rows/image): "
-            f"{seconds:.3f} s, compile {compile_s:.1f} s, dropped targets {dropped:.0f}, "
-            f"time vs the first: {seconds / base:.2f}", flush=True)
+      print(
+        f"selection={selection} max_mask_targets={cap} ({rows} rows/image): "
+        f"{seconds:.3f} s, compile {compile_s:.1f} s, dropped targets {dropped:.0f}, "
+        f"time vs the first: {seconds / base:.2f}",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -32,22 +32,22 @@ def _median_seconds(fn, repeats):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--repeats', type=int, default=20)
-  parser.add_argument('--shapes', default='100x50,100x100')
-  parser.add_argument('--kind', default='float', choices=('float', 'tied'))
-  parser.add_argument('--solver', default='auto',
-                      choices=('auto', 'rows', 'steps'))
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--shapes", default="100x50,100x100")
+  parser.add_argument("--kind", default="float", choices=("float", "tied"))
+  parser.add_argument("--solver", default="auto", choices=("auto", "rows", "steps"))
   args = parser.parse_args()
   rng = np.random.default_rng(0)
-  solve = jax.jit(functools.partial(matching.batched_linear_sum_assignment,
-                                    solver=args.solver))
-  print(f'device: {jax.devices()[0].device_kind}, batch {args.batch}, '
-        f'{args.kind} costs, solver {args.solver}, '
-        f'median of {args.repeats}')
-  for shape in args.shapes.split(','):
-    n, m = (int(x) for x in shape.split('x'))
-    if args.kind == 'float':
+  solve = jax.jit(functools.partial(matching.batched_linear_sum_assignment, solver=args.solver))
+  print(
+    f"device: {jax.devices()[0].device_kind}, batch {args.batch}, "
+    f"{args.kind} costs, solver {args.solver}, "
+    f"median of {args.repeats}"
+  )
+  for shape in args.shapes.split(","):
+    n, m = (int(x) for x in shape.split("x"))
+    if args.kind == "float":
       cost = rng.random((args.batch, n, m)).astype(np.float32)
     else:
       cost = rng.integers(0, 4, (args.batch, n, m)).astype(np.float32)
@@ -70,9 +70,11 @@ def main():
       mine = q2t[b] >= 0
       total = cost[b][np.flatnonzero(mine), q2t[b][mine]].sum()
       assert np.isclose(total, cost[b][rows, cols].sum(), rtol=1e-5), b
-    print(f'{n}x{m}: jax {t_jax * 1e3:8.3f} ms  scipy {t_scipy * 1e3:8.3f} ms'
-          f'  jax/scipy {t_jax / t_scipy:6.2f}')
+    print(
+      f"{n}x{m}: jax {t_jax * 1e3:8.3f} ms  scipy {t_scipy * 1e3:8.3f} ms"
+      f"  jax/scipy {t_jax / t_scipy:6.2f}"
+    )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

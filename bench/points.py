@@ -31,6 +31,7 @@ from dataseg.objective import points  # pylint: disable=wrong-import-position
 def gather_point_sample(maps, coords):
   """The previous points.point_sample: one (map, y, x) gather per corner, masks outside."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   if coords.ndim == 3:
     return jax.vmap(lambda m, c: gather_point_sample(m[None], c)[0])(maps, coords)
   _, h, w = maps.shape
@@ -42,13 +43,13 @@ def gather_point_sample(maps, coords):
   wx1 = px - x0
   y0 = y0.astype(jnp.int32)
   x0 = x0.astype(jnp.int32)
-  out = 0.
-  for dy, wy in ((0, 1. - wy1), (1, wy1)):
-    for dx, wx in ((0, 1. - wx1), (1, wx1)):
+  out = 0.0
+  for dy, wy in ((0, 1.0 - wy1), (1, wy1)):
+    for dx, wx in ((0, 1.0 - wx1), (1, wx1)):
       yi, xi = y0 + dy, x0 + dx
       inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
       v = maps[:, jnp.clip(yi, 0, h - 1), jnp.clip(xi, 0, w - 1)]
-      out = out + v * jnp.where(inside, wy * wx, 0.)[None]
+      out = out + v * jnp.where(inside, wy * wx, 0.0)[None]
   return out
 
 
@@ -65,21 +66,27 @@ def _time(fn, *args, steps=5):
 
 def bench_point_sample(maps, steps):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   rows = maps.shape[0]
   r = np.random.default_rng(1)
   cand = jax.device_put(r.uniform(0, 1, (rows, 3 * 112 * 112, 2)).astype(np.float32))
-  loss_pts = cand[:, :112 * 112]
+  loss_pts = cand[:, : 112 * 112]
   base = None
-  for name, fn in (("gather (previous)", gather_point_sample),
-                   ("flat (points.point_sample)", points.point_sample)):
+  for name, fn in (
+    ("gather (previous)", gather_point_sample),
+    ("flat (points.point_sample)", points.point_sample),
+  ):
     fwd = jax.jit(lambda m, c, f=fn: -jnp.abs(f(m, c)))
     grad = jax.jit(jax.grad(lambda m, c, f=fn: jnp.sum(jnp.sin(f(m, c)))))
     f_w, f_c = _time(fwd, maps, cand, steps=steps)
     g_w, g_c = _time(grad, maps, loss_pts, steps=steps)
     base = base or (f_c, g_c)
-    print(f"point_sample {name}: forward on candidates {f_w:.3f} s wall {f_c:.3f} s CPU; "
-          f"gradient on loss points {g_w:.3f} s wall {g_c:.3f} s CPU; CPU vs previous: "
-          f"forward {f_c / base[0]:.2f}, gradient {g_c / base[1]:.2f}", flush=True)
+    print(
+      f"point_sample {name}: forward on candidates {f_w:.3f} s wall {f_c:.3f} s CPU; "
+      f"gradient on loss points {g_w:.3f} s wall {g_c:.3f} s CPU; CPU vs previous: "
+      f"forward {f_c / base[0]:.2f}, gradient {g_c / base[1]:.2f}",
+      flush=True,
+    )
 
 
 def main():
@@ -91,19 +98,22 @@ def main():
   parser.add_argument("--point_sample", action="store_true")
   args = parser.parse_args()
   hw = args.size // 4
-  maps = jax.device_put(np.random.default_rng(0).normal(size=(args.rows, hw, hw)).astype(
-      np.float32))
+  maps = jax.device_put(
+    np.random.default_rng(0).normal(size=(args.rows, hw, hw)).astype(np.float32)
+  )
   rng = jax.random.PRNGKey(0)
-  print(f"# importance_points: {args.rows} rows of {hw}x{hw}, 112x112 points, jax "
-        f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} cores), load "
-        f"average {os.getloadavg()[0]:.1f}", flush=True)
+  print(
+    f"# importance_points: {args.rows} rows of {hw}x{hw}, 112x112 points, jax "
+    f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} cores), load "
+    f"average {os.getloadavg()[0]:.1f}",
+    flush=True,
+  )
   if args.point_sample:
     bench_point_sample(maps, args.steps)
     return
   base = None
   for selection in args.selections.split(","):
-    fn = jax.jit(lambda r, m, s=selection: points.importance_points(r, m, 112 * 112,
-                                                                     selection=s))
+    fn = jax.jit(lambda r, m, s=selection: points.importance_points(r, m, 112 * 112, selection=s))
     jax.block_until_ready(fn(rng, maps))
     wall, cpu = [], []
     for _ in range(args.steps):
@@ -113,8 +123,11 @@ def main():
       cpu.append(time.process_time() - c)
     w, c = float(np.median(wall)), float(np.median(cpu))
     base = base or (w, c)
-    print(f"selection={selection}: {w:.3f} s wall, {c:.3f} s CPU; vs {args.selections.split(',')[0]}: "
-          f"{w / base[0]:.2f} wall, {c / base[1]:.2f} CPU", flush=True)
+    print(
+      f"selection={selection}: {w:.3f} s wall, {c:.3f} s CPU; vs {args.selections.split(',')[0]}: "
+      f"{w / base[0]:.2f} wall, {c / base[1]:.2f} CPU",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dataseg.metrics import files as metric_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dataseg.metrics import exports  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dataseg.metrics import files as metric_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_CLASSES = 40
 IS_THING = np.arange(NUM_CLASSES) < 25
@@ -41,26 +41,30 @@ def synthetic_pair(rng, size, num_segments=20):
   for k in range(num_segments):
     y0, x0 = rng.integers(0, h - 8, 2)
     ext = size // 2 if not IS_THING[cls[k]] else size // 5
-    gt[y0:y0 + rng.integers(8, ext), x0:x0 + rng.integers(8, ext)] = k
+    gt[y0 : y0 + rng.integers(8, ext), x0 : x0 + rng.integers(8, ext)] = k
   crowd = (rng.random(num_segments) < 0.1) & IS_THING[cls]
   for _ in range(3):  # void bands
     y0, x0 = rng.integers(0, h - 8, 2)
-    gt[y0:y0 + rng.integers(2, 12), x0:x0 + rng.integers(8, size // 3)] = -1
+    gt[y0 : y0 + rng.integers(2, 12), x0 : x0 + rng.integers(8, size // 3)] = -1
   base = np.roll(gt, tuple(rng.integers(-size // 50, size // 50 + 1, 2)), (0, 1))
   lut = np.arange(-1, num_segments)
   lut[1:][rng.random(num_segments) < 0.1] = -1  # missed segments
   pred = lut[base + 1]
-  pred_cls = np.where(rng.random(num_segments) < 0.85, cls,
-                      rng.integers(0, NUM_CLASSES, num_segments)).astype(np.int32)
+  pred_cls = np.where(
+    rng.random(num_segments) < 0.85, cls, rng.integers(0, NUM_CLASSES, num_segments)
+  ).astype(np.int32)
   extra = []
   for j in range(int(rng.integers(1, 5))):  # unmatched predictions
     y0, x0 = rng.integers(0, h - 8, 2)
-    pred[y0:y0 + rng.integers(8, size // 6), x0:x0 + rng.integers(8, size // 6)] = (
-        num_segments + j)
+    pred[y0 : y0 + rng.integers(8, size // 6), x0 : x0 + rng.integers(8, size // 6)] = (
+      num_segments + j
+    )
     extra.append(rng.integers(0, NUM_CLASSES))
   pred_cls = np.concatenate([pred_cls, np.asarray(extra, np.int32)])
-  return ({"segment_map": gt, "seg_class": cls, "seg_is_crowd": crowd},
-          {"segment_map": pred.astype(np.int32), "seg_class": pred_cls})
+  return (
+    {"segment_map": gt, "seg_class": cls, "seg_is_crowd": crowd},
+    {"segment_map": pred.astype(np.int32), "seg_class": pred_cls},
+  )
 
 
 def write_fixtures(root, num_images, size, seed=0):
@@ -71,14 +75,17 @@ def write_fixtures(root, num_images, size, seed=0):
     gts.append(dict(g, image_id=i))
     preds.append(dict(p, image_id=i))
   cats = exports.make_categories([f"class{c}" for c in range(NUM_CLASSES)], IS_THING)
-  exports.write_coco_panoptic(os.path.join(root, "gt.json"), os.path.join(root, "gt"), gts,
-                              cats, is_gt=True)
-  exports.write_coco_panoptic(os.path.join(root, "pred.json"), os.path.join(root, "pred"),
-                              preds, cats, is_gt=False)
+  exports.write_coco_panoptic(
+    os.path.join(root, "gt.json"), os.path.join(root, "gt"), gts, cats, is_gt=True
+  )
+  exports.write_coco_panoptic(
+    os.path.join(root, "pred.json"), os.path.join(root, "pred"), preds, cats, is_gt=False
+  )
 
 
 def run_reference(root):
   from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as ref  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(root, "gt.json")) as f:
     gt = json.load(f)
   with open(os.path.join(root, "pred.json")) as f:
@@ -87,15 +94,19 @@ def run_reference(root):
   by_id = {a["image_id"]: a for a in pred["annotations"]}
   pairs = [(a, by_id[a["image_id"]]) for a in gt["annotations"]]
   with contextlib.redirect_stdout(io.StringIO()):
-    stat = ref.pq_compute_single_core(0, pairs, os.path.join(root, "gt"),
-                                      os.path.join(root, "pred"), categories)
+    stat = ref.pq_compute_single_core(
+      0, pairs, os.path.join(root, "gt"), os.path.join(root, "pred"), categories
+    )
   return ref.average_pq(stat, categories)
 
 
 def run_ours(root):
   return metric_files.evaluate_panoptic_files(
-      os.path.join(root, "gt.json"), os.path.join(root, "gt"),
-      os.path.join(root, "pred.json"), os.path.join(root, "pred"))
+    os.path.join(root, "gt.json"),
+    os.path.join(root, "gt"),
+    os.path.join(root, "pred.json"),
+    os.path.join(root, "pred"),
+  )
 
 
 class _DecodedImages:
@@ -112,7 +123,9 @@ def time_pq_only(root, chunk=50, repeats=2):
   """(reference seconds, our seconds) with PNG decoding done beforehand for both."""
   from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as ref  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from dataseg.metrics import panoptic  # pylint: disable=g-import-not-at-top
+
   gt = json.load(open(os.path.join(root, "gt.json")))
   pred = json.load(open(os.path.join(root, "pred.json")))
   categories = {c["id"]: c for c in gt["categories"]}
@@ -120,12 +133,14 @@ def time_pq_only(root, chunk=50, repeats=2):
   by_id = {a["image_id"]: a for a in pred["annotations"]}
   pairs = [(a, by_id[a["image_id"]]) for a in gt["annotations"]]
   gt_dir, pred_dir = os.path.join(root, "gt"), os.path.join(root, "pred")
-  ev = panoptic.PanopticEvaluator(class_names=[c["name"] for c in gt["categories"]],
-                                  is_thing=[c["isthing"] for c in gt["categories"]])
+  ev = panoptic.PanopticEvaluator(
+    class_names=[c["name"] for c in gt["categories"]],
+    is_thing=[c["isthing"] for c in gt["categories"]],
+  )
   t_ref = t_ours = 0.0
   stat = ref.PQStat()
   for start in range(0, len(pairs), chunk):
-    part = pairs[start:start + chunk]
+    part = pairs[start : start + chunk]
     cache = {}
     for g, p in part:
       for d, a in ((gt_dir, g), (pred_dir, p)):
@@ -134,9 +149,11 @@ def time_pq_only(root, chunk=50, repeats=2):
           cache[path] = np.asarray(im.convert("RGB"))
     pil, ref.Image = ref.Image, _DecodedImages(cache)
     try:
+
       def reference():
         with contextlib.redirect_stdout(io.StringIO()):
           return ref.pq_compute_single_core(0, part, gt_dir, pred_dir, categories)
+
       dt, part_stat = best_of(reference, repeats)
     finally:
       ref.Image = pil
@@ -147,11 +164,17 @@ def time_pq_only(root, chunk=50, repeats=2):
       part_ev = ev.empty_like()
       for g, p in part:
         part_ev.add_id_maps(
-            (exports.rgb_to_id_fast(cache[os.path.join(pred_dir, p["file_name"])]),
-             *exports.segments_table(p["segments_info"], cat_index)),
-            (exports.rgb_to_id_fast(cache[os.path.join(gt_dir, g["file_name"])]),
-             *exports.segments_table(g["segments_info"], cat_index)))
+          (
+            exports.rgb_to_id_fast(cache[os.path.join(pred_dir, p["file_name"])]),
+            *exports.segments_table(p["segments_info"], cat_index),
+          ),
+          (
+            exports.rgb_to_id_fast(cache[os.path.join(gt_dir, g["file_name"])]),
+            *exports.segments_table(g["segments_info"], cat_index),
+          ),
+        )
       return part_ev
+
     dt, part_ev = best_of(ours, repeats)
     t_ours += dt
     ev.accumulate(part_ev)
@@ -181,8 +204,10 @@ def main():
     os.makedirs(root, exist_ok=True)
     t = time.perf_counter()
     write_fixtures(root, args.num_images, args.size)
-    print(f"wrote {args.num_images} gt/prediction pairs of {args.size}x{args.size} "
-          f"in {time.perf_counter() - t:.1f}s")
+    print(
+      f"wrote {args.num_images} gt/prediction pairs of {args.size}x{args.size} "
+      f"in {time.perf_counter() - t:.1f}s"
+    )
     t_ref, ref_res = best_of(lambda: run_reference(root), args.repeats)
     t_ours, ours = best_of(lambda: run_ours(root), args.repeats)
     t_ref_pq, t_ours_pq, ref_res_pq, ours_pq = time_pq_only(root, repeats=args.repeats)
@@ -191,13 +216,19 @@ def main():
       for m in ("pq", "sq", "rq"):
         diff = abs(a[m.upper() + suffix] - b[group][m])
         assert diff < 1e-9, (group, m, diff)
-  print(f"PQ {100 * ours['PQ']:.3f} (reference {100 * ref_res['All']['pq']:.3f}), "
-        "all / things / stuff PQ SQ RQ equal to 1e-9")
+  print(
+    f"PQ {100 * ours['PQ']:.3f} (reference {100 * ref_res['All']['pq']:.3f}), "
+    "all / things / stuff PQ SQ RQ equal to 1e-9"
+  )
   n = args.num_images
-  print(f"{'CPU time per image':28s}{'reference':>14s}{'dataseg':>14s}{'speedup':>9s}"
-        "   (1 process each)")
-  for name, tr, to in (("files (PNG decode included)", t_ref, t_ours),
-                       ("PQ only (decoded inputs)", t_ref_pq, t_ours_pq)):
+  print(
+    f"{'CPU time per image':28s}{'reference':>14s}{'dataseg':>14s}{'speedup':>9s}"
+    "   (1 process each)"
+  )
+  for name, tr, to in (
+    ("files (PNG decode included)", t_ref, t_ours),
+    ("PQ only (decoded inputs)", t_ref_pq, t_ours_pq),
+  ):
     print(f"{name:28s}{1000 * tr / n:11.1f} ms{1000 * to / n:11.1f} ms{tr / to:8.1f}x")
 
 

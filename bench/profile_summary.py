@@ -40,14 +40,17 @@ def frames(lines):
       (files if section == "FileNames" else funcs)[int(key)] = rest.strip('"')
     else:
       (locs if section == "FileLocations" else stack)[int(key)] = dict(
-          re.findall(r"(\w+)=(\d+)", rest))
+        re.findall(r"(\w+)=(\d+)", rest)
+      )
   out = {}
   for fid, frame in stack.items():
     loc = locs.get(int(frame["file_location_id"]))
     if loc:
-      out[fid] = (files[int(loc["file_name_id"])],
-                  f"{os.path.basename(files[int(loc['file_name_id'])])}:{loc['line']} "
-                  f"{funcs[int(loc['function_name_id'])]}")
+      out[fid] = (
+        files[int(loc["file_name_id"])],
+        f"{os.path.basename(files[int(loc['file_name_id'])])}:{loc['line']} "
+        f"{funcs[int(loc['function_name_id'])]}",
+      )
   return out
 
 
@@ -95,8 +98,20 @@ def self_times(trace_path):
   return total
 
 
-NOT_OPS = ("ThunkExecutor", "$", "Pjit", "Common", "Allocate", "Parse", "Handle", "Wait",
-           "Python", "Thread", "Slinky", "DevicePut")
+NOT_OPS = (
+  "ThunkExecutor",
+  "$",
+  "Pjit",
+  "Common",
+  "Allocate",
+  "Parse",
+  "Handle",
+  "Wait",
+  "Python",
+  "Thread",
+  "Slinky",
+  "DevicePut",
+)
 
 
 def main():
@@ -109,8 +124,7 @@ def main():
   args = parser.parse_args()
   lines = open(args.hlo or os.path.join(args.dir, "step.hlo.txt")).read().splitlines()
   names, ops = frames(lines), op_frames(lines)
-  trace = sorted(glob.glob(os.path.join(args.dir, "**", "*.trace.json.gz"),
-                           recursive=True))[-1]
+  trace = sorted(glob.glob(os.path.join(args.dir, "**", "*.trace.json.gz"), recursive=True))[-1]
   times = {k: v for k, v in self_times(trace).items() if not k.startswith(NOT_OPS)}
   total = sum(times.values())
   agg, top_ops = collections.Counter(), collections.defaultdict(collections.Counter)
@@ -119,8 +133,7 @@ def main():
     key = os.path.basename(path) if args.by == "file" else name
     agg[key] += t
     top_ops[key][op] += t
-  print(f"# {trace}: XLA ops' self time {total / 1e6 / args.steps:.2f} s per step "
-        f"(all threads)")
+  print(f"# {trace}: XLA ops' self time {total / 1e6 / args.steps:.2f} s per step (all threads)")
   for key, t in agg.most_common(args.top):
     ex = ", ".join(op for op, _ in top_ops[key].most_common(2))
     print(f"{100 * t / total:5.1f}%  {t / 1e6 / args.steps:7.3f} s/step  {key}   [{ex}]")

@@ -33,8 +33,14 @@ NUM_CLASSES = 133
 NUM_THINGS = 80  # COCO panoptic: classes 0..79 are things, 80..132 stuff.
 
 
-def synthetic_panoptic(seed: int, batch: int, size: int, max_segments: int = 100,
-                       num_segments: int = 20, num_things: int = 12):
+def synthetic_panoptic(
+  seed: int,
+  batch: int,
+  size: int,
+  max_segments: int = 100,
+  num_segments: int = 20,
+  num_things: int = 12,
+):
   """A panoptic batch of the schema (dataseg/schema.py) and the reference's targets.
 
   Each image is a Voronoi partition of `num_segments` random seeds: the first
@@ -45,31 +51,35 @@ def synthetic_panoptic(seed: int, batch: int, size: int, max_segments: int = 100
   """
   rng = np.random.default_rng(seed)
   fields = dict(
-      image=np.zeros((batch, size, size, 3), np.uint8),
-      valid=np.ones((batch, size, size), bool),
-      segment_map=np.full((batch, size, size), -1, np.int32),
-      seg_class=np.full((batch, max_segments), -1, np.int32),
-      seg_box=np.zeros((batch, max_segments, 4), np.float32),
-      seg_is_thing=np.zeros((batch, max_segments), bool),
-      seg_is_crowd=np.zeros((batch, max_segments), bool),
-      seg_valid=np.zeros((batch, max_segments), bool),
-      task=np.zeros((batch,), np.int32),  # schema.TASKS.index('panoptic')
-      dataset_id=np.zeros((batch,), np.int32),
-      image_id=np.arange(batch, dtype=np.int64),
-      orig_size=np.full((batch, 2), size, np.int32),
-      example_valid=np.ones((batch,), bool),
+    image=np.zeros((batch, size, size, 3), np.uint8),
+    valid=np.ones((batch, size, size), bool),
+    segment_map=np.full((batch, size, size), -1, np.int32),
+    seg_class=np.full((batch, max_segments), -1, np.int32),
+    seg_box=np.zeros((batch, max_segments, 4), np.float32),
+    seg_is_thing=np.zeros((batch, max_segments), bool),
+    seg_is_crowd=np.zeros((batch, max_segments), bool),
+    seg_valid=np.zeros((batch, max_segments), bool),
+    task=np.zeros((batch,), np.int32),  # schema.TASKS.index('panoptic')
+    dataset_id=np.zeros((batch,), np.int32),
+    image_id=np.arange(batch, dtype=np.int64),
+    orig_size=np.full((batch, 2), size, np.int32),
+    example_valid=np.ones((batch,), bool),
   )
   ref_targets = []
-  ys, xs = np.meshgrid(np.arange(size, dtype=np.float32),
-                       np.arange(size, dtype=np.float32), indexing="ij")
+  ys, xs = np.meshgrid(
+    np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32), indexing="ij"
+  )
   for b in range(batch):
     seeds = rng.uniform(0, size, (num_segments, 2)).astype(np.float32)
-    dist = ((ys[None] - seeds[:, 0, None, None]) ** 2
-            + (xs[None] - seeds[:, 1, None, None]) ** 2)
+    dist = (ys[None] - seeds[:, 0, None, None]) ** 2 + (xs[None] - seeds[:, 1, None, None]) ** 2
     cell = np.argmin(dist, 0).astype(np.int32)  # [H, W]
     n = num_segments - 1  # last cell: void.
-    cls = np.concatenate([rng.integers(0, NUM_THINGS, num_things),
-                          rng.integers(NUM_THINGS, NUM_CLASSES, n - num_things)])
+    cls = np.concatenate(
+      [
+        rng.integers(0, NUM_THINGS, num_things),
+        rng.integers(NUM_THINGS, NUM_CLASSES, n - num_things),
+      ]
+    )
     fields["segment_map"][b] = np.where(cell < n, cell, -1)
     colours = rng.integers(0, 256, (num_segments, 3)).astype(np.uint8)
     noise = rng.integers(0, 32, (size, size, 3)).astype(np.uint8)
@@ -95,14 +105,28 @@ def synthetic_panoptic(seed: int, batch: int, size: int, max_segments: int = 100
 
 def build_reference(num_points: int = 112 * 112):
   import transformers  # pylint: disable=g-import-not-at-top
+
   backbone = transformers.ResNetConfig(
-      depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
-      out_features=["stage1", "stage2", "stage3", "stage4"])
+    depths=[3, 4, 6, 3],
+    hidden_sizes=[256, 512, 1024, 2048],
+    layer_type="bottleneck",
+    out_features=["stage1", "stage2", "stage3", "stage4"],
+  )
   config = transformers.Mask2FormerConfig(
-      backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
-      num_labels=NUM_CLASSES, num_queries=100, decoder_layers=10, encoder_layers=6,
-      hidden_dim=256, feature_size=256, mask_feature_size=256, dim_feedforward=2048,
-      encoder_feedforward_dim=1024, train_num_points=num_points)
+    backbone_config=backbone,
+    use_timm_backbone=False,
+    use_pretrained_backbone=False,
+    num_labels=NUM_CLASSES,
+    num_queries=100,
+    decoder_layers=10,
+    encoder_layers=6,
+    hidden_dim=256,
+    feature_size=256,
+    mask_feature_size=256,
+    dim_feedforward=2048,
+    encoder_feedforward_dim=1024,
+    train_num_points=num_points,
+  )
   model = transformers.Mask2FormerForUniversalSegmentation(config)
   assert len(model.model.transformer_module.decoder.layers) == 9
   return model, config
@@ -110,6 +134,7 @@ def build_reference(num_points: int = 112 * 112):
 
 def _sync(device):
   import torch  # pylint: disable=g-import-not-at-top
+
   if device.type == "cuda":
     torch.cuda.synchronize()
 
@@ -129,6 +154,7 @@ def main():
 
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   device = torch.device(args.device)
@@ -149,8 +175,7 @@ def main():
 
     def step():
       with autocast:
-        out = model(pixel_values=pixel_values, mask_labels=mask_labels,
-                    class_labels=class_labels)
+        out = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
       opt.zero_grad(set_to_none=True)
       out.loss.backward()
       opt.step()
@@ -166,7 +191,8 @@ def main():
         out.class_queries_logits = out.class_queries_logits.float()
         out.masks_queries_logits = out.masks_queries_logits.float()
         return processor.post_process_panoptic_segmentation(
-            out, threshold=0.8, overlap_mask_area_threshold=0.8, target_sizes=sizes)
+          out, threshold=0.8, overlap_mask_area_threshold=0.8, target_sizes=sizes
+        )
 
   for i in range(args.warmup + args.steps):
     _sync(device)
@@ -177,14 +203,28 @@ def main():
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu_start)
   med = float(np.median(times))
-  print(json.dumps(dict(
-      side="reference", impl="transformers.Mask2FormerForUniversalSegmentation",
-      torch=torch.__version__, transformers=transformers.__version__, mode=args.mode,
-      size=args.size, batch=args.batch, device=str(device), bf16=args.bf16,
-      threads=torch.get_num_threads(), steps=len(times), seconds=med,
-      images_per_s=args.batch / med, all_seconds=times,
-      cpu_seconds=float(np.median(cpu_times)),
-      params=sum(p.numel() for p in model.parameters()))))
+  print(
+    json.dumps(
+      dict(
+        side="reference",
+        impl="transformers.Mask2FormerForUniversalSegmentation",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        mode=args.mode,
+        size=args.size,
+        batch=args.batch,
+        device=str(device),
+        bf16=args.bf16,
+        threads=torch.get_num_threads(),
+        steps=len(times),
+        seconds=med,
+        images_per_s=args.batch / med,
+        all_seconds=times,
+        cpu_seconds=float(np.median(cpu_times)),
+        params=sum(p.numel() for p in model.parameters()),
+      )
+    )
+  )
 
 
 if __name__ == "__main__":

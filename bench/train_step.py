@@ -26,13 +26,14 @@ MFU (GPU): model FLOPs per step from XLA's cost analysis of the compiled step.
 """
 
 import time  # pylint: disable=g-import-not-at-top
+
 _PROCESS_START = time.time()  # before jax's import: time to the first step counts it.
 
 import argparse  # pylint: disable=g-bad-import-order
 import json
 import os
-import shutil
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -47,16 +48,18 @@ import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong
 
 from configs import common  # pylint: disable=wrong-import-position
 from dataseg.model import configs as model_configs  # pylint: disable=wrong-import-position
-from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
-from dataseg.train import trainer  # pylint: disable=wrong-import-position
+from dataseg.train import (
+  compile_cache,  # pylint: disable=wrong-import-position
+  trainer,  # pylint: disable=wrong-import-position
+)
 
-REF_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ref_venv", "bin",
-                          "python")
+REF_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ref_venv", "bin", "python")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM).
 
 
-def bench_config(size, batch, model="r50", dtype="float32", remat=False, max_segments=100,
-                 selection=""):
+def bench_config(
+  size, batch, model="r50", dtype="float32", remat=False, max_segments=100, selection=""
+):
   c = common.base_config()
   c.loss.point_selection = selection or c.loss.point_selection
   c.image_size = c.eval_image_size = size
@@ -72,10 +75,12 @@ def bench_config(size, batch, model="r50", dtype="float32", remat=False, max_seg
 
 def vocab_arrays(text_dim=512, num_classes=ref.NUM_CLASSES, seed=0):
   rng = np.random.default_rng(seed)
-  return dict(text=rng.normal(size=(num_classes, text_dim)).astype(np.float32),
-              valid=np.ones((num_classes,), bool),
-              is_thing=np.arange(num_classes) < ref.NUM_THINGS,
-              index=np.int32(0))
+  return dict(
+    text=rng.normal(size=(num_classes, text_dim)).astype(np.float32),
+    valid=np.ones((num_classes,), bool),
+    is_thing=np.arange(num_classes) < ref.NUM_THINGS,
+    index=np.int32(0),
+  )
 
 
 def peak_flops(device):
@@ -86,8 +91,17 @@ def peak_flops(device):
   return None
 
 
-def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
-              profile_dir="", max_segments=100, selection=""):
+def time_ours(
+  size,
+  batch,
+  steps=5,
+  dtype="float32",
+  remat=False,
+  model="r50",
+  profile_dir="",
+  max_segments=100,
+  selection="",
+):
   """Compiles and times our jitted train step; returns a dict of figures."""
   config = bench_config(size, batch, model, dtype, remat, max_segments, selection)
   start = time.perf_counter()
@@ -105,9 +119,12 @@ def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
   compiled = lowered.compile()
   t2 = time.perf_counter()
   from_cache = compile_cache.stats()["cache_hits"] > cache0
-  print(f"# ours {size}x{size} batch {batch}: setup + init {init_s:.1f} s, trace "
-        f"{t1 - t0:.1f} s, compile {t2 - t1:.1f} s"
-        f"{' (persistent cache hit)' if from_cache else ''}", flush=True)
+  print(
+    f"# ours {size}x{size} batch {batch}: setup + init {init_s:.1f} s, trace "
+    f"{t1 - t0:.1f} s, compile {t2 - t1:.1f} s"
+    f"{' (persistent cache hit)' if from_cache else ''}",
+    flush=True,
+  )
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -122,8 +139,10 @@ def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
         cpu_times.append(time.process_time() - cpu_start)
       else:
         first_step_s = time.time() - _PROCESS_START
-        print(f"# ours {size}x{size}: first step finished {first_step_s:.1f} s after "
-              f"process start", flush=True)
+        print(
+          f"# ours {size}x{size}: first step finished {first_step_s:.1f} s after process start",
+          flush=True,
+        )
     if profile_dir:  # the HLO maps the trace's ops to source (bench/profile_summary.py).
       os.makedirs(profile_dir, exist_ok=True)
       with open(os.path.join(profile_dir, "step.hlo.txt"), "w") as f:
@@ -135,15 +154,30 @@ def time_ours(size, batch, steps=5, dtype="float32", remat=False, model="r50",
   loss = float(jax.device_get(metrics["loss"]))
   med = float(np.median(times))
   dev = jax.devices()[0]
-  out = dict(side="ours", backend=jax.default_backend(), device=dev.device_kind,
-             devices=jax.device_count(), cpu_cores=os.cpu_count(), size=size, batch=batch,
-             dtype=dtype, remat=remat, trace_s=t1 - t0, compile_s=t2 - t1,
-             compile_from_cache=from_cache, process_to_first_step_s=first_step_s,
-             seconds=med,
-             cpu_seconds=float(np.median(cpu_times)), init_s=init_s,
-             images_per_s=batch / med, all_seconds=times, loss=loss,
-             finite=bool(jax.device_get(metrics["finite"])), flops_per_step=flops,
-             transfer_guard="disallow")
+  out = dict(
+    side="ours",
+    backend=jax.default_backend(),
+    device=dev.device_kind,
+    devices=jax.device_count(),
+    cpu_cores=os.cpu_count(),
+    size=size,
+    batch=batch,
+    dtype=dtype,
+    remat=remat,
+    trace_s=t1 - t0,
+    compile_s=t2 - t1,
+    compile_from_cache=from_cache,
+    process_to_first_step_s=first_step_s,
+    seconds=med,
+    cpu_seconds=float(np.median(cpu_times)),
+    init_s=init_s,
+    images_per_s=batch / med,
+    all_seconds=times,
+    loss=loss,
+    finite=bool(jax.device_get(metrics["finite"])),
+    flops_per_step=flops,
+    transfer_guard="disallow",
+  )
   peak = peak_flops(dev)
   if peak and flops:
     out["mfu"] = flops / (med * peak * jax.device_count())
@@ -156,10 +190,21 @@ def run_reference(mode, size, batch, steps=3, threads=2, extra=()):
   python = shutil.which(python) or python  # REF_PYTHON may be a bare name (GPU image: python3).
   if not os.path.exists(python):
     return dict(side="reference", error=f"{python} missing: run bash bench/ref_env.sh")
-  cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                              "reference_mask2former.py"),
-         "--mode", mode, "--size", str(size), "--batch", str(batch), "--steps", str(steps),
-         "--threads", str(threads), *extra]
+  cmd = [
+    python,
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_mask2former.py"),
+    "--mode",
+    mode,
+    "--size",
+    str(size),
+    "--batch",
+    str(batch),
+    "--steps",
+    str(steps),
+    "--threads",
+    str(threads),
+    *extra,
+  ]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
@@ -183,6 +228,7 @@ def demo_memory(steps=3):
   """Peak RSS of the demo's training config: a few jitted steps of each of its tasks."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import demo  # pylint: disable=g-import-not-at-top
+
   config = demo.get_config("")
   num_vocab, text_dim = 16, config.model.classifier.text_dim
   s = trainer.setup(config, num_datasets=len(config.datasets), vocab_size=num_vocab)
@@ -190,8 +236,9 @@ def demo_memory(steps=3):
   vocab = jax.device_put(vocab_arrays(text_dim, num_vocab))
   for name in config.datasets:
     task = config.datasets[name].task
-    fields, _ = ref.synthetic_panoptic(1, config.batch_size, config.image_size,
-                                       config.max_segments, num_segments=8, num_things=3)
+    fields, _ = ref.synthetic_panoptic(
+      1, config.batch_size, config.image_size, config.max_segments, num_segments=8, num_things=3
+    )
     fields["seg_class"] = np.where(fields["seg_valid"], fields["seg_class"] % num_vocab, -1)
     batch_arrays = trainer.global_batch(fields, s.mesh)
     step = trainer.make_train_step(s, task)
@@ -200,10 +247,15 @@ def demo_memory(steps=3):
         state, metrics = step(state, batch_arrays, vocab)
     jax.block_until_ready(metrics)
   peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return dict(mode="demo_memory", config="configs/demo.py (default args)",
-              image_size=config.image_size, batch=config.batch_size,
-              tasks=[config.datasets[n].task for n in config.datasets],
-              steps_per_task=steps, peak_rss_gib=peak_kib / 2**20)
+  return dict(
+    mode="demo_memory",
+    config="configs/demo.py (default args)",
+    image_size=config.image_size,
+    batch=config.batch_size,
+    tasks=[config.datasets[n].task for n in config.datasets],
+    steps_per_task=steps,
+    peak_rss_gib=peak_kib / 2**20,
+  )
 
 
 def main():
@@ -217,42 +269,65 @@ def main():
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--max_segments", type=int, default=100)
   parser.add_argument("--side", choices=("both", "ours", "reference"), default="both")
-  parser.add_argument("--ref_args", default="", help="extra args for the reference, e.g. "
-                      "'--device cuda --bf16'")
+  parser.add_argument(
+    "--ref_args", default="", help="extra args for the reference, e.g. '--device cuda --bf16'"
+  )
   parser.add_argument("--profile", default="")
   parser.add_argument("--demo_memory", action="store_true")
-  parser.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR,
-                      help="persistent compilation cache dir ('' = off; see "
-                      "dataseg/train/compile_cache.py)")
-  parser.add_argument("--selection", default="", help="config.loss.point_selection for "
-                      "ours (exact | sampled; '' = the default)")
+  parser.add_argument(
+    "--compilation_cache",
+    default=compile_cache.DEFAULT_DIR,
+    help="persistent compilation cache dir ('' = off; see dataseg/train/compile_cache.py)",
+  )
+  parser.add_argument(
+    "--selection",
+    default="",
+    help="config.loss.point_selection for ours (exact | sampled; '' = the default)",
+  )
   args = parser.parse_args()
   compile_cache.enable(args.compilation_cache)
   if args.demo_memory:
     print(json.dumps(demo_memory()))
     return
-  print(f"# ours: jax {jax.__version__} on {jax.default_backend()} "
-        f"({jax.device_count()} device(s), {os.cpu_count()} CPU cores; XLA CPU uses all); "
-        f"reference: torch threads {args.threads}", flush=True)
+  print(
+    f"# ours: jax {jax.__version__} on {jax.default_backend()} "
+    f"({jax.device_count()} device(s), {os.cpu_count()} CPU cores; XLA CPU uses all); "
+    f"reference: torch threads {args.threads}",
+    flush=True,
+  )
   for size in (int(x) for x in args.sizes.split(",")):
     ours, theirs = side_by_side(
-        args.side,
-        lambda: time_ours(size, args.batch, args.steps, args.dtype, args.remat,
-                          profile_dir=args.profile, max_segments=args.max_segments,
-                          selection=args.selection),
-        lambda: run_reference("train", size, args.batch, args.ref_steps, args.threads,
-                              args.ref_args.split()))
+      args.side,
+      lambda: time_ours(
+        size,
+        args.batch,
+        args.steps,
+        args.dtype,
+        args.remat,
+        profile_dir=args.profile,
+        max_segments=args.max_segments,
+        selection=args.selection,
+      ),
+      lambda: run_reference(
+        "train", size, args.batch, args.ref_steps, args.threads, args.ref_args.split()
+      ),
+    )
     if ours and theirs and "seconds" in theirs:
       cpu = ""
       if "cpu_seconds" in theirs and ours["backend"] == "cpu":
-        cpu = (f"; CPU time per step ours {ours['cpu_seconds']:.2f} s, reference "
-               f"{theirs['cpu_seconds']:.2f} s, ratio {ours['cpu_seconds'] / theirs['cpu_seconds']:.2f}")
-      print(f"train step {size}x{size} batch {args.batch}: ours {ours['seconds']:.3f} s, "
-            f"reference {theirs['seconds']:.3f} s, ratio ours/ref "
-            f"{ours['seconds'] / theirs['seconds']:.2f} (target <= 0.5){cpu}; "
-            f"our compile {ours['compile_s']:.1f} s"
-            f"{' (from the persistent cache)' if ours['compile_from_cache'] else ''}, "
-            f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        cpu = (
+          f"; CPU time per step ours {ours['cpu_seconds']:.2f} s, reference "
+          f"{theirs['cpu_seconds']:.2f} s, ratio {ours['cpu_seconds'] / theirs['cpu_seconds']:.2f}"
+        )
+      print(
+        f"train step {size}x{size} batch {args.batch}: ours {ours['seconds']:.3f} s, "
+        f"reference {theirs['seconds']:.3f} s, ratio ours/ref "
+        f"{ours['seconds'] / theirs['seconds']:.2f} (target <= 0.5){cpu}; "
+        f"our compile {ours['compile_s']:.1f} s"
+        f"{' (from the persistent cache)' if ours['compile_from_cache'] else ''}, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ r"""ADE20k semantic segmentation alone: the separately trained baseline of the j
   python -m dataseg.main --config=configs/ade20k_r50.py:backbone=vitdet_b --workdir=...
 
 ADE20k (150 classes, 20,210 train / 2,000 val images [paper]) from the raw
-ADEChallengeData2016 folder (registry entry `ade20k`), semantic task (per-class MERGE of the proposals), evaluated by
+ADEChallengeData2016 folder (registry entry `ade20k`), semantic task (per-class MERGE of the
+proposals), evaluated by
 mIoU. Arguments: configs/paper_common.py. Hardware: 64 chips at batch 64 (or fewer
 chips, same batch).
 

@@ -32,18 +32,37 @@ def parse_arg(arg, **spec):
   return result
 
 
-def dataset(name, task, *, weight=1.0, split="train", eval_split="validation",
-            evaluators=(), reader=None, vocab=None, text_embeddings=None):
+def dataset(
+  name,
+  task,
+  *,
+  weight=1.0,
+  split="train",
+  eval_split="validation",
+  evaluators=(),
+  reader=None,
+  vocab=None,
+  text_embeddings=None,
+):
   """One dataset entry of `config.datasets` / `config.eval_datasets`.
 
   `name` is a key of input_pipeline/datasets.py's registry, or 'custom' with a `reader` spec
   (format, json, image_dir, ...) for a user's own data. `vocab` overrides the registry's class
   list (direct transfer to any names); `text_embeddings` a precomputed .npy of them.
   """
-  return ml_collections.ConfigDict(dict(
-      name=name, task=task, weight=float(weight), split=split, eval_split=eval_split,
-      evaluators=list(evaluators), reader=ml_collections.ConfigDict(reader or {}),
-      vocab=vocab or "", text_embeddings=text_embeddings or ""))
+  return ml_collections.ConfigDict(
+    dict(
+      name=name,
+      task=task,
+      weight=float(weight),
+      split=split,
+      eval_split=eval_split,
+      evaluators=list(evaluators),
+      reader=ml_collections.ConfigDict(reader or {}),
+      vocab=vocab or "",
+      text_embeddings=text_embeddings or "",
+    )
+  )
 
 
 def base_config():
@@ -66,8 +85,9 @@ def base_config():
   c.max_eval_examples = 0  # 0 = whole split.
   c.mixing = "per_step"  # 'per_step' (the paper: one dataset per step) | 'quota'.
   c.on_bad_input = "skip"  # 'skip' (count + log) | 'fail'.
-  c.augment = ml_collections.ConfigDict(dict(scale_min=0.1, scale_max=2.0, flip=True,
-                                             color_jitter=False))
+  c.augment = ml_collections.ConfigDict(
+    dict(scale_min=0.1, scale_max=2.0, flip=True, color_jitter=False)
+  )
   c.datasets = ml_collections.ConfigDict()  # name -> dataset(...)
   c.eval_datasets = ml_collections.ConfigDict()
   c.text = ml_collections.ConfigDict(dict(encoder="minilm", templates="default", cache_dir=""))
@@ -79,14 +99,33 @@ def base_config():
   # dataset has more (those get no mask loss; raise this, or 0 = every slot, if often).
   c.loss.max_mask_targets = 50
   # Post-processing thresholds live in c.loss.post (dataseg/objective/config.py).
-  c.optimizer = ml_collections.ConfigDict(dict(
-      lr=1e-4, weight_decay=0.05, backbone_multiplier=0.1, schedule="poly", poly_power=0.9,
-      warmup_steps=0, step_boundaries=(0.89, 0.96), step_factor=0.1, clip_norm=0.01,
-      grad_accum_steps=1, ema_decay=0.0, b1=0.9, b2=0.999))
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      weight_decay=0.05,
+      backbone_multiplier=0.1,
+      schedule="poly",
+      poly_power=0.9,
+      warmup_steps=0,
+      step_boundaries=(0.89, 0.96),
+      step_factor=0.1,
+      clip_norm=0.01,
+      grad_accum_steps=1,
+      ema_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+    )
+  )
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   # logical axis -> mesh axis ('' = replicated). Data-parallel by default; FSDP: embed->fsdp.
-  c.sharding_rules = (("embed", ""), ("mlp", "model"), ("heads", "model"), ("kv", ""),
-                      ("conv_out", ""), ("batch", ("data", "fsdp")))
+  c.sharding_rules = (
+    ("embed", ""),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", ""),
+    ("conv_out", ""),
+    ("batch", ("data", "fsdp")),
+  )
   c.init_from = ""  # checkpoint dir: load parameters only (fine-tuning / transfer).
   c.transfer_guard = True  # disallow implicit host<->device copies in the train step.
   # jax's persistent compilation cache (dataseg/train/compile_cache.py): a resume, a restart

@@ -28,10 +28,19 @@ from configs import common
 from dataseg.model import configs as model_configs
 
 WEIGHTS = {"shapes_panoptic": 0.5, "shapes_semantic": 0.2, "shapes_boxes": 0.3}
-TRAIN_TASKS = {"shapes_panoptic": "panoptic", "shapes_semantic": "semantic",
-               "shapes_boxes": "boxes"}
-VARIANTS = ("joint", "panoptic_only", "semantic_only", "boxes_only", "learned_classifier",
-            "no_boxes")
+TRAIN_TASKS = {
+  "shapes_panoptic": "panoptic",
+  "shapes_semantic": "semantic",
+  "shapes_boxes": "boxes",
+}
+VARIANTS = (
+  "joint",
+  "panoptic_only",
+  "semantic_only",
+  "boxes_only",
+  "learned_classifier",
+  "no_boxes",
+)
 
 
 def get_config(arg=None):
@@ -47,7 +56,7 @@ def get_config(arg=None):
 
   train = dict(WEIGHTS)
   if arg.variant.endswith("_only"):
-    name = "shapes_" + arg.variant[:-len("_only")]
+    name = "shapes_" + arg.variant[: -len("_only")]
     train = {name: 1.0}
     steps = max(1, int(round(steps * WEIGHTS[name])))
   elif arg.variant == "no_boxes":
@@ -58,13 +67,17 @@ def get_config(arg=None):
   c.total_steps = steps
 
   c.eval_datasets.shapes_panoptic = common.dataset(
-      "shapes_panoptic", "panoptic", evaluators=("panoptic", "semantic", "instance"))
+    "shapes_panoptic", "panoptic", evaluators=("panoptic", "semantic", "instance")
+  )
   c.eval_datasets.shapes_semantic = common.dataset(
-      "shapes_semantic", "semantic", evaluators=("semantic", "panoptic"))
+    "shapes_semantic", "semantic", evaluators=("semantic", "panoptic")
+  )
   c.eval_datasets.shapes_boxes = common.dataset(
-      "shapes_boxes", "instance", evaluators=("instance", "box"))
+    "shapes_boxes", "instance", evaluators=("instance", "box")
+  )
   c.eval_datasets.shapes_transfer = common.dataset(
-      "shapes_transfer", "panoptic", evaluators=("panoptic", "semantic"))
+    "shapes_transfer", "panoptic", evaluators=("panoptic", "semantic")
+  )
   c.max_eval_examples = 8 if arg.smoke else 0
 
   c.classifier = "learned" if arg.variant == "learned_classifier" else "text"

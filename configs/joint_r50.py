@@ -18,7 +18,8 @@ Command (TPU pod: launch/tpu_pod.sh; GPUs under Slurm: launch/slurm.sh):
   python -m dataseg.plan --config=configs/joint_r50.py --mesh=data=64   # size it first
 
 Arguments: configs/paper_common.py (backbone=r50|vitdet_b|vitdet_l, steps, batch, res,
-text, fsdp, fp32, remat, scratch). Hardware: a 64-chip data-parallel mesh (global batch 64, one 1024x1024 image
+text, fsdp, fp32, remat, scratch). Hardware: a 64-chip data-parallel mesh (global batch 64,
+one 1024x1024 image
 per chip), e.g. TPU v4-128 (64 chips) or 64 GPUs; fewer chips work with the same batch
 (it must divide by the number of chips), FSDP (`:fsdp`) when parameters + optimizer state
 do not fit. The plan tool's figures for this config are in the README.
@@ -47,7 +48,6 @@ STEPS = 150_000
 
 
 def get_config(arg=None, default_backbone="r50"):
-  c = paper_common.paper_config(arg, WEIGHTS, tuple(paper_common.EVAL), STEPS,
-                                default_backbone)
+  c = paper_common.paper_config(arg, WEIGHTS, tuple(paper_common.EVAL), STEPS, default_backbone)
   c.best_metric = "ade20k/semantic/mIoU"
   return c

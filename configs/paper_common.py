@@ -30,34 +30,49 @@ from dataseg.model import configs as model_configs
 BACKBONES = ("r50", "vitdet_b", "vitdet_l")
 # [paper] CLIP text encoder, reported as CLIP-L/14; CLIP-B/32 is the cheaper option.
 TEXT_ENCODERS = {
-    "clip_l": ("clip:openai/clip-vit-large-patch14", 768),
-    "clip_b": ("clip:openai/clip-vit-base-patch32", 512),
+  "clip_l": ("clip:openai/clip-vit-large-patch14", 768),
+  "clip_b": ("clip:openai/clip-vit-base-patch32", 512),
 }
 # Parameters and optimizer state split over `fsdp` along their embedding / output-channel
 # axis (every such size in r50 / vitdet_b / vitdet_l is a multiple of 8); the batch over
 # (data, fsdp).
-FSDP_RULES = (("embed", "fsdp"), ("conv_out", "fsdp"), ("mlp", "model"), ("heads", "model"),
-              ("kv", ""), ("batch", ("data", "fsdp")))
+FSDP_RULES = (
+  ("embed", "fsdp"),
+  ("conv_out", "fsdp"),
+  ("mlp", "model"),
+  ("heads", "model"),
+  ("kv", ""),
+  ("batch", ("data", "fsdp")),
+)
 
 # Evaluation entries (name, task, evaluators): the training sets in every task they support
 # and the direct-transfer sets (class names only, never trained on) [paper].
 EVAL = {
-    "coco_panoptic": ("coco_panoptic", "panoptic", ("panoptic", "semantic", "instance")),
-    "ade20k": ("ade20k", "semantic", ("semantic",)),
-    # [paper] ADE20k panoptic from semantic-only training (weak transfer): Mask2Former's
-    # panoptic conversion of ADEChallengeData2016 (registry entry ade20k_panoptic).
-    "ade20k_panoptic": ("ade20k_panoptic", "panoptic", ("panoptic",)),
-    "objects365_masks": ("objects365_masks", "instance", ("instance", "box")),  # boxes -> masks.
-    "cityscapes": ("cityscapes", "panoptic", ("panoptic", "semantic")),
-    "pascal_context": ("pascal_context", "semantic", ("semantic",)),
+  "coco_panoptic": ("coco_panoptic", "panoptic", ("panoptic", "semantic", "instance")),
+  "ade20k": ("ade20k", "semantic", ("semantic",)),
+  # [paper] ADE20k panoptic from semantic-only training (weak transfer): Mask2Former's
+  # panoptic conversion of ADEChallengeData2016 (registry entry ade20k_panoptic).
+  "ade20k_panoptic": ("ade20k_panoptic", "panoptic", ("panoptic",)),
+  "objects365_masks": ("objects365_masks", "instance", ("instance", "box")),  # boxes -> masks.
+  "cityscapes": ("cityscapes", "panoptic", ("panoptic", "semantic")),
+  "pascal_context": ("pascal_context", "semantic", ("semantic",)),
 }
 TRAIN_TASKS = {"coco_panoptic": "panoptic", "ade20k": "semantic", "objects365": "boxes"}
 
 
 def parse(arg, default_backbone="r50"):
-  arg = common.parse_arg(arg, backbone=default_backbone, steps=0, batch=64, res=1024,
-                         text="clip_l", fsdp=False, fp32=False, remat=False,
-                         scratch=False)
+  arg = common.parse_arg(
+    arg,
+    backbone=default_backbone,
+    steps=0,
+    batch=64,
+    res=1024,
+    text="clip_l",
+    fsdp=False,
+    fp32=False,
+    remat=False,
+    scratch=False,
+  )
   if arg.backbone not in BACKBONES:
     raise ValueError(f"backbone={arg.backbone!r} is unknown; allowed: {', '.join(BACKBONES)}")
   if arg.text not in TEXT_ENCODERS:

@@ -20,21 +20,24 @@ Arguments:
   res=N       train / eval resolution (default 64).
 """
 
-from configs import common
-from configs import paper_common
+from configs import common, paper_common
 from dataseg.model import configs as model_configs
 from input_pipeline import mixing
 
 # The joint run's datasets and tasks (configs/joint_r50.py WEIGHTS, TRAIN_TASKS).
 TRAIN = {"coco_panoptic": 0.4, "ade20k": 0.25, "objects365": 0.35}
 EVAL = {
-    "coco_panoptic": ("coco_panoptic", "panoptic", ("panoptic",)),
-    "ade20k": paper_common.EVAL["ade20k"],
-    "ade20k_panoptic": paper_common.EVAL["ade20k_panoptic"],
-    "objects365": ("objects365", "boxes", ("box",)),
+  "coco_panoptic": ("coco_panoptic", "panoptic", ("panoptic",)),
+  "ade20k": paper_common.EVAL["ade20k"],
+  "ade20k_panoptic": paper_common.EVAL["ade20k_panoptic"],
+  "objects365": ("objects365", "boxes", ("box",)),
 }
-VOCABS = {"coco_panoptic": "coco_panoptic", "ade20k": "ade20k", "ade20k_panoptic": "ade20k",
-          "objects365": "objects365"}
+VOCABS = {
+  "coco_panoptic": "coco_panoptic",
+  "ade20k": "ade20k",
+  "ade20k_panoptic": "ade20k",
+  "objects365": "objects365",
+}
 TEXT_DIM = 32
 
 
@@ -58,11 +61,13 @@ def get_config(arg=None):
   c.seed = covering_seed(list(TRAIN.values()), arg.steps)
   emb = lambda key: f"{arg.emb}/{VOCABS[key]}.npy" if arg.emb else None
   for name, weight in TRAIN.items():
-    c.datasets[name] = common.dataset(name, paper_common.TRAIN_TASKS[name], weight=weight,
-                                      text_embeddings=emb(name))
+    c.datasets[name] = common.dataset(
+      name, paper_common.TRAIN_TASKS[name], weight=weight, text_embeddings=emb(name)
+    )
   for key, (name, task, evaluators) in EVAL.items():
-    c.eval_datasets[key] = common.dataset(name, task, evaluators=evaluators,
-                                          text_embeddings=emb(key))
+    c.eval_datasets[key] = common.dataset(
+      name, task, evaluators=evaluators, text_embeddings=emb(key)
+    )
   c.max_eval_examples = 2
 
   # R50: ResNet depth 50 with frozen BN, at 1/8 width; small multi-scale deformable

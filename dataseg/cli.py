@@ -16,8 +16,9 @@ def new_flags() -> flags.FlagValues:
   return flags.FlagValues()
 
 
-def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: str,
-          doc: str = "") -> flags.FlagValues:
+def parse(
+  flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: str, doc: str = ""
+) -> flags.FlagValues:
   """Parses `argv` (flags only; default sys.argv[1:]) into `flag_values`.
 
   --help prints `doc` and the flags and exits 0; a bad flag or a stray argument exits 2
@@ -34,8 +35,9 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: st
     print(f"{prog}: {e}\nPass --help to see the flags.", file=sys.stderr)
     sys.exit(2)
   if len(rest) > 1:
-    print(f"{prog}: unexpected arguments {rest[1:]}\nPass --help to see the flags.",
-          file=sys.stderr)
+    print(
+      f"{prog}: unexpected arguments {rest[1:]}\nPass --help to see the flags.", file=sys.stderr
+    )
     sys.exit(2)
   return flag_values
 

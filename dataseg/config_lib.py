@@ -27,6 +27,7 @@ def load_workdir_config(workdir) -> ml_collections.ConfigDict:
   Read through tf.io.gfile, so a gs:// workdir works as a local one.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(os.fspath(workdir), "config.json")
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a dataseg.main workdir?")
@@ -40,6 +41,7 @@ class StartupError(ValueError):
 
 def validate(config):
   """Raises ValueError on an unknown dataset, task, evaluator or choice."""
+
   def choice(key, value, allowed):
     if value not in allowed:
       raise ValueError(f"config.{key} = {value!r} is not allowed; allowed: {', '.join(allowed)}")
@@ -54,8 +56,10 @@ def validate(config):
         choice(f"{prefix}.name", entry.name, sorted(datasets_lib.DATASETS))
       choice(f"{prefix}.task", entry.task, schema.TASKS)
       if entry.task not in info["tasks"]:
-        raise ValueError(f"config.{prefix}.task = {entry.task!r}: dataset {entry.name!r} "
-                         f"supports tasks {', '.join(info['tasks'])}")
+        raise ValueError(
+          f"config.{prefix}.task = {entry.task!r}: dataset {entry.name!r} "
+          f"supports tasks {', '.join(info['tasks'])}"
+        )
       for ev in entry.evaluators:
         choice(f"{prefix}.evaluators", ev, _EVALUATORS)
       if entry.name == "custom" and (not entry.reader or not entry.vocab):
@@ -77,6 +81,7 @@ def validate(config):
 def _dataset_problems(key, entry, data_dir):
   """Problems of one dataset entry's files (no reading beyond existence checks)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   info = datasets_lib.lookup(entry.name)
   if info["source"] == "synthetic":
     return []  # generated on first use.
@@ -85,6 +90,7 @@ def _dataset_problems(key, entry, data_dir):
   fmt = spec.get("format")
   if fmt == "tfds":
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     where = spec.get("data_dir") or data_dir
     name = spec["tfds_name"]
     try:
@@ -92,27 +98,32 @@ def _dataset_problems(key, entry, data_dir):
     except Exception:  # pylint: disable=broad-except
       prepared = False
     if not prepared:
-      return [f"dataset {key} ({entry.name}): TFDS {name} is not prepared under {where}; "
-              f"build it with `tfds build {name} --data_dir=DIR` and pass "
-              f"--config.data_dir=DIR ({_PREPARE})"]
+      return [
+        f"dataset {key} ({entry.name}): TFDS {name} is not prepared under {where}; "
+        f"build it with `tfds build {name} --data_dir=DIR` and pass "
+        f"--config.data_dir=DIR ({_PREPARE})"
+      ]
     return []
   if fmt == "objects365_tfds":
     where = spec.get("data_dir") or data_dir
     if not tf.io.gfile.exists(os.path.join(where, spec.get("tfds_name", "objects365"))):
-      return [f"dataset {key} ({entry.name}): the Objects365 TFDS dataset is not built under "
-              f"{where}; build it with input_pipeline/readers/objects365_builder.py and pass "
-              f"--config.data_dir=DIR ({_PREPARE})"]
+      return [
+        f"dataset {key} ({entry.name}): the Objects365 TFDS dataset is not built under "
+        f"{where}; build it with input_pipeline/readers/objects365_builder.py and pass "
+        f"--config.data_dir=DIR ({_PREPARE})"
+      ]
     return []
   problems = []
   for field in ("json", "image_dir", "mask_dir", "file_list"):
     path = spec.get(field)
     if field in spec and not path:
-      problems.append(f"dataset {key} ({entry.name}): reader field {field!r} is not set; "
-                      f"set --config.<datasets|eval_datasets>.{key}.reader.{field} "
-                      f"({_PREPARE})")
+      problems.append(
+        f"dataset {key} ({entry.name}): reader field {field!r} is not set; "
+        f"set --config.<datasets|eval_datasets>.{key}.reader.{field} "
+        f"({_PREPARE})"
+      )
     elif path and not tf.io.gfile.exists(path):
-      problems.append(f"dataset {key} ({entry.name}): {field} {path} does not exist "
-                      f"({_PREPARE})")
+      problems.append(f"dataset {key} ({entry.name}): {field} {path} does not exist ({_PREPARE})")
   return problems
 
 
@@ -123,6 +134,7 @@ def check_inputs(config, workdir, data_dir):
   """
   from dataseg import text as text_lib  # pylint: disable=g-import-not-at-top
   from dataseg import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+
   problems = []
   for group in ("datasets", "eval_datasets"):
     for key, entry in config[group].items():
@@ -130,8 +142,11 @@ def check_inputs(config, workdir, data_dir):
         if problem.split(": ", 1)[1] not in [p.split(": ", 1)[1] for p in problems]:
           problems.append(problem)  # a dataset trained and evaluated: said once.
   if config.classifier == "text":
-    templates = (config.text.templates.split("|") if config.text.templates != "default"
-                 else text_lib.DEFAULT_TEMPLATES)
+    templates = (
+      config.text.templates.split("|")
+      if config.text.templates != "default"
+      else text_lib.DEFAULT_TEMPLATES
+    )
     cache = config.text.cache_dir or os.path.join(workdir, "text_cache")
     missing = []
     for group in ("datasets", "eval_datasets"):
@@ -141,15 +156,18 @@ def check_inputs(config, workdir, data_dir):
         vocab = entry.vocab or datasets_lib.lookup(entry.name)["vocab"]
         names = vocab_lib.load(vocab).class_names
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
         path = text_lib.cache_path(names, config.text.encoder, templates, cache)
         if not tf.io.gfile.exists(path) and vocab not in missing:
           missing.append(vocab)
     if missing:
       problem = text_lib.encoder_problem(config.text.encoder, ",".join(missing), cache)
       if problem:
-        problems.append(f"class-name embeddings of {', '.join(missing)} are not cached in "
-                        f"{cache} and {problem}")
+        problems.append(
+          f"class-name embeddings of {', '.join(missing)} are not cached in {cache} and {problem}"
+        )
   from dataseg.model import weights as weights_lib  # pylint: disable=g-import-not-at-top
+
   problem = weights_lib.pretrained_problem(config)
   if problem:
     problems.append(problem)

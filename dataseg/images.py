@@ -14,6 +14,7 @@ def read_image(image) -> np.ndarray:
   """uint8 [H, W, 3] from an array ([H, W], [H, W, 3|4]) or an image file path."""
   if isinstance(image, (str, os.PathLike)):
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     with Image.open(image) as im:
       image = np.asarray(im.convert("RGB"))
   image = np.asarray(image)
@@ -30,15 +31,23 @@ def read_image(image) -> np.ndarray:
 def eval_preprocess(image: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """uint8 [H, W, 3] -> (image [S, S, 3], valid [S, S]) exactly as the eval pipeline does."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from input_pipeline import preprocess  # pylint: disable=g-import-not-at-top
+
   h, w = image.shape[:2]
   # One empty (zero-area) segment: the segment table code needs a row to gather from.
-  decoded = dict(image=tf.constant(image), segment_map=-tf.ones((h, w), tf.int32),
-                 seg_class=tf.zeros((1,), tf.int32), seg_box=tf.zeros((1, 4), tf.float32),
-                 seg_is_thing=tf.zeros((1,), tf.bool), seg_is_crowd=tf.zeros((1,), tf.bool),
-                 image_id=tf.constant(0, tf.int64))
-  out = preprocess.eval_preprocess(decoded, image_size=image_size, max_segments=1,
-                                   task_id=0, dataset_id=0)
+  decoded = dict(
+    image=tf.constant(image),
+    segment_map=-tf.ones((h, w), tf.int32),
+    seg_class=tf.zeros((1,), tf.int32),
+    seg_box=tf.zeros((1, 4), tf.float32),
+    seg_is_thing=tf.zeros((1,), tf.bool),
+    seg_is_crowd=tf.zeros((1,), tf.bool),
+    image_id=tf.constant(0, tf.int64),
+  )
+  out = preprocess.eval_preprocess(
+    decoded, image_size=image_size, max_segments=1, task_id=0, dataset_id=0
+  )
   return out["image"].numpy(), out["valid"].numpy()
 
 

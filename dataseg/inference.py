@@ -31,7 +31,7 @@ from dataseg.train import trainer
 
 TASKS = ("panoptic", "semantic", "instance")
 THRESHOLDS = ("score_threshold", "overlap_threshold", "mask_threshold")
-OVERLAY_MIN_SCORE = 0.3   # instance overlays: masks below this score are not drawn.
+OVERLAY_MIN_SCORE = 0.3  # instance overlays: masks below this score are not drawn.
 OVERLAY_MAX_INSTANCES = 20
 
 
@@ -45,14 +45,21 @@ def _one_image(class_logits, mask_logits, valid, vocab, thresholds, top_k):
   logits = postprocess.resize_to_image(mask_logits, valid.shape)
   semantic = postprocess.semantic_inference(class_logits, logits, vocab["valid"])
   seg_map, cls, thing, score, seg_valid = postprocess.panoptic_inference(
-      class_logits, logits, vocab["valid"], vocab["is_thing"], **thresholds)
+    class_logits, logits, vocab["valid"], vocab["is_thing"], **thresholds
+  )
   masks, classes, scores = postprocess.instance_inference(
-      class_logits, logits, vocab["valid"], vocab["is_thing"], top_k=top_k)
+    class_logits, logits, vocab["valid"], vocab["is_thing"], top_k=top_k
+  )
   return dict(
-      semantic=semantic,
-      panoptic=dict(segment_map=seg_map, seg_class=jnp.where(seg_valid, cls, -1),
-                    seg_is_thing=thing, seg_score=score),
-      instance=dict(masks=masks, classes=classes, scores=scores))
+    semantic=semantic,
+    panoptic=dict(
+      segment_map=seg_map,
+      seg_class=jnp.where(seg_valid, cls, -1),
+      seg_is_thing=thing,
+      seg_score=score,
+    ),
+    instance=dict(masks=masks, classes=classes, scores=scores),
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,18 +78,29 @@ def program(s: trainer.Setup, top_k: int):
   def run(state, images, valid, vocab, thresholds):
     class_logits, mask_logits = forward(state, images, vocab)
     return post(class_logits, mask_logits, valid, vocab, thresholds)
+
   return run
 
 
-def predict(s: trainer.Setup, state, images, valid, vocab: Mapping[str, Any],
-            thresholds: Mapping[str, Any] | None = None, top_k: int | None = None):
+def predict(
+  s: trainer.Setup,
+  state,
+  images,
+  valid,
+  vocab: Mapping[str, Any],
+  thresholds: Mapping[str, Any] | None = None,
+  top_k: int | None = None,
+):
   """Runs `program` on a batch; numpy outputs on the host (see `program`).
 
   `thresholds` and `top_k` default to the set-up config's (`config.loss.post`).
   """
   post = s.config.loss.post
-  thresholds = config_thresholds(s.config) if thresholds is None else {
-      k: np.float32(thresholds[k]) for k in THRESHOLDS}
+  thresholds = (
+    config_thresholds(s.config)
+    if thresholds is None
+    else {k: np.float32(thresholds[k]) for k in THRESHOLDS}
+  )
   run = program(s, int(post.top_k if top_k is None else top_k))
   return jax.device_get(run(state, images, valid, vocab, thresholds))
 
@@ -117,25 +135,36 @@ def example_result(out, i: int, task: str, class_names, is_thing, hw) -> dict[st
         continue
       c = int(p["seg_class"][i][slot])
       new_map[slot_map == slot] = len(segments)
-      segments.append(dict(id=len(segments), **{"class": c}, name=names[c],
-                           score=float(p["seg_score"][i][slot]),
-                           is_thing=bool(is_thing[c]), area=area))
+      segments.append(
+        dict(
+          id=len(segments),
+          **{"class": c},
+          name=names[c],
+          score=float(p["seg_score"][i][slot]),
+          is_thing=bool(is_thing[c]),
+          area=area,
+        )
+      )
     result.update(segment_map=new_map, segments=segments)
   elif task == "instance":
     r = out["instance"]
     keep = np.nonzero(r["classes"][i] >= 0)[0]
     keep = keep[np.argsort(-r["scores"][i][keep], kind="stable")]
     classes = r["classes"][i][keep].astype(np.int32)
-    result.update(masks=r["masks"][i][keep][:, :h, :w].astype(bool), classes=classes,
-                  scores=r["scores"][i][keep].astype(np.float32),
-                  names=[names[c] for c in classes])
+    result.update(
+      masks=r["masks"][i][keep][:, :h, :w].astype(bool),
+      classes=classes,
+      scores=r["scores"][i][keep].astype(np.float32),
+      names=[names[c] for c in classes],
+    )
   else:
     raise ValueError(f"task {task!r} is unknown; allowed: {', '.join(TASKS)}")
   return result
 
 
-def overlay(result, min_score: float = OVERLAY_MIN_SCORE,
-            max_instances: int = OVERLAY_MAX_INSTANCES) -> np.ndarray:
+def overlay(
+  result, min_score: float = OVERLAY_MIN_SCORE, max_instances: int = OVERLAY_MAX_INSTANCES
+) -> np.ndarray:
   """uint8 [H, W + legend, 3]: a result's classes over its 'image', with a legend.
 
   Instance results show at most `max_instances` masks scoring at least `min_score`,
@@ -150,12 +179,12 @@ def overlay(result, min_score: float = OVERLAY_MIN_SCORE,
     seg_class = np.array([s["class"] for s in result["segments"]], np.int64)
   else:
     seg_map = np.full(image.shape[:2], -1, np.int32)
-    shown = [k for k in range(len(result["scores"]))
-             if result["scores"][k] >= min_score][:max_instances]
+    shown = [k for k in range(len(result["scores"])) if result["scores"][k] >= min_score][
+      :max_instances
+    ]
     for k in shown[::-1]:  # best on top.
       seg_map[result["masks"][k]] = k
-    seg_class = np.where(np.isin(np.arange(len(result["classes"])), shown),
-                         result["classes"], -1)
+    seg_class = np.where(np.isin(np.arange(len(result["classes"])), shown), result["classes"], -1)
     boxes = np.zeros((len(seg_class), 4), np.float32)
     for k in shown:
       ys, xs = np.nonzero(seg_map == k)

@@ -19,45 +19,55 @@ import os
 import re
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py:args).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (file.py:args).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (+ eval) or eval only.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", None, "Force jax.distributed.initialize() (auto-detected on TPU pods "
-    "and Slurm when unset).")
+  "distributed",
+  None,
+  "Force jax.distributed.initialize() (auto-detected on TPU pods and Slurm when unset).",
+)
 
 
 def _maybe_initialize_distributed():
   import jax  # pylint: disable=g-import-not-at-top
+
   from dataseg.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
   explicit = _COORDINATOR.value is not None
   slurm = all(k in os.environ for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID"))
   auto = _DISTRIBUTED.value
   if auto is None:
     auto = (slurm and int(os.environ["SLURM_NTASKS"]) > 1) or (
-        "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"])
+      "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
+    )
   kwargs = {}
   if slurm and not explicit:
     ids = sharding_lib.slurm_local_device_ids(os.environ)
     if ids is not None:
       kwargs["local_device_ids"] = ids  # [] = all visible (jax would pick SLURM_LOCALID).
   if explicit:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
   elif auto:
     jax.distributed.initialize(**kwargs)
   local = jax.local_devices()
-  print(f"process {jax.process_index()}/{jax.process_count()}: {len(local)} local "
-        f"device(s) ({local[0].device_kind}), {jax.device_count()} in all", flush=True)
+  print(
+    f"process {jax.process_index()}/{jax.process_count()}: {len(local)} local "
+    f"device(s) ({local[0].device_kind}), {jax.device_count()} in all",
+    flush=True,
+  )
 
 
 def _unknown_key_message(argv, error):
@@ -68,6 +78,7 @@ def _unknown_key_message(argv, error):
     if files:
       try:
         from ml_collections.config_flags import config_flags as impl  # pylint: disable=g-import-not-at-top
+
         config = impl._ConfigFileParser(name="config").parse(files[-1])  # pylint: disable=protected-access
       except Exception:  # pylint: disable=broad-except
         config = None
@@ -84,8 +95,11 @@ def _unknown_key_message(argv, error):
       parent = ".".join(parts[:depth]) or "<top level>"
       prefix = ".".join(parts[:depth])
       close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
-      hint = (f"; close matches: {', '.join(f'{prefix}.{c}' if prefix else c for c in close)}"
-              if close else f"; keys of {parent}: {', '.join(sorted(keys))}")
+      hint = (
+        f"; close matches: {', '.join(f'{prefix}.{c}' if prefix else c for c in close)}"
+        if close
+        else f"; keys of {parent}: {', '.join(sorted(keys))}"
+      )
       return f"unknown config key {m.group(1)!r}: {parent} has no {part!r}{hint}"
   return f"bad config override: {type(error).__name__}: {error}"
 
@@ -107,6 +121,7 @@ def main(argv):
   _maybe_initialize_distributed()
   from dataseg import config_lib  # pylint: disable=g-import-not-at-top
   from dataseg.train import compile_cache, loop  # pylint: disable=g-import-not-at-top
+
   config = _CONFIG.value
   compile_cache.enable(config.get("compilation_cache_dir", ""))  # before anything compiles.
   try:

@@ -20,14 +20,11 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from dataseg import config_lib
+from dataseg import config_lib, inference, visualize
 from dataseg import images as images_lib
-from dataseg import inference
-from dataseg import visualize
 from dataseg.train import checkpoint as checkpoint_lib
-from dataseg.train import compile_cache
+from dataseg.train import compile_cache, trainer
 from dataseg.train import sharding as sharding_lib
-from dataseg.train import trainer
 from dataseg.vocab import padded as padded_vocab
 
 TASKS = inference.TASKS
@@ -36,6 +33,7 @@ TASKS = inference.TASKS
 @dataclasses.dataclass
 class Run:
   """A workdir's config, model set-up, vocabularies and restored parameters."""
+
   workdir: str
   config: ml_collections.ConfigDict
   setup: trainer.Setup
@@ -60,7 +58,8 @@ def load_run(workdir, *, config=None, step=None, mesh=None) -> Run:
   mesh = mesh or sharding_lib.single_device_mesh()
   s = trainer.setup(config, len(config.datasets), size, mesh=mesh)
   step, state = checkpoint_lib.restore_inference_state(
-      os.path.join(workdir, "checkpoints"), s.abstract_state, step)
+    os.path.join(workdir, "checkpoints"), s.abstract_state, step
+  )
   return Run(workdir, config, s, state, step, vocabs, size)
 
 
@@ -91,8 +90,9 @@ class Predictor:
   @classmethod
   def from_workdir(cls, workdir, step: int | None = None, *, config=None, device=None):
     """Latest (or `step`'s) checkpoint of `workdir` on one local device."""
-    return cls(load_run(workdir, config=config, step=step,
-                        mesh=sharding_lib.single_device_mesh(device)))
+    return cls(
+      load_run(workdir, config=config, step=step, mesh=sharding_lib.single_device_mesh(device))
+    )
 
   @property
   def step(self) -> int:
@@ -110,13 +110,19 @@ class Predictor:
       if is_thing is None:
         return vocab
       class_names = list(vocab.names)
-    return padded_vocab.from_names(self.config, self.run.vocabs, self.run.vocab_size,
-                                   class_names, is_thing, self.run.workdir)
+    return padded_vocab.from_names(
+      self.config, self.run.vocabs, self.run.vocab_size, class_names, is_thing, self.run.workdir
+    )
 
   # ------------------------------------------------------------------ inference.
-  def predict(self, image, task: str = "panoptic", class_names: Sequence[str] | None = None,
-              is_thing: Sequence[bool] | None = None, original_size: bool = True
-              ) -> dict[str, Any]:
+  def predict(
+    self,
+    image,
+    task: str = "panoptic",
+    class_names: Sequence[str] | None = None,
+    is_thing: Sequence[bool] | None = None,
+    original_size: bool = True,
+  ) -> dict[str, Any]:
     """Segments one image.
 
     Args:
@@ -138,10 +144,14 @@ class Predictor:
     """
     return self.predict_batch([image], task, class_names, is_thing, original_size)[0]
 
-  def predict_batch(self, images, task: str = "panoptic",
-                    class_names: Sequence[str] | None = None,
-                    is_thing: Sequence[bool] | None = None, original_size: bool = True
-                    ) -> list[dict[str, Any]]:
+  def predict_batch(
+    self,
+    images,
+    task: str = "panoptic",
+    class_names: Sequence[str] | None = None,
+    is_thing: Sequence[bool] | None = None,
+    original_size: bool = True,
+  ) -> list[dict[str, Any]]:
     """`predict` for several images in one call of the inference program.
 
     The images (any sizes) are each resized and padded as the eval pipeline does and
@@ -152,12 +162,18 @@ class Predictor:
       raise ValueError(f"task {task!r} is unknown; allowed: {', '.join(TASKS)}")
     images = [images_lib.read_image(image) for image in images]
     vocab = self.vocabulary(class_names, is_thing, task)
-    padded, valid = zip(*(images_lib.eval_preprocess(image, self.config.eval_image_size)
-                          for image in images))
-    out = inference.predict(self.run.setup, self.run.state, np.stack(padded),
-                            np.stack(valid), vocab.arrays(),
-                            inference.config_thresholds(self.config),
-                            top_k=self.config.loss.post.top_k)
+    padded, valid = zip(
+      *(images_lib.eval_preprocess(image, self.config.eval_image_size) for image in images)
+    )
+    out = inference.predict(
+      self.run.setup,
+      self.run.state,
+      np.stack(padded),
+      np.stack(valid),
+      vocab.arrays(),
+      inference.config_thresholds(self.config),
+      top_k=self.config.loss.post.top_k,
+    )
     results = []
     for i, image in enumerate(images):
       h, w = inference.valid_size(valid[i])

@@ -53,20 +53,20 @@ TASKS = ("panoptic", "semantic", "instance", "boxes")
 """`boxes`: instance task with box-only supervision (BoxInst projection loss)."""
 
 FIELDS = {
-    # name: (dtype, shape with symbolic H, W, S)
-    "image": (np.uint8, ("H", "W", 3)),
-    "valid": (np.bool_, ("H", "W")),
-    "segment_map": (np.int32, ("H", "W")),
-    "seg_class": (np.int32, ("S",)),
-    "seg_box": (np.float32, ("S", 4)),
-    "seg_is_thing": (np.bool_, ("S",)),
-    "seg_is_crowd": (np.bool_, ("S",)),
-    "seg_valid": (np.bool_, ("S",)),
-    "task": (np.int32, ()),
-    "dataset_id": (np.int32, ()),
-    "image_id": (np.int64, ()),
-    "orig_size": (np.int32, (2,)),
-    "example_valid": (np.bool_, ()),
+  # name: (dtype, shape with symbolic H, W, S)
+  "image": (np.uint8, ("H", "W", 3)),
+  "valid": (np.bool_, ("H", "W")),
+  "segment_map": (np.int32, ("H", "W")),
+  "seg_class": (np.int32, ("S",)),
+  "seg_box": (np.float32, ("S", 4)),
+  "seg_is_thing": (np.bool_, ("S",)),
+  "seg_is_crowd": (np.bool_, ("S",)),
+  "seg_valid": (np.bool_, ("S",)),
+  "task": (np.int32, ()),
+  "dataset_id": (np.int32, ()),
+  "image_id": (np.int64, ()),
+  "orig_size": (np.int32, (2,)),
+  "example_valid": (np.bool_, ()),
 }
 
 
@@ -74,8 +74,7 @@ def field_shapes(height: int, width: int, max_segments: int):
   """Concrete (dtype, shape) per field for one unbatched example."""
   dims = {"H": height, "W": width, "S": max_segments}
   return {
-      name: (dtype, tuple(dims.get(d, d) for d in shape))
-      for name, (dtype, shape) in FIELDS.items()
+    name: (dtype, tuple(dims.get(d, d) for d in shape)) for name, (dtype, shape) in FIELDS.items()
   }
 
 
@@ -85,15 +84,21 @@ def task_id(task: str) -> int:
   return TASKS.index(task)
 
 
-def check_example(example: Mapping[str, np.ndarray], height: int, width: int,
-                  max_segments: int, batch_dims: tuple = ()):
+def check_example(
+  example: Mapping[str, np.ndarray],
+  height: int,
+  width: int,
+  max_segments: int,
+  batch_dims: tuple = (),
+):
   """Raises ValueError naming the field when `example` does not match the schema."""
   expected = field_shapes(height, width, max_segments)
   missing = set(expected) - set(example)
   extra = set(example) - set(expected)
   if missing or extra:
-    raise ValueError(f"schema mismatch: missing fields {sorted(missing)}, "
-                     f"unexpected fields {sorted(extra)}")
+    raise ValueError(
+      f"schema mismatch: missing fields {sorted(missing)}, unexpected fields {sorted(extra)}"
+    )
   for name, (dtype, shape) in expected.items():
     value = np.asarray(example[name])
     want = tuple(batch_dims) + shape

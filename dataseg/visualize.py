@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-LEGEND_SWATCH = 12   # swatch side, pixels
+LEGEND_SWATCH = 12  # swatch side, pixels
 LEGEND_PAD = 4
 OUTLINE_COLOR = (255, 255, 255)
 
@@ -44,8 +44,9 @@ def segment_outlines(segment_map: np.ndarray) -> np.ndarray:
   return edge
 
 
-def colorize(segment_map: np.ndarray, seg_class: np.ndarray,
-             num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def colorize(
+  segment_map: np.ndarray, seg_class: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Per-pixel class colour uint8 [H, W, 3] and the coloured-pixel mask bool [H, W].
 
   Void pixels (-1), padded table rows (class -1) and ids past the table stay uncoloured.
@@ -53,8 +54,9 @@ def colorize(segment_map: np.ndarray, seg_class: np.ndarray,
   seg_class = np.asarray(seg_class, np.int64).reshape(-1)
   seg = np.asarray(segment_map, np.int64)
   valid_seg = (seg >= 0) & (seg < len(seg_class))
-  cls = np.where(valid_seg, seg_class[np.clip(seg, 0, max(len(seg_class) - 1, 0))]
-                 if len(seg_class) else -1, -1)
+  cls = np.where(
+    valid_seg, seg_class[np.clip(seg, 0, max(len(seg_class) - 1, 0))] if len(seg_class) else -1, -1
+  )
   cls = np.where(cls < num_classes, cls, -1)
   colors = palette(max(num_classes, 1))
   return colors[np.clip(cls, 0, None)], cls >= 0
@@ -67,10 +69,16 @@ def _font(size: int):
     return ImageFont.load_default()
 
 
-def overlay(image: np.ndarray, segment_map: np.ndarray, seg_class: np.ndarray,
-            class_names: Sequence[str], alpha: float = 0.5,
-            boxes: np.ndarray | None = None, outlines: bool = True,
-            legend: bool = True) -> np.ndarray:
+def overlay(
+  image: np.ndarray,
+  segment_map: np.ndarray,
+  seg_class: np.ndarray,
+  class_names: Sequence[str],
+  alpha: float = 0.5,
+  boxes: np.ndarray | None = None,
+  outlines: bool = True,
+  legend: bool = True,
+) -> np.ndarray:
   """Blends class colours over `image` and appends a legend panel on the right.
 
   Args:
@@ -112,12 +120,12 @@ def overlay(image: np.ndarray, segment_map: np.ndarray, seg_class: np.ndarray,
   if not legend:
     return out
   present = sorted({int(c) for c in seg_class if 0 <= c < num_classes})
-  return np.concatenate([out, legend_panel(
-      [class_names[c] for c in present], colors[present], out.shape[0])], 1)
+  return np.concatenate(
+    [out, legend_panel([class_names[c] for c in present], colors[present], out.shape[0])], 1
+  )
 
 
-def legend_panel(names: Sequence[str], colors: np.ndarray,
-                 height: int) -> np.ndarray:
+def legend_panel(names: Sequence[str], colors: np.ndarray, height: int) -> np.ndarray:
   """uint8 [height, width, 3] dark panel: row i = swatch colors[i] + names[i].
 
   Rows that do not fit in `height` are dropped (the panel never grows the picture).
@@ -136,10 +144,11 @@ def legend_panel(names: Sequence[str], colors: np.ndarray,
     y = LEGEND_PAD + i * row
     if y + LEGEND_SWATCH > height:
       break
-    draw.rectangle([LEGEND_PAD, y, LEGEND_PAD + LEGEND_SWATCH - 1,
-                    y + LEGEND_SWATCH - 1], fill=tuple(int(v) for v in c))
-    draw.text((2 * LEGEND_PAD + LEGEND_SWATCH, y), name, fill=(240, 240, 240),
-              font=font)
+    draw.rectangle(
+      [LEGEND_PAD, y, LEGEND_PAD + LEGEND_SWATCH - 1, y + LEGEND_SWATCH - 1],
+      fill=tuple(int(v) for v in c),
+    )
+    draw.text((2 * LEGEND_PAD + LEGEND_SWATCH, y), name, fill=(240, 240, 240), font=font)
   return np.asarray(panel)
 
 
@@ -151,7 +160,9 @@ def save_png(path: str | pathlib.Path, array: np.ndarray) -> None:
   """
   import io  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   path = os.fspath(path)
   tf.io.gfile.makedirs(os.path.dirname(path) or ".")
   buffer = io.BytesIO()

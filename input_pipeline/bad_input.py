@@ -28,8 +28,14 @@ import threading
 from typing import Optional
 
 POLICIES = ("skip", "fail")
-KINDS = ("corrupt_image", "missing_file", "unannotated_segment",
-         "unknown_category", "no_annotations", "bad_box")
+KINDS = (
+  "corrupt_image",
+  "missing_file",
+  "unannotated_segment",
+  "unknown_category",
+  "no_annotations",
+  "bad_box",
+)
 
 _MAX_LOGGED_IDS = 20
 
@@ -55,13 +61,11 @@ class BadInputCounter:
     self.epoch_ids = collections.defaultdict(list)
     self.epochs_done = 0
 
-  def report(self, kind: str, *, image_id, file: Optional[str], field: str,
-             reason: str) -> None:
+  def report(self, kind: str, *, image_id, file: Optional[str], field: str, reason: str) -> None:
     """Records one bad item; raises BadInputError under the 'fail' policy."""
     if kind not in KINDS:
       raise ValueError(f"unknown bad-input kind {kind!r}; allowed: {', '.join(KINDS)}")
-    message = (f"[{self.name}] {kind}: file {file!r}, field {field!r}, "
-               f"image id {image_id}: {reason}")
+    message = f"[{self.name}] {kind}: file {file!r}, field {field!r}, image id {image_id}: {reason}"
     if self.policy == "fail":
       raise BadInputError(message)
     with self._lock:
@@ -81,7 +85,10 @@ class BadInputCounter:
       self.epoch_ids = collections.defaultdict(list)
       self.epochs_done += 1
     if summary:
-      logging.warning("[%s] bad input in pass %d (skipped): %s", self.name,
-                      self.epochs_done, "; ".join(
-                          f"{k}: {n} (ids {ids})" for k, (n, ids) in summary.items()))
+      logging.warning(
+        "[%s] bad input in pass %d (skipped): %s",
+        self.name,
+        self.epochs_done,
+        "; ".join(f"{k}: {n} (ids {ids})" for k, (n, ids) in summary.items()),
+      )
     return summary

@@ -37,7 +37,7 @@ def quotas(weights: Sequence[float], batch_size: int) -> list[int]:
   exact = _probabilities(weights) * batch_size
   out = np.floor(exact).astype(int)
   order = np.argsort(-(exact - out), kind="stable")
-  out[order[:batch_size - out.sum()]] += 1
+  out[order[: batch_size - out.sum()]] += 1
   return out.tolist()
 
 
@@ -51,8 +51,9 @@ class MixedIterator:
     max_segments.
   """
 
-  def __init__(self, iterators: Sequence, weights: Sequence[float], *, seed: int = 0,
-               mode: str = "per_step"):
+  def __init__(
+    self, iterators: Sequence, weights: Sequence[float], *, seed: int = 0, mode: str = "per_step"
+  ):
     if mode not in MODES:
       raise ValueError(f"mixing mode {mode!r}; allowed: {', '.join(MODES)}")
     if len(iterators) != len(weights):
@@ -81,8 +82,10 @@ class MixedIterator:
     return batch
 
   def get_state(self) -> dict:
-    return {"step": np.asarray(self.step, np.int64),
-            "datasets": {str(i): it.get_state() for i, it in enumerate(self.iterators)}}
+    return {
+      "step": np.asarray(self.step, np.int64),
+      "datasets": {str(i): it.get_state() for i, it in enumerate(self.iterators)},
+    }
 
   def set_state(self, state) -> None:
     self.step = int(state["step"])

@@ -24,25 +24,25 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import preprocess
-from input_pipeline import readers
+from input_pipeline import preprocess, readers
 
 # A reader: spec dict (readers.build_reader), callable(shard_index, shard_count) ->
 # tf.data.Dataset of decoded examples, a tf.data.Dataset (sharded with .shard), or
 # (tfds builder, split, decode_fn) with decode_fn(features) -> decoded example.
-Reader = Union[Mapping[str, Any], Callable[[int, int], tf.data.Dataset],
-               tf.data.Dataset, tuple]
+Reader = Union[Mapping[str, Any], Callable[[int, int], tf.data.Dataset], tf.data.Dataset, tuple]
 
 _PAD_VALUES = {"segment_map": -1, "seg_class": -1}
 STATS_KEYS = ("segments_overflow",)
 
 
-def host_dataset(reader: Reader, process_index: int, process_count: int,
-                 on_bad_input: str = "skip"):
+def host_dataset(
+  reader: Reader, process_index: int, process_count: int, on_bad_input: str = "skip"
+):
   """This host's shard of the decoded examples (disjoint shards covering the split)."""
   if isinstance(reader, Mapping):
-    ds, _ = readers.build_reader(reader, shard_index=process_index,
-                                 shard_count=process_count, on_bad_input=on_bad_input)
+    ds, _ = readers.build_reader(
+      reader, shard_index=process_index, shard_count=process_count, on_bad_input=on_bad_input
+    )
     return ds
   if isinstance(reader, tf.data.Dataset):
     return reader.shard(process_count, process_index)
@@ -58,8 +58,7 @@ def _options(threads: Optional[int]):
   options = tf.data.Options()
   options.deterministic = True
   # Readers call numpy functions (bad-input counting, logging): no state to save.
-  options.experimental_external_state_policy = (
-      tf.data.experimental.ExternalStatePolicy.IGNORE)
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   if threads:
     options.threading.private_threadpool_size = threads
   return options
@@ -76,13 +75,25 @@ def _pad_batch(batch, batch_size):
   return out
 
 
-def make_dataset(reader: Reader, *, batch_size: int, image_size: int, max_segments: int,
-                 task_id: int, dataset_id: int = 0, training: bool = True, seed: int = 0,
-                 process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, shuffle_buffer: int = 256,
-                 preprocess_kwargs: Optional[Mapping[str, Any]] = None,
-                 on_bad_input: str = "skip", threads: Optional[int] = None,
-                 num_eval_batches: Optional[int] = None, prefetch: int = 2):
+def make_dataset(
+  reader: Reader,
+  *,
+  batch_size: int,
+  image_size: int,
+  max_segments: int,
+  task_id: int,
+  dataset_id: int = 0,
+  training: bool = True,
+  seed: int = 0,
+  process_index: Optional[int] = None,
+  process_count: Optional[int] = None,
+  shuffle_buffer: int = 256,
+  preprocess_kwargs: Optional[Mapping[str, Any]] = None,
+  on_bad_input: str = "skip",
+  threads: Optional[int] = None,
+  num_eval_batches: Optional[int] = None,
+  prefetch: int = 2,
+):
   """Batched tf.data pipeline of this host (`batch_size` is host-local).
 
   Training: infinite, shuffled, LSJ-augmented, full batches. Evaluation: one pass in
@@ -95,28 +106,38 @@ def make_dataset(reader: Reader, *, batch_size: int, image_size: int, max_segmen
   if process_count is None:
     process_count = jax.process_count()
   ds = host_dataset(reader, process_index, process_count, on_bad_input)
-  kwargs = dict(image_size=image_size, max_segments=max_segments, task_id=task_id,
-                dataset_id=dataset_id, return_stats=True, **(preprocess_kwargs or {}))
+  kwargs = dict(
+    image_size=image_size,
+    max_segments=max_segments,
+    task_id=task_id,
+    dataset_id=dataset_id,
+    return_stats=True,
+    **(preprocess_kwargs or {}),
+  )
   if training:
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
 
     def train_map(position, example):
       example_seed = tf.random.experimental.stateless_fold_in(
-          tf.stack([tf.constant(seed, tf.int64), position]), process_index)
+        tf.stack([tf.constant(seed, tf.int64), position]), process_index
+      )
       return preprocess.train_preprocess(example, seed=example_seed, **kwargs)
 
     ds = ds.enumerate().map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
   else:
-    ds = ds.map(functools.partial(preprocess.eval_preprocess, **kwargs),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+      functools.partial(preprocess.eval_preprocess, **kwargs), num_parallel_calls=tf.data.AUTOTUNE
+    )
     ds = ds.batch(batch_size).map(functools.partial(_pad_batch, batch_size=batch_size))
     if num_eval_batches is not None:
       empty = ds.element_spec
       filler = tf.data.Dataset.from_tensors(
-          {k: tf.fill([batch_size] + s.shape[1:].as_list(),
-                      tf.cast(_PAD_VALUES.get(k, 0), s.dtype))
-           for k, s in empty.items()}).repeat()
+        {
+          k: tf.fill([batch_size] + s.shape[1:].as_list(), tf.cast(_PAD_VALUES.get(k, 0), s.dtype))
+          for k, s in empty.items()
+        }
+      ).repeat()
       ds = ds.concatenate(filler).take(num_eval_batches)
   return ds.prefetch(prefetch).with_options(_options(threads))
 
@@ -150,13 +171,11 @@ class Iterator:
     """{'step': int64 [], 'tf_data': uint8 [n]}: arrays an orbax checkpoint can hold."""
     variant = self._it._serialize_to_tensors()["_STATE"]  # pylint: disable=protected-access
     raw = tf.io.serialize_tensor(variant).numpy()
-    return {"step": np.asarray(self.step, np.int64),
-            "tf_data": np.frombuffer(raw, np.uint8).copy()}
+    return {"step": np.asarray(self.step, np.int64), "tf_data": np.frombuffer(raw, np.uint8).copy()}
 
   def set_state(self, state: Mapping[str, np.ndarray]) -> None:
     """Restores a `get_state()` value into this (same-config) pipeline's iterator."""
-    variant = tf.io.parse_tensor(np.asarray(state["tf_data"], np.uint8).tobytes(),
-                                 tf.variant)
+    variant = tf.io.parse_tensor(np.asarray(state["tf_data"], np.uint8).tobytes(), tf.variant)
     self._it._restore_from_tensors({"_STATE": variant})  # pylint: disable=protected-access
     self.step = int(state["step"])
 
@@ -166,8 +185,11 @@ def make_iterator(reader: Reader, **kwargs) -> Iterator:
   return Iterator(make_dataset(reader, **kwargs))
 
 
-def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
-                      data_axes: Union[str, Sequence[str]] = "data"):
+def make_global_batch(
+  local_batch: Mapping[str, np.ndarray],
+  mesh: jax.sharding.Mesh,
+  data_axes: Union[str, Sequence[str]] = "data",
+):
   """Host-local batch -> global jax.Arrays sharded on the batch dim over `data_axes`.
 
   Every host passes its own `[B_local, ...]` part; the global batch is
@@ -177,6 +199,5 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.
   spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0])
   sharding = jax.sharding.NamedSharding(mesh, spec)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      dict(local_batch))
-
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(local_batch)
+  )

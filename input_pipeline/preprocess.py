@@ -37,8 +37,7 @@ def segment_stats(segment_map, n):
   """
   ids = segment_map + 1  # Void -> bin 0.
   rows = tf.math.bincount(ids, minlength=n + 1, maxlength=n + 1, axis=-1)[:, 1:]
-  cols = tf.math.bincount(tf.transpose(ids), minlength=n + 1, maxlength=n + 1,
-                          axis=-1)[:, 1:]
+  cols = tf.math.bincount(tf.transpose(ids), minlength=n + 1, maxlength=n + 1, axis=-1)[:, 1:]
   area = tf.reduce_sum(rows, axis=0)
 
   def extent(counts):  # [L, n] -> first and one-past-last index with counts > 0.
@@ -75,8 +74,19 @@ def _select_segments(keep, score, max_segments):
   return idx, valid, overflow
 
 
-def _finish(decoded, image, segment_map, boxes, *, boxes_only, size, max_segments,
-            task_id, dataset_id, return_stats):
+def _finish(
+  decoded,
+  image,
+  segment_map,
+  boxes,
+  *,
+  boxes_only,
+  size,
+  max_segments,
+  task_id,
+  dataset_id,
+  return_stats,
+):
   """Selects segments, remaps the map, pads everything to the schema."""
   n = tf.shape(decoded["seg_class"])[0]
   seg_area, seg_box = segment_stats(segment_map, n)
@@ -92,7 +102,8 @@ def _finish(decoded, image, segment_map, boxes, *, boxes_only, size, max_segment
   # old id -> new id (or -1) lookup, applied to the map with a shift for void (-1).
   new_ids = tf.where(valid, tf.range(max_segments), -1)
   lookup = tf.tensor_scatter_nd_update(
-      -tf.ones([n + 1], tf.int32), tf.where(valid, idx, n)[:, None], new_ids)
+    -tf.ones([n + 1], tf.int32), tf.where(valid, idx, n)[:, None], new_ids
+  )
   lookup = tf.concat([[-1], lookup[:n]], axis=0)
   segment_map = tf.gather(lookup, segment_map + 1)
 
@@ -103,20 +114,19 @@ def _finish(decoded, image, segment_map, boxes, *, boxes_only, size, max_segment
 
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   out = {
-      "image": tf.pad(image, [[0, size - h], [0, size - w], [0, 0]]),
-      "valid": tf.pad(tf.ones([h, w], tf.bool), [[0, size - h], [0, size - w]]),
-      "segment_map": tf.pad(segment_map, [[0, size - h], [0, size - w]],
-                            constant_values=-1),
-      "seg_class": table(tf.cast(decoded["seg_class"], tf.int32), -1),
-      "seg_box": table(tf.cast(seg_box, tf.float32), 0),
-      "seg_is_thing": table(tf.cast(decoded["seg_is_thing"], tf.bool), False),
-      "seg_is_crowd": table(tf.cast(decoded["seg_is_crowd"], tf.bool), False),
-      "seg_valid": valid,
-      "task": tf.constant(task_id, tf.int32),
-      "dataset_id": tf.constant(dataset_id, tf.int32),
-      "image_id": tf.cast(decoded["image_id"], tf.int64),
-      "orig_size": tf.shape(decoded["image"])[:2],
-      "example_valid": tf.constant(True),
+    "image": tf.pad(image, [[0, size - h], [0, size - w], [0, 0]]),
+    "valid": tf.pad(tf.ones([h, w], tf.bool), [[0, size - h], [0, size - w]]),
+    "segment_map": tf.pad(segment_map, [[0, size - h], [0, size - w]], constant_values=-1),
+    "seg_class": table(tf.cast(decoded["seg_class"], tf.int32), -1),
+    "seg_box": table(tf.cast(seg_box, tf.float32), 0),
+    "seg_is_thing": table(tf.cast(decoded["seg_is_thing"], tf.bool), False),
+    "seg_is_crowd": table(tf.cast(decoded["seg_is_crowd"], tf.bool), False),
+    "seg_valid": valid,
+    "task": tf.constant(task_id, tf.int32),
+    "dataset_id": tf.constant(dataset_id, tf.int32),
+    "image_id": tf.cast(decoded["image_id"], tf.int64),
+    "orig_size": tf.shape(decoded["image"])[:2],
+    "example_valid": tf.constant(True),
   }
   for k, v in out.items():  # Static shapes for batching.
     out[k] = tf.ensure_shape(v, schema.field_shapes(size, size, max_segments)[k][1])
@@ -127,8 +137,7 @@ def _finish(decoded, image, segment_map, boxes, *, boxes_only, size, max_segment
 
 def _resize(image, segment_map, new_h, new_w):
   image = tf.image.resize(image, [new_h, new_w], method="bilinear")
-  segment_map = tf.image.resize(segment_map[..., None], [new_h, new_w],
-                                method="nearest")[..., 0]
+  segment_map = tf.image.resize(segment_map[..., None], [new_h, new_w], method="nearest")[..., 0]
   return image, segment_map
 
 
@@ -159,10 +168,19 @@ def _color_jitter(image, seed):
   return tf.clip_by_value(image, 0.0, 1.0) * 255.0
 
 
-def train_preprocess(decoded, *, image_size: int, max_segments: int,
-                     scale_range=(0.1, 2.0), flip: bool = True,
-                     color_jitter: bool = False, task_id: int, dataset_id: int,
-                     seed, return_stats: bool = False):
+def train_preprocess(
+  decoded,
+  *,
+  image_size: int,
+  max_segments: int,
+  scale_range=(0.1, 2.0),
+  flip: bool = True,
+  color_jitter: bool = False,
+  task_id: int,
+  dataset_id: int,
+  seed,
+  return_stats: bool = False,
+):
   """LSJ + flip (+ colour jitter) of one decoded example, padded to the schema.
 
   Args:
@@ -197,14 +215,15 @@ def train_preprocess(decoded, *, image_size: int, max_segments: int,
   sx = tf.cast(new_w, tf.float32) / w
 
   # Random crop offset (zero where the scaled image is smaller than S).
-  oy = tf.random.stateless_uniform([], seeds[1], 0, tf.maximum(new_h - image_size, 0) + 1,
-                                   dtype=tf.int32)
-  ox = tf.random.stateless_uniform([], seeds[2], 0, tf.maximum(new_w - image_size, 0) + 1,
-                                   dtype=tf.int32)
+  oy = tf.random.stateless_uniform(
+    [], seeds[1], 0, tf.maximum(new_h - image_size, 0) + 1, dtype=tf.int32
+  )
+  ox = tf.random.stateless_uniform(
+    [], seeds[2], 0, tf.maximum(new_w - image_size, 0) + 1, dtype=tf.int32
+  )
   ch = tf.minimum(new_h, image_size)
   cw = tf.minimum(new_w, image_size)
-  image = tf.image.resize(image, [new_h, new_w], method="bilinear")[oy:oy + ch,
-                                                                     ox:ox + cw]
+  image = tf.image.resize(image, [new_h, new_w], method="bilinear")[oy : oy + ch, ox : ox + cw]
   segment_map = _nearest_crop(segment_map, new_h, new_w, oy, ox, ch, cw)
   fy, fx = tf.cast(oy, tf.float32), tf.cast(ox, tf.float32)
   boxes = boxes * tf.stack([sy, sx, sy, sx]) - tf.stack([fy, fx, fy, fx])
@@ -220,15 +239,31 @@ def train_preprocess(decoded, *, image_size: int, max_segments: int,
   if color_jitter:
     image = _color_jitter(image, seeds[4])
   image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-  return _finish(decoded, image, segment_map, boxes,
-                 boxes_only=task_id == _BOXES_TASK, size=image_size,
-                 max_segments=max_segments, task_id=task_id, dataset_id=dataset_id,
-                 return_stats=return_stats)
+  return _finish(
+    decoded,
+    image,
+    segment_map,
+    boxes,
+    boxes_only=task_id == _BOXES_TASK,
+    size=image_size,
+    max_segments=max_segments,
+    task_id=task_id,
+    dataset_id=dataset_id,
+    return_stats=return_stats,
+  )
 
 
-def eval_preprocess(decoded, *, image_size: int, max_segments: int, task_id: int,
-                    dataset_id: int, return_stats: bool = False,
-                    seed: Optional[tf.Tensor] = None, **train_only):
+def eval_preprocess(
+  decoded,
+  *,
+  image_size: int,
+  max_segments: int,
+  task_id: int,
+  dataset_id: int,
+  return_stats: bool = False,
+  seed: Optional[tf.Tensor] = None,
+  **train_only,
+):
   """Resizes the longer side to `image_size`, pads bottom/right, marks valid pixels.
 
   `orig_size` keeps the pre-resize (h, w) so evaluators can map predictions back.
@@ -249,7 +284,15 @@ def eval_preprocess(decoded, *, image_size: int, max_segments: int, task_id: int
   boxes = boxes * tf.stack([nh / h, nw / w, nh / h, nw / w])
   boxes = tf.clip_by_value(boxes, 0.0, tf.stack([nh, nw, nh, nw]))
   image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-  return _finish(decoded, image, segment_map, boxes,
-                 boxes_only=task_id == _BOXES_TASK, size=image_size,
-                 max_segments=max_segments, task_id=task_id, dataset_id=dataset_id,
-                 return_stats=return_stats)
+  return _finish(
+    decoded,
+    image,
+    segment_map,
+    boxes,
+    boxes_only=task_id == _BOXES_TASK,
+    size=image_size,
+    max_segments=max_segments,
+    task_id=task_id,
+    dataset_id=dataset_id,
+    return_stats=return_stats,
+  )

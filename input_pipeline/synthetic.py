@@ -36,14 +36,18 @@ SUITE = ("shapes_panoptic", "shapes_semantic", "shapes_boxes", "shapes_transfer"
 
 # name -> (label kind of the train split, split sizes, things per image).
 _SETTINGS = {
-    "shapes_panoptic": dict(labels="panoptic", splits={"train": 600, "validation": 100},
-                            things=(1, 5), crowd_prob=0.15),
-    "shapes_semantic": dict(labels="semantic", splits={"train": 150, "validation": 100},
-                            things=(1, 4), crowd_prob=0.0),
-    "shapes_boxes": dict(labels="boxes", splits={"train": 600, "validation": 100},
-                         things=(1, 5), crowd_prob=0.0),
-    "shapes_transfer": dict(labels="panoptic", splits={"validation": 100},
-                            things=(1, 4), crowd_prob=0.0),
+  "shapes_panoptic": dict(
+    labels="panoptic", splits={"train": 600, "validation": 100}, things=(1, 5), crowd_prob=0.15
+  ),
+  "shapes_semantic": dict(
+    labels="semantic", splits={"train": 150, "validation": 100}, things=(1, 4), crowd_prob=0.0
+  ),
+  "shapes_boxes": dict(
+    labels="boxes", splits={"train": 600, "validation": 100}, things=(1, 5), crowd_prob=0.0
+  ),
+  "shapes_transfer": dict(
+    labels="panoptic", splits={"validation": 100}, things=(1, 4), crowd_prob=0.0
+  ),
 }
 _UNLABELLED_STUFF = ("sky", "grass", "water", "sand")  # drawn behind box-only data.
 _MIN_AREA = 12  # visible pixels; smaller (occluded) things are dropped, not labelled.
@@ -156,8 +160,12 @@ def generate_example(name, split, index, seed=SEED):
   if rng.random() < settings["crowd_prob"]:
     cls, visual = things[int(rng.integers(len(things)))]
     cy, cx = rng.uniform(15, h - 15), rng.uniform(15, w - 15)
-    parts = [_thing_mask(visual, h, w, cy + rng.uniform(-10, 10), cx + rng.uniform(-10, 10),
-                         rng.uniform(6, 10)) for _ in range(int(rng.integers(4, 7)))]
+    parts = [
+      _thing_mask(
+        visual, h, w, cy + rng.uniform(-10, 10), cx + rng.uniform(-10, 10), rng.uniform(6, 10)
+      )
+      for _ in range(int(rng.integers(4, 7)))
+    ]
     instances.append((cls, True, parts))
   for cls, crowd, parts in instances:
     mask = np.zeros((h, w), bool)
@@ -185,11 +193,13 @@ def generate_example(name, split, index, seed=SEED):
   if not has_masks:
     seg_map[:] = -1
   return dict(
-      image=image, segment_map=seg_map,
-      seg_class=np.array([e[0] for e in table], np.int32),
-      seg_is_crowd=np.array([e[1] for e in table], bool),
-      seg_box=np.array(boxes, np.float32).reshape(-1, 4),
-      has_masks=has_masks)
+    image=image,
+    segment_map=seg_map,
+    seg_class=np.array([e[0] for e in table], np.int32),
+    seg_is_crowd=np.array([e[1] for e in table], bool),
+    seg_box=np.array(boxes, np.float32).reshape(-1, 4),
+    has_masks=has_masks,
+  )
 
 
 class _ShapesBuilder(tfds.core.GeneratorBasedBuilder):
@@ -201,42 +211,51 @@ class _ShapesBuilder(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     names = [c["name"] for c in _categories(self.name)]
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "image/id": np.int64,
-            # 0 = void, k = row k-1 of `segments`; all 0 where the split has no masks.
-            "panoptic": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            "has_masks": np.bool_,
-            "segments": tfds.features.Sequence({
-                "category": tfds.features.ClassLabel(names=names),
-                "is_crowd": np.bool_,
-                "bbox": tfds.features.BBoxFeature(),
-            }),
-        }),
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "image/id": np.int64,
+          # 0 = void, k = row k-1 of `segments`; all 0 where the split has no masks.
+          "panoptic": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "has_masks": np.bool_,
+          "segments": tfds.features.Sequence(
+            {
+              "category": tfds.features.ClassLabel(names=names),
+              "is_crowd": np.bool_,
+              "bbox": tfds.features.BBoxFeature(),
+            }
+          ),
+        }
+      ),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: generated from the seed.
-    return {split: self._generate_examples(split, n)
-            for split, n in _SETTINGS[self.name]["splits"].items()}
+    return {
+      split: self._generate_examples(split, n)
+      for split, n in _SETTINGS[self.name]["splits"].items()
+    }
 
   def _generate_examples(self, split, num):
     for index in range(num):
       ex = generate_example(self.name, split, index)
       h, w = ex["segment_map"].shape
       scale = np.array([h, w, h, w], np.float32)
-      yield index, {
+      yield (
+        index,
+        {
           "image": ex["image"],
           "image/id": index,
           "panoptic": (ex["segment_map"] + 1).astype(np.uint8)[..., None],
           "has_masks": ex["has_masks"],
           "segments": {
-              "category": ex["seg_class"].astype(np.int64),
-              "is_crowd": ex["seg_is_crowd"],
-              "bbox": [tfds.features.BBox(*np.clip(b / scale, 0, 1)) for b in ex["seg_box"]],
+            "category": ex["seg_class"].astype(np.int64),
+            "is_crowd": ex["seg_is_crowd"],
+            "bbox": [tfds.features.BBox(*np.clip(b / scale, 0, 1)) for b in ex["seg_box"]],
           },
-      }
+        },
+      )
 
 
 # One registered builder class per dataset; TFDS names them by snake_case class name.
@@ -279,8 +298,10 @@ def prepare_shared(names, data_dir):
   per-host local folder). Every process must call this, with the same names.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     if jax.process_index() == 0:
       for name in names:
         builder(name, data_dir)
@@ -300,11 +321,11 @@ def decode(example, is_thing):
   seg = example["segments"]
   seg_class = tf.cast(seg["category"], tf.int32)
   return {
-      "image": image,
-      "segment_map": tf.cast(example["panoptic"][..., 0], tf.int32) - 1,
-      "seg_class": seg_class,
-      "seg_box": seg["bbox"] * tf.stack([h, w, h, w]),
-      "seg_is_thing": tf.gather(tf.constant(is_thing, tf.bool), seg_class),
-      "seg_is_crowd": seg["is_crowd"],
-      "image_id": example["image/id"],
+    "image": image,
+    "segment_map": tf.cast(example["panoptic"][..., 0], tf.int32) - 1,
+    "seg_class": seg_class,
+    "seg_box": seg["bbox"] * tf.stack([h, w, h, w]),
+    "seg_is_thing": tf.gather(tf.constant(is_thing, tf.bool), seg_class),
+    "seg_is_crowd": seg["is_crowd"],
+    "image_id": example["image/id"],
   }

@@ -14,9 +14,8 @@ what has not been learned.
 
 import os
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 
 from dataseg import images as images_lib
 from dataseg import predictor as predictor_lib
@@ -35,8 +34,9 @@ def best_proposals(p, key, num_examples):
   entry = p.config.eval_datasets[key]
   vocab = p.run.vocabs[f"eval:{key}"]
   arrays = vocab.arrays()
-  reader = data_lib.reader_for(entry, os.path.join(p.run.workdir, "data"), entry.eval_split,
-                               vocab.is_thing)
+  reader = data_lib.reader_for(
+    entry, os.path.join(p.run.workdir, "data"), entry.eval_split, vocab.is_thing
+  )
   predict = trainer.make_predict_fn(p.run.setup)
   for ex in pipeline.host_dataset(reader, 0, 1).take(num_examples).as_numpy_iterator():
     image = ex["image"]
@@ -60,8 +60,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   p = predictor_lib.Predictor.from_workdir(_WORKDIR.value)
   if _DATASET.value not in p.config.eval_datasets:
-    raise SystemExit(f"--dataset={_DATASET.value!r} is not an eval dataset of "
-                     f"{_WORKDIR.value}; allowed: {', '.join(p.config.eval_datasets)}")
+    raise SystemExit(
+      f"--dataset={_DATASET.value!r} is not an eval dataset of "
+      f"{_WORKDIR.value}; allowed: {', '.join(p.config.eval_datasets)}"
+    )
   vocab = p.run.vocabs[f"eval:{_DATASET.value}"]
   names, num = list(vocab.names), len(vocab.names)
   rows = list(best_proposals(p, _DATASET.value, _NUM_EXAMPLES.value))
@@ -76,9 +78,11 @@ def main(argv):
     # Among its own kind only (things vs things): separates "which shape" from "thing or
     # stuff" errors.
     same_kind = np.append(np.asarray(vocab.is_thing, bool) == thing, False)
-    acc_kind = np.mean([np.argmax(np.where(same_kind, r[2], -1.)) == r[0] for r in sel])
-    print(f"{kind}: {len(sel)} segments, best IoU {iou:.2f}, p(true class) {p_true:.2f}, "
-          f"accuracy {acc:.2f} (among {kind} classes only: {acc_kind:.2f})")
+    acc_kind = np.mean([np.argmax(np.where(same_kind, r[2], -1.0)) == r[0] for r in sel])
+    print(
+      f"{kind}: {len(sel)} segments, best IoU {iou:.2f}, p(true class) {p_true:.2f}, "
+      f"accuracy {acc:.2f} (among {kind} classes only: {acc_kind:.2f})"
+    )
   for c, _, pr in rows:
     confusion[c, int(np.argmax(pr))] += 1
   width = max(len(n) for n in names + ["background"]) + 1

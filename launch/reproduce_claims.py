@@ -22,30 +22,41 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-VARIANTS = ("joint", "panoptic_only", "semantic_only", "boxes_only", "learned_classifier",
-            "no_boxes")
+VARIANTS = (
+  "joint",
+  "panoptic_only",
+  "semantic_only",
+  "boxes_only",
+  "learned_classifier",
+  "no_boxes",
+)
 COLUMNS = (
-    ("shapes_panoptic/panoptic/PQ", "PQ panoptic"),
-    ("shapes_panoptic/panoptic/PQ_th", "PQ_th panoptic"),
-    ("shapes_panoptic/panoptic/PQ_st", "PQ_st panoptic"),
-    ("shapes_semantic/semantic/mIoU", "mIoU semantic"),
-    ("shapes_semantic/panoptic/PQ", "PQ semantic (weak)"),
-    ("shapes_semantic/panoptic/PQ_th", "PQ_th semantic (weak)"),
-    ("shapes_boxes/instance/AP", "mask AP boxes (weak)"),
-    ("shapes_boxes/box/AP", "box AP boxes"),
-    ("shapes_transfer/panoptic/PQ", "PQ transfer"),
-    ("shapes_transfer/semantic/mIoU", "mIoU transfer"),
+  ("shapes_panoptic/panoptic/PQ", "PQ panoptic"),
+  ("shapes_panoptic/panoptic/PQ_th", "PQ_th panoptic"),
+  ("shapes_panoptic/panoptic/PQ_st", "PQ_st panoptic"),
+  ("shapes_semantic/semantic/mIoU", "mIoU semantic"),
+  ("shapes_semantic/panoptic/PQ", "PQ semantic (weak)"),
+  ("shapes_semantic/panoptic/PQ_th", "PQ_th semantic (weak)"),
+  ("shapes_boxes/instance/AP", "mask AP boxes (weak)"),
+  ("shapes_boxes/box/AP", "box AP boxes"),
+  ("shapes_transfer/panoptic/PQ", "PQ transfer"),
+  ("shapes_transfer/semantic/mIoU", "mIoU transfer"),
 )
 
 
 def run(variant, steps, root, extra, table_only=False, seed=0):
   workdir = os.path.join(root, variant if seed == 0 else f"{variant}_seed{seed}")
-  cmd = [sys.executable, "-m", "dataseg.main",
-         f"--config=configs/demo.py:steps={steps},variant={variant}",
-         f"--workdir={workdir}", "--verbosity=-1", *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "dataseg.main",
+    f"--config=configs/demo.py:steps={steps},variant={variant}",
+    f"--workdir={workdir}",
+    "--verbosity=-1",
+    *extra,
+  ]
   if seed:
     cmd.append(f"--config.seed={seed}")
   timing = os.path.join(workdir, "wall_time_s.json")
@@ -59,9 +70,11 @@ def run(variant, steps, root, extra, table_only=False, seed=0):
         json.dump({"wall_s": wall}, f)
   with open(timing) as f:
     wall = json.load(f)["wall_s"]
-  evals = sorted((int(n[len("eval_"):-len(".json")]), n) for n in os.listdir(workdir)
-                 if n.startswith("eval_") and n.endswith(".json")
-                 and n[len("eval_"):-len(".json")].isdigit())
+  evals = sorted(
+    (int(n[len("eval_") : -len(".json")]), n)
+    for n in os.listdir(workdir)
+    if n.startswith("eval_") and n.endswith(".json") and n[len("eval_") : -len(".json")].isdigit()
+  )
   with open(os.path.join(workdir, evals[-1][1])) as f:
     return json.load(f), wall, " ".join(cmd[1:])
 
@@ -85,9 +98,11 @@ def table(rows, steps):
     walls = " / ".join(f"{wall / 60:.1f}" for _, wall, _ in runs)
     lines.append(f"| {variant} | " + " | ".join(cells) + f" | {walls} min |")
   lines.append("")
-  lines.append(f"Joint budget: {steps} steps of batch 8 at 128x128; machine: "
-               f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}. "
-               "Commands:")
+  lines.append(
+    f"Joint budget: {steps} steps of batch 8 at 128x128; machine: "
+    f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}. "
+    "Commands:"
+  )
   for variant, runs in rows.items():
     for _, _, cmd in runs:
       lines.append(f"- {variant}: `python {cmd}`")
@@ -98,8 +113,9 @@ _STEPS = flags.DEFINE_integer("steps", 600, "training steps of the joint run")
 _ROOT = flags.DEFINE_string("root", "workdirs/claims", "where the runs and claims.md go")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "variants of configs/demo.py")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "config seeds, one run per variant and seed")
-_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "only rebuild the table from the runs' "
-                                "newest eval_<step>.json")
+_TABLE_ONLY = flags.DEFINE_bool(
+  "table_only", False, "only rebuild the table from the runs' newest eval_<step>.json"
+)
 
 
 def main(argv):
@@ -107,8 +123,9 @@ def main(argv):
   rows = {}
   seeds = [int(k) for k in _SEEDS.value]
   for variant in _VARIANTS.value:
-    rows[variant] = [run(variant, _STEPS.value, _ROOT.value, extra, _TABLE_ONLY.value, seed)
-                     for seed in seeds]
+    rows[variant] = [
+      run(variant, _STEPS.value, _ROOT.value, extra, _TABLE_ONLY.value, seed) for seed in seeds
+    ]
   text = table(rows, _STEPS.value)
   with open(os.path.join(_ROOT.value, "claims.md"), "w") as f:
     f.write(text + "\n")

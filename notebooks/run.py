@@ -20,12 +20,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "demo.ipynb"
 KERNEL = "python3"
 # C++ log lines of TensorFlow / XLA start-up (glog format), not the notebook's own output.
-_NATIVE_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before "
-                         r"absl::InitializeLog\(\))")
+_NATIVE_LOG = re.compile(
+  r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before "
+  r"absl::InitializeLog\(\))"
+)
 
 
-def execute(path=NOTEBOOK, env: Mapping[str, str] | None = None, extra_source: str = "",
-            timeout: int = 900):
+def execute(
+  path=NOTEBOOK, env: Mapping[str, str] | None = None, extra_source: str = "", timeout: int = 900
+):
   """Runs every cell of the notebook at `path` in a fresh kernel; returns the notebook.
 
   `env` is added to the kernel's environment. `extra_source`, if given, runs as one more
@@ -33,6 +36,7 @@ def execute(path=NOTEBOOK, env: Mapping[str, str] | None = None, extra_source: s
   """
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top
+
   nb = nbformat.read(str(path), as_version=4)
   if extra_source:
     nb.cells.append(nbformat.v4.new_code_cell(extra_source))
@@ -41,15 +45,21 @@ def execute(path=NOTEBOOK, env: Mapping[str, str] | None = None, extra_source: s
   jupyter_path = os.path.join(sys.prefix, "share", "jupyter")
   kernel_env = dict(os.environ, **(env or {}))
   kernel_env["JUPYTER_PATH"] = os.pathsep.join(
-      p for p in (jupyter_path, os.environ.get("JUPYTER_PATH")) if p)
+    p for p in (jupyter_path, os.environ.get("JUPYTER_PATH")) if p
+  )
   kernel_env["PYTHONPATH"] = os.pathsep.join(
-      p for p in (str(ROOT), kernel_env.get("PYTHONPATH")) if p)
+    p for p in (str(ROOT), kernel_env.get("PYTHONPATH")) if p
+  )
   old = os.environ.get("JUPYTER_PATH")
   os.environ["JUPYTER_PATH"] = kernel_env["JUPYTER_PATH"]  # read by the kernel spec lookup.
   try:
     client = nbclient.NotebookClient(
-        nb, timeout=timeout, kernel_name=KERNEL, record_timing=False,
-        resources={"metadata": {"path": str(pathlib.Path(path).resolve().parent)}})
+      nb,
+      timeout=timeout,
+      kernel_name=KERNEL,
+      record_timing=False,
+      resources={"metadata": {"path": str(pathlib.Path(path).resolve().parent)}},
+    )
     client.execute(env=kernel_env)
   finally:
     if old is None:
@@ -65,27 +75,39 @@ def without_native_logs(nb):
   for cell in nb.cells:
     cell.metadata.pop("execution", None)
     if cell.cell_type == "code":
-      cell.outputs = [o for o in cell.outputs if not (
-          o.output_type == "stream" and o.name == "stderr" and
-          all(_NATIVE_LOG.match(line) for line in o.text.splitlines() if line.strip()))]
+      cell.outputs = [
+        o
+        for o in cell.outputs
+        if not (
+          o.output_type == "stream"
+          and o.name == "stderr"
+          and all(_NATIVE_LOG.match(line) for line in o.text.splitlines() if line.strip())
+        )
+      ]
   return nb
 
 
 def main(argv=None):
   sys.path.insert(0, str(ROOT))
   from dataseg import cli  # pylint: disable=g-import-not-at-top
+
   fv = cli.new_flags()
-  flags.DEFINE_string("workdir", str(ROOT / "workdirs" / "demo"), "a dataseg.main workdir",
-                      flag_values=fv)
-  flags.DEFINE_integer("max_eval", 32, "eval examples per dataset (0 = whole split)",
-                       flag_values=fv)
-  flags.DEFINE_string("out_dir", None, "where the overlay PNGs go (default: "
-                      "<workdir>/notebook)", flag_values=fv)
+  flags.DEFINE_string(
+    "workdir", str(ROOT / "workdirs" / "demo"), "a dataseg.main workdir", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "max_eval", 32, "eval examples per dataset (0 = whole split)", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "out_dir", None, "where the overlay PNGs go (default: <workdir>/notebook)", flag_values=fv
+  )
   flags.DEFINE_string("output", str(NOTEBOOK), "the executed notebook", flag_values=fv)
   args = cli.parse(fv, argv, prog="python notebooks/run.py", doc=__doc__)
   import nbformat  # pylint: disable=g-import-not-at-top
-  env = dict(DATASEG_WORKDIR=os.path.abspath(args.workdir),
-             DATASEG_NOTEBOOK_MAX_EVAL=str(args.max_eval))
+
+  env = dict(
+    DATASEG_WORKDIR=os.path.abspath(args.workdir), DATASEG_NOTEBOOK_MAX_EVAL=str(args.max_eval)
+  )
   if args.out_dir:
     env["DATASEG_NOTEBOOK_OUT"] = os.path.abspath(args.out_dir)
   nb = execute(NOTEBOOK, env)

@@ -25,17 +25,19 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 def subprocess_env(cache_dir, devices=1, **extra):
   env = dict(os.environ)
   env.update(
-      PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-      JAX_PLATFORMS="cpu",
-      # The caller's XLA flags first (e.g. --xla_cpu_max_isa=AVX2 for a run of the suite
-      # with other vector code), then ours.
-      XLA_FLAGS=(f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE} "
-                 f"--xla_force_host_platform_device_count={devices}").strip(),
-      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-      TF_CPP_MIN_LOG_LEVEL="3",
-      CUDA_VISIBLE_DEVICES="")
+    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    JAX_PLATFORMS="cpu",
+    # The caller's XLA flags first (e.g. --xla_cpu_max_isa=AVX2 for a run of the suite
+    # with other vector code), then ours.
+    XLA_FLAGS=(
+      f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+    ).strip(),
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    TF_CPP_MIN_LOG_LEVEL="3",
+    CUDA_VISIBLE_DEVICES="",
+  )
   env.update({k: str(v) for k, v in extra.items()})
   return env
 
@@ -50,6 +52,7 @@ def tiny_env(tmp_path_factory):
   """
   sys.path.insert(0, str(TESTS))
   import trainer_driver  # pylint: disable=g-import-not-at-top
+
   from dataseg import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   from input_pipeline import datasets as datasets_lib  # pylint: disable=g-import-not-at-top
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
@@ -74,16 +77,33 @@ def tiny_env(tmp_path_factory):
     return subprocess_env(cache_dir, devices, **extra)
 
   def driver(workdir, *flags, steps=8, extra_env=None, wait=True, timeout=600):
-    cmd = [sys.executable, str(TESTS / "trainer_driver.py"), f"--config={config_arg(steps)}",
-           f"--workdir={workdir}", *flags]
-    kwargs = dict(cwd=str(ROOT), env=env(**(extra_env or {})), stdout=subprocess.PIPE,
-                  stderr=subprocess.STDOUT, text=True)
+    cmd = [
+      sys.executable,
+      str(TESTS / "trainer_driver.py"),
+      f"--config={config_arg(steps)}",
+      f"--workdir={workdir}",
+      *flags,
+    ]
+    kwargs = dict(
+      cwd=str(ROOT),
+      env=env(**(extra_env or {})),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     if not wait:
       return subprocess.Popen(cmd, **kwargs)
     return subprocess.run(cmd, timeout=timeout, check=False, **kwargs)
 
-  return types.SimpleNamespace(data_dir=data_dir, emb=emb_path, cache_dir=cache_dir,
-                               config=config, config_arg=config_arg, env=env, driver=driver)
+  return types.SimpleNamespace(
+    data_dir=data_dir,
+    emb=emb_path,
+    cache_dir=cache_dir,
+    config=config,
+    config_arg=config_arg,
+    env=env,
+    driver=driver,
+  )
 
 
 @pytest.fixture(scope="session")

@@ -19,27 +19,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
+import trainer_driver
 
 from dataseg.train import checkpoint as checkpoint_lib
 from dataseg.train import data as data_lib
 from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
 from dataseg.vocab import padded as padded_vocab
-import trainer_driver
 
 # One device against a mesh that splits both the batch (data=4) and the parameters and
 # Adam moments (fsdp=2): together they exercise every reduction the sharded step adds.
 # The 2x4 mesh is only restored onto (other shardings of the same checkpoint).
 MESHES = {"1": None, "4x2": (4, 2)}
 RESTORE_MESH = (2, 4)
-FSDP_RULES = (("embed", "fsdp"), ("mlp", ""), ("heads", ""), ("kv", ""),
-              ("conv_out", "fsdp"), ("batch", ("data", "fsdp")))
+FSDP_RULES = (
+  ("embed", "fsdp"),
+  ("mlp", ""),
+  ("heads", ""),
+  ("kv", ""),
+  ("conv_out", "fsdp"),
+  ("batch", ("data", "fsdp")),
+)
 NUM_STEPS = 3
 
 
 def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+  }
 
 
 def _sharded_count(shardings):
@@ -89,16 +97,23 @@ def main(data_dir, emb, work_dir, out_path):
       ckpt.wait()
       saved = _flat(state)
   # Restore the 4x2 checkpoint onto the 2x4 mesh: values, and the 2x4 shardings.
-  s = trainer.setup(config, 1, v_size, mesh=sharding_lib.make_mesh(
-      dict(data=RESTORE_MESH[0], fsdp=RESTORE_MESH[1], model=1)))
+  s = trainer.setup(
+    config,
+    1,
+    v_size,
+    mesh=sharding_lib.make_mesh(dict(data=RESTORE_MESH[0], fsdp=RESTORE_MESH[1], model=1)),
+  )
   ckpt = checkpoint_lib.Checkpointer(os.path.join(work_dir, "ckpt"))
   step, restored, _ = ckpt.restore_latest(s.abstract_state)
   out["restore/step"] = np.int32(step)
   same_sharding = jax.tree.map(lambda a, sh: a.sharding == sh, restored, s.state_shardings)
   out["restore/shardings_match"] = np.bool_(all(jax.tree.leaves(same_sharding)))
-  out["restore/max_abs_diff"] = np.float32(max(
+  out["restore/max_abs_diff"] = np.float32(
+    max(
       float(np.max(np.abs(v.astype(np.float64) - saved[k].astype(np.float64)), initial=0))
-      for k, v in _flat(restored).items()))
+      for k, v in _flat(restored).items()
+    )
+  )
   out["restore/num_leaves"] = np.int32(len(saved))
   np.savez(out_path, **out)
   print("mesh_check done", flush=True)

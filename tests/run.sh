@@ -3,5 +3,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/setup_env.sh"
 export JAX_PLATFORMS=cpu
+# House style first (pyproject.toml [tool.ruff]; `ruff format .` fixes the formatting).
+python -m ruff check --quiet "$(dirname "${BASH_SOURCE[0]}")/.."
+python -m ruff format --check --quiet "$(dirname "${BASH_SOURCE[0]}")/.."
 # No path given: pyproject.toml's testpaths (tests/); paths given: only those.
 python -m pytest -q -p no:cacheprovider "$@"

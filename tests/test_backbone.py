@@ -11,19 +11,26 @@ from dataseg.model import backbone as bb
 from dataseg.model import configs
 
 IMG = 64  # Multiple of 32: strides 4..32 give 16, 8, 4, 2.
-TINY_VIT = dict(name="vitdet", patch=16, width=64, depth=2, heads=4, mlp=128,
-                window=3, global_blocks=(1,), pretrain_grid=2, out_dim=32)
+TINY_VIT = dict(
+  name="vitdet",
+  patch=16,
+  width=64,
+  depth=2,
+  heads=4,
+  mlp=128,
+  window=3,
+  global_blocks=(1,),
+  pretrain_grid=2,
+  out_dim=32,
+)
 # window=3 on a 4x4 grid exercises the padding path; pretrain_grid=2 the resize.
 
 CASES = {
-    "r18_frozen": (dict(name="resnet", depth=18, norm="frozen_bn"),
-                   (64, 128, 256, 512)),
-    "r18_gn": (dict(name="resnet", depth=18, norm="gn"), (64, 128, 256, 512)),
-    "r50_frozen": (dict(name="resnet", depth=50, norm="frozen_bn"),
-                   (256, 512, 1024, 2048)),
-    "r50_gn": (dict(name="resnet", depth=50, norm="gn"),
-               (256, 512, 1024, 2048)),
-    "vitdet_tiny": (TINY_VIT, (32,) * 4),
+  "r18_frozen": (dict(name="resnet", depth=18, norm="frozen_bn"), (64, 128, 256, 512)),
+  "r18_gn": (dict(name="resnet", depth=18, norm="gn"), (64, 128, 256, 512)),
+  "r50_frozen": (dict(name="resnet", depth=50, norm="frozen_bn"), (256, 512, 1024, 2048)),
+  "r50_gn": (dict(name="resnet", depth=50, norm="gn"), (256, 512, 1024, 2048)),
+  "vitdet_tiny": (TINY_VIT, (32,) * 4),
 }
 
 
@@ -65,8 +72,7 @@ def inited(case):
   """(model, boxed variables, jitted fp32 forward) per case, shared by tests."""
   if case not in _CACHE:
     model = _build(CASES[case][0])
-    _CACHE[case] = (model, random_variables(model, _images(1)),
-                    jax.jit(model.apply))
+    _CACHE[case] = (model, random_variables(model, _images(1)), jax.jit(model.apply))
   return _CACHE[case]
 
 
@@ -83,8 +89,7 @@ def test_output_shapes_per_stride(case):
     assert out[f"stride{s}"].shape == (2, IMG // s, IMG // s, c), (case, s)
 
 
-@pytest.mark.parametrize("case,remat", [("r18_frozen", True),
-                                        ("vitdet_tiny", False)])
+@pytest.mark.parametrize("case,remat", [("r18_frozen", True), ("vitdet_tiny", False)])
 def test_jit_grad_and_remat(case, remat):
   """Gradients reach every parameter; nn.remat changes no value or gradient.
 
@@ -92,9 +97,9 @@ def test_jit_grad_and_remat(case, remat):
   """
   model, variables, _ = inited(case)
   model_r = _build(CASES[case][0], remat=True)
-  assert jax.tree.map(jnp.shape, jax.eval_shape(
-      model_r.init, jax.random.PRNGKey(0), _images(1))) == jax.tree.map(
-          jnp.shape, variables)
+  assert jax.tree.map(
+    jnp.shape, jax.eval_shape(model_r.init, jax.random.PRNGKey(0), _images(1))
+  ) == jax.tree.map(jnp.shape, variables)
   variables = nn.unbox(variables)
   rest = {k: v for k, v in variables.items() if k != "params"}
 
@@ -104,8 +109,10 @@ def test_jit_grad_and_remat(case, remat):
 
   @jax.jit
   def both(p, x):
-    return (jax.value_and_grad(lambda p: loss(model, p, x))(p),
-            jax.grad(lambda p: loss(model_r if remat else model, p, x))(p))
+    return (
+      jax.value_and_grad(lambda p: loss(model, p, x))(p),
+      jax.grad(lambda p: loss(model_r if remat else model, p, x))(p),
+    )
 
   # Gradients are checked for correctness, not speed: skip XLA's slow passes.
   jax.config.update("jax_disable_most_optimizations", True)
@@ -114,21 +121,21 @@ def test_jit_grad_and_remat(case, remat):
   finally:
     jax.config.update("jax_disable_most_optimizations", False)
   assert np.isfinite(value) and value > 0
-  for (path, g), g_r in zip(jax.tree_util.tree_leaves_with_path(grads),
-                            jax.tree.leaves(grads_r)):
+  for (path, g), g_r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_r)):
     name = jax.tree_util.keystr(path)
     assert np.all(np.isfinite(g)), name
     assert np.any(g != 0), f"no gradient reaches {name}"
-    np.testing.assert_allclose(g_r, g, rtol=1e-4,
-                               atol=1e-5 * np.abs(g).max(), err_msg=name)
+    np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-5 * np.abs(g).max(), err_msg=name)
 
 
 def test_frozen_bn_lives_outside_params():
   model = _build(CASES["r18_frozen"][0])
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), _images(1))
   assert set(variables) == {"params", bb.FROZEN_COLLECTION}
-  param_names = {"/".join(map(str, p)) for p, _ in
-                 jax.tree_util.tree_leaves_with_path(nn.unbox(variables["params"]))}
+  param_names = {
+    "/".join(map(str, p))
+    for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(variables["params"]))
+  }
   assert not [n for n in param_names if "bn" in n], "BN vectors in params"
   frozen = nn.unbox(variables[bb.FROZEN_COLLECTION])
   # Stem + 8 blocks x 2 norms + 3 downsample norms, 4 vectors each.
@@ -142,14 +149,18 @@ def test_frozen_bn_lives_outside_params():
 def test_frozen_bn_is_the_inference_formula():
   rng = np.random.default_rng(0)
   c = 8
-  stats = dict(scale=rng.uniform(.5, 2, c), bias=rng.normal(size=c),
-               mean=rng.normal(size=c), var=rng.uniform(.5, 2, c))
+  stats = dict(
+    scale=rng.uniform(0.5, 2, c),
+    bias=rng.normal(size=c),
+    mean=rng.normal(size=c),
+    var=rng.uniform(0.5, 2, c),
+  )
   x = rng.normal(size=(2, 3, 3, c))
   out = bb.FrozenBatchNorm().apply(
-      {bb.FROZEN_COLLECTION: {k: jnp.asarray(v, jnp.float32)
-                              for k, v in stats.items()}}, jnp.asarray(x))
-  want = ((x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * stats["scale"]
-          + stats["bias"])
+    {bb.FROZEN_COLLECTION: {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}},
+    jnp.asarray(x),
+  )
+  want = (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * stats["scale"] + stats["bias"]
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
@@ -179,10 +190,9 @@ def test_bf16_matches_fp32(case):
   for k in out32:
     assert out16[k].dtype == jnp.bfloat16
     a, b = np.asarray(out16[k], np.float32), np.asarray(out32[k])
-    rel = np.sqrt(np.mean((a - b)**2)) / np.sqrt(np.mean(b**2))
+    rel = np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2))
     assert rel < BF16_RTOL, (k, rel)
-  for leaf in jax.tree.leaves(jax.eval_shape(
-      model16.init, jax.random.PRNGKey(0), x)):
+  for leaf in jax.tree.leaves(jax.eval_shape(model16.init, jax.random.PRNGKey(0), x)):
     assert leaf.dtype == jnp.float32
 
 
@@ -190,15 +200,14 @@ def test_bf16_matches_fp32(case):
 def test_logical_axes_map_to_a_mesh(case):
   _, variables, _ = inited(case)
   for path, leaf in jax.tree_util.tree_leaves_with_path(
-      variables, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    variables, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  ):
     assert isinstance(leaf, nn.Partitioned), jax.tree_util.keystr(path)
     assert len(leaf.names) == leaf.value.ndim
     assert set(leaf.names) <= set(bb.LOGICAL_AXES), leaf.names
-  mesh = jax.make_mesh((1, 1), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   rules = (("mlp", "model"), ("heads_kv", "model"), ("conv_out", "model"))
-  shardings = nn.logical_to_mesh_sharding(
-      nn.get_partition_spec(variables), mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, rules)
   specs = [s.spec for s in jax.tree.leaves(shardings)]
   assert any("model" in tuple(s) for s in specs)
   placed = jax.device_put(nn.unbox(variables), shardings)
@@ -222,8 +231,7 @@ def test_window_covering_the_grid_is_global_attention():
   block = lambda window: bb.ViTBlock(width=32, heads=4, mlp=64, window=window)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 32))
   params = nn.unbox(random_variables(block(0), x))
-  windowed, full = jax.jit(lambda p, x: (block(4).apply(p, x),
-                                         block(0).apply(p, x)))(params, x)
+  windowed, full = jax.jit(lambda p, x: (block(4).apply(p, x), block(0).apply(p, x)))(params, x)
   np.testing.assert_allclose(windowed, full, rtol=1e-5, atol=1e-5)
 
 
@@ -233,20 +241,30 @@ def test_build_backbone_rejects_unknown():
   with pytest.raises(ValueError, match="depht"):
     _build(dict(name="resnet", depht=50))
   with pytest.raises(ValueError, match="frozen_bn"):
-    jax.eval_shape(_build(dict(name="resnet", depth=18, norm="bn")).init,
-                   jax.random.PRNGKey(0), _images(1))
+    jax.eval_shape(
+      _build(dict(name="resnet", depth=18, norm="bn")).init, jax.random.PRNGKey(0), _images(1)
+    )
 
 
 def test_default_configs_parameter_counts():
-  """The paper models' backbones. R50 without fc: torchvision's 23,508,032 (conv params + BN scale/bias)."""
+  """The paper models' backbones.
+
+  R50 without fc: torchvision's 23,508,032 (conv params + BN scale/bias).
+  """
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  v = nn.unbox(jax.eval_shape(bb.build_backbone(configs.model_config("r50").backbone).init,
-                              jax.random.PRNGKey(0), x))
+  v = nn.unbox(
+    jax.eval_shape(
+      bb.build_backbone(configs.model_config("r50").backbone).init, jax.random.PRNGKey(0), x
+    )
+  )
   bn_affine = count(v[bb.FROZEN_COLLECTION]) // 2  # scale + bias of 4 vectors.
   assert count(v["params"]) + bn_affine == 23_508_032
-  v = nn.unbox(jax.eval_shape(bb.build_backbone(configs.model_config("vitdet_b").backbone).init,
-                              jax.random.PRNGKey(0), x))
+  v = nn.unbox(
+    jax.eval_shape(
+      bb.build_backbone(configs.model_config("vitdet_b").backbone).init, jax.random.PRNGKey(0), x
+    )
+  )
   vit = {k: p for k, p in v["params"].items() if not k.startswith("simfp")}
   # timm vit_base_patch16_224 without head: 86,567,656 - 769,000; then minus
   # cls token (768), its position entry (768) and the final norm (1,536).
@@ -260,10 +278,21 @@ def test_vitdet_l_encoder_is_vit_l16():
   ViTDet's comparisons; the simple pyramid comes on top."""
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
   cfg = configs.model_config("vitdet_l").backbone
-  assert (cfg.width, cfg.depth, cfg.heads, cfg.mlp, cfg.window,
-          tuple(cfg.global_blocks)) == (1024, 24, 16, 4096, 14, (5, 11, 17, 23))
-  v = nn.unbox(jax.eval_shape(bb.build_backbone(cfg).init, jax.random.PRNGKey(0),
-                              jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)))
+  assert (cfg.width, cfg.depth, cfg.heads, cfg.mlp, cfg.window, tuple(cfg.global_blocks)) == (
+    1024,
+    24,
+    16,
+    4096,
+    14,
+    (5, 11, 17, 23),
+  )
+  v = nn.unbox(
+    jax.eval_shape(
+      bb.build_backbone(cfg).init,
+      jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
+    )
+  )
   vit = {k: p for k, p in v["params"].items() if not k.startswith("simfp")}
   assert count(vit) == 304_326_632 - 1_025_000 - 1_024 - 1_024 - 2_048
   assert abs(count(vit) / 304e6 - 1) < 0.02

@@ -5,11 +5,10 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from input_pipeline import bad_input
-from input_pipeline import readers
+from input_pipeline import bad_input, readers
 
 try:
   import test_readers as fx  # pylint: disable=g-import-not-at-top
@@ -50,13 +49,12 @@ def test_corrupt_image(tmp_path, damage, caplog):
   path = os.path.join(spec["image_dir"], "000000000101.jpg")
   raw = open(path, "rb").read()
   with open(path, "wb") as f:
-    f.write(raw[:len(raw) // 2] if damage == "truncate" else b"not an image" * 20)
+    f.write(raw[: len(raw) // 2] if damage == "truncate" else b"not an image" * 20)
   with caplog.at_level(logging.WARNING):
     got, counter = _read(spec)
   assert sorted(got) == [100, 102]
   for image_id in (100, 102):  # The others are intact and correct.
-    np.testing.assert_array_equal(got[image_id]["segment_map"],
-                                  expected[image_id]["segment_map"])
+    np.testing.assert_array_equal(got[image_id]["segment_map"], expected[image_id]["segment_map"])
   assert counter.total == {"corrupt_image": 1}
   assert counter.epochs_done == 1  # one full pass -> one per-pass summary logged
   assert "000000000101.jpg" in caplog.text and "ids [101]" in caplog.text
@@ -114,8 +112,10 @@ def test_unknown_semantic_value(tmp_path):
 
 def test_image_without_annotations(tmp_path):
   spec, _ = fx.write_coco_instance(str(tmp_path))
-  _edit_json(spec["json"], lambda d: d.update(
-      annotations=[a for a in d["annotations"] if a["image_id"] != 7]))
+  _edit_json(
+    spec["json"],
+    lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 7]),
+  )
   got, counter = _read(spec)
   assert sorted(got) == [8] and counter.total == {"no_annotations": 1}
   # Evaluation sets keep such images, with an empty segment table.
@@ -130,9 +130,10 @@ def test_zero_area_and_outside_boxes(tmp_path):
 
   def damage(d):
     anns = [a for a in d["annotations"] if a["image_id"] == 7]
-    anns[0]["bbox"] = [3, 3, 0, 5]          # zero width: dropped
-    anns[1]["bbox"] = [40, 2, 5, 5]         # right of the 32-px image: dropped
-    anns[2]["bbox"] = [-4, 20, 10, 10]      # partly outside: clipped
+    anns[0]["bbox"] = [3, 3, 0, 5]  # zero width: dropped
+    anns[1]["bbox"] = [40, 2, 5, 5]  # right of the 32-px image: dropped
+    anns[2]["bbox"] = [-4, 20, 10, 10]  # partly outside: clipped
+
   _edit_json(spec["json"], damage)
   got, counter = _read(spec)
   assert counter.total == {"bad_box": 2}
@@ -154,8 +155,9 @@ def test_image_modes_converted_to_rgb(tmp_path, mode):
   elif mode == "I;16":
     im = Image.fromarray(rng.integers(0, 255, [fx.H, fx.W], dtype=np.uint16))
   else:
-    im = Image.fromarray(rng.integers(0, 256, [fx.H, fx.W, 4], dtype=np.uint8),
-                         "RGBA").convert(mode)
+    im = Image.fromarray(rng.integers(0, 256, [fx.H, fx.W, 4], dtype=np.uint8), "RGBA").convert(
+      mode
+    )
   im.save(path)
   got, counter = _read(spec)
   assert not counter.total

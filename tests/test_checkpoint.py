@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-
 import trainer_driver
 
 POLL_S = 0.05
@@ -35,8 +34,9 @@ def _wait_for(proc, predicate, timeout=600):
   t0 = time.time()
   while not predicate():
     if proc.poll() is not None:
-      raise AssertionError(f"process ended (rc {proc.returncode}) before the condition:\n"
-                           + proc.stdout.read()[-5000:])
+      raise AssertionError(
+        f"process ended (rc {proc.returncode}) before the condition:\n" + proc.stdout.read()[-5000:]
+      )
     if time.time() - t0 > timeout:
       proc.kill()
       raise AssertionError("timed out waiting for the condition")
@@ -61,7 +61,7 @@ def _corrupt(step_dir):
   assert files, step_dir
   for p in files:
     data = p.read_bytes()
-    p.write_bytes(data[:len(data) // 2] + b"\x00garbage\xff" * 3)
+    p.write_bytes(data[: len(data) // 2] + b"\x00garbage\xff" * 3)
   return files
 
 
@@ -78,8 +78,11 @@ def interrupted(tiny_env, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("interrupted") / "run"
   info = {"term_step": SIGTERM_AT + 1}  # one process stops after the signalled step.
 
-  proc = tiny_env.driver(workdir, wait=False, extra_env=dict(
-      DRIVER_STEP_SLEEP_S=0.3, DRIVER_SIGTERM_AT_STEP=SIGTERM_AT, DRIVER_RUNS=2))
+  proc = tiny_env.driver(
+    workdir,
+    wait=False,
+    extra_env=dict(DRIVER_STEP_SLEEP_S=0.3, DRIVER_SIGTERM_AT_STEP=SIGTERM_AT, DRIVER_RUNS=2),
+  )
   _wait_for(proc, lambda: max(_finalized_steps(workdir), default=0) > info["term_step"])
   proc.kill()  # SIGKILL: no handler, no final save.
   info["kill_log"] = proc.communicate(timeout=600)[0]
@@ -101,12 +104,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(interrupted):
   assert "[driver] run 0 exited 0 (SystemExit)" in log
   assert f"Resuming from checkpoint {interrupted['workdir']}/checkpoints/{last}" in log
   assert last in interrupted["kill_steps"]
-  assert os.path.exists(interrupted["workdir"] / "checkpoints" / "data_state" /
-                        f"{last}.process0.npz")
+  assert os.path.exists(
+    interrupted["workdir"] / "checkpoints" / "data_state" / f"{last}.process0.npz"
+  )
 
 
-def test_kill9_resume_after_corrupt_checkpoint_is_bitwise_identical(interrupted,
-                                                                     reference_run):
+def test_kill9_resume_after_corrupt_checkpoint_is_bitwise_identical(interrupted, reference_run):
   assert interrupted["kill_rc"] == -signal.SIGKILL, interrupted["kill_log"][-3000:]
   assert interrupted["resume_rc"] == 0, interrupted["resume_log"][-5000:]
   corrupt = interrupted["corrupt_step"]
@@ -136,20 +139,20 @@ def test_resume_restores_the_data_pipeline_position(interrupted, reference_run):
   # The saved pipeline positions have the same layout and step (the tf.data iterator
   # blobs themselves are not byte-stable: they hold prefetch buffers).
   for step in (2, 8):
-    with np.load(interrupted["workdir"] / "checkpoints" / "data_state" /
-                 f"{step}.process0.npz") as a, np.load(
-                     reference_run.workdir / "checkpoints" / "data_state" /
-                     f"{step}.process0.npz") as b:
+    with (
+      np.load(interrupted["workdir"] / "checkpoints" / "data_state" / f"{step}.process0.npz") as a,
+      np.load(reference_run.workdir / "checkpoints" / "data_state" / f"{step}.process0.npz") as b,
+    ):
       assert a.keys() == b.keys()
       assert int(a["['step']"]) == int(b["['step']"]) == step
 
 
-def test_corrupt_latest_checkpoint_falls_back_in_process(tiny_env, reference_run, tmp_path,
-                                                         capsys):
+def test_corrupt_latest_checkpoint_falls_back_in_process(tiny_env, reference_run, tmp_path, capsys):
   import jax  # pylint: disable=g-import-not-at-top
+
   from dataseg.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   from dataseg.train import trainer  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path / "run"
   shutil.copytree(reference_run.workdir / "checkpoints", workdir / "checkpoints")
@@ -163,8 +166,10 @@ def test_corrupt_latest_checkpoint_falls_back_in_process(tiny_env, reference_run
   assert step == 6
   assert f"checkpoint {workdir}/checkpoints/8 failed to restore" in out
   want = trainer_driver.load_checkpoint(reference_run.workdir, 6)
-  got = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-         jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]}
+  got = {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+  }
   # (opt_state keys differ in spelling: optax namedtuples here, plain dicts there.)
   assert len(got) == len(want)
   params = [k for k in want if k.startswith("['params']")]

@@ -30,8 +30,15 @@ def _run(cache_arg, tmp_path, env_cache=None):
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   if env_cache:
     env["JAX_COMPILATION_CACHE_DIR"] = env_cache
-  proc = subprocess.run([sys.executable, "-c", _PROGRAM, cache_arg], env=env, cwd=ROOT,
-                        capture_output=True, text=True, check=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _PROGRAM, cache_arg],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=300,
+  )
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -41,7 +48,8 @@ def _entries(path):
 
 def test_config_default_is_the_documented_dir():
   assert common.base_config().compilation_cache_dir == compile_cache.DEFAULT_DIR.replace(
-      os.sep, "/")
+    os.sep, "/"
+  )
 
 
 def test_cache_gets_entries_and_second_process_hits(tmp_path):

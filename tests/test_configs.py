@@ -12,20 +12,32 @@ import sys
 
 import pytest
 
-from configs import common
-from configs import paper_common
-from dataseg import config_lib
-from dataseg import schema
+from configs import common, paper_common
+from dataseg import config_lib, schema
 from input_pipeline import datasets as datasets_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HELPERS = {"__init__", "common", "paper_common"}
 CONFIG_FILES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in HELPERS)
-PAPER = ("ade20k_r50", "coco_r50", "objects365_r50", "joint_r50", "joint_vitdet_b",
-         "joint_vitdet_l")
+PAPER = (
+  "ade20k_r50",
+  "coco_r50",
+  "objects365_r50",
+  "joint_r50",
+  "joint_vitdet_b",
+  "joint_vitdet_l",
+)
 # Arguments every paper config documents (configs/paper_common.py).
-PAPER_ARGS = (None, "backbone=vitdet_b", "backbone=r50", "backbone=vitdet_l", "fsdp",
-              "fp32,remat", "text=clip_b,steps=10,batch=8,res=512", "scratch")
+PAPER_ARGS = (
+  None,
+  "backbone=vitdet_b",
+  "backbone=r50",
+  "backbone=vitdet_l",
+  "fsdp",
+  "fp32,remat",
+  "text=clip_b,steps=10,batch=8,res=512",
+  "scratch",
+)
 
 
 def _documented_args(stem):
@@ -69,7 +81,10 @@ def test_paper_recipe(stem):
   assert c.image_size == c.eval_image_size == 1024
   assert (c.augment.scale_min, c.augment.scale_max) == (0.1, 2.0)
   assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.backbone_multiplier) == (
-      1e-4, 0.05, 0.1)
+    1e-4,
+    0.05,
+    0.1,
+  )
   assert c.text.encoder == "clip:openai/clip-vit-large-patch14"
   assert c.model.classifier.text_dim == 768
   assert c.classifier == "text"
@@ -79,12 +94,15 @@ def test_paper_recipe(stem):
   assert c.model.backbone.name == want
   # The pretrained weights file it expects, and nothing pretrained with `scratch`.
   from dataseg.model import configs as model_configs  # pylint: disable=g-import-not-at-top
+
   backbone = stem.split("_", 1)[1] if "vitdet" in stem else "r50"
   assert c.model.backbone.pretrained == model_configs.PRETRAINED[backbone].file
-  assert importlib.import_module(f"configs.{stem}").get_config(
-      "scratch").model.backbone.pretrained == ""
+  assert (
+    importlib.import_module(f"configs.{stem}").get_config("scratch").model.backbone.pretrained == ""
+  )
   other = importlib.import_module(f"configs.{stem}").get_config(
-      "backbone=" + ("r50" if want == "vitdet" else "vitdet_b"))
+    "backbone=" + ("r50" if want == "vitdet" else "vitdet_b")
+  )
   assert other.model.backbone.name != want
 
 
@@ -95,8 +113,7 @@ def test_paper_datasets_and_tasks():
   assert tasks(get("coco_r50")) == {"coco_panoptic": "panoptic"}
   assert tasks(get("objects365_r50")) == {"objects365": "boxes"}
   joint = get("joint_r50")
-  assert tasks(joint) == {"ade20k": "semantic", "coco_panoptic": "panoptic",
-                          "objects365": "boxes"}
+  assert tasks(joint) == {"ade20k": "semantic", "coco_panoptic": "panoptic", "objects365": "boxes"}
   evals = {e.name: e.task for e in joint.eval_datasets.values()}
   assert evals["cityscapes"] == "panoptic" and evals["pascal_context"] == "semantic"
   assert evals["objects365_masks"] == "instance"
@@ -105,8 +122,11 @@ def test_paper_datasets_and_tasks():
   assert a == b
   a, b = get("joint_vitdet_l").to_dict(), get("joint_r50", "backbone=vitdet_l").to_dict()
   assert a == b
-  assert (a["model"]["backbone"]["width"], a["model"]["backbone"]["depth"],
-          a["model"]["decoder"]["num_queries"]) == (1024, 24, 200)
+  assert (
+    a["model"]["backbone"]["width"],
+    a["model"]["backbone"]["depth"],
+    a["model"]["decoder"]["num_queries"],
+  ) == (1024, 24, 200)
 
 
 def test_fsdp_argument_switches_rules_and_mesh():
@@ -115,13 +135,16 @@ def test_fsdp_argument_switches_rules_and_mesh():
   assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
 
 
-@pytest.mark.parametrize("stem,arg,match", [
+@pytest.mark.parametrize(
+  "stem,arg,match",
+  [
     ("joint_r50", "bogus=1", "'bogus' is unknown"),
     ("joint_r50", "backbone=r18", "backbone='r18' is unknown"),
     ("coco_r50", "text=t5", "text='t5' is unknown"),
     ("demo", "variant=nope", "variant='nope' is unknown"),
     ("demo", "colour=1", "'colour' is unknown"),
-])
+  ],
+)
 def test_bad_get_config_argument(stem, arg, match):
   with pytest.raises(ValueError, match=match):
     importlib.import_module(f"configs.{stem}").get_config(arg)
@@ -153,10 +176,20 @@ def test_locked_config_rejects_new_keys():
 def test_unknown_override_key_fails_on_the_command_line(tmp_path):
   """config_flags(lock_config=True): an unknown --config.x stops dataseg.main, naming x."""
   proc = subprocess.run(
-      [sys.executable, "-m", "dataseg.main", "--config=configs/demo.py:smoke",
-       "--config.nonexistent=1", f"--workdir={tmp_path}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    [
+      sys.executable,
+      "-m",
+      "dataseg.main",
+      "--config=configs/demo.py:smoke",
+      "--config.nonexistent=1",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+  )
   assert proc.returncode != 0
   assert "nonexistent" in proc.stderr
   assert not (tmp_path / "checkpoints").exists()
@@ -167,8 +200,9 @@ LAUNCH = sorted((ROOT / "launch").glob("*.sh"))
 
 @pytest.mark.parametrize("script", [p.name for p in LAUNCH])
 def test_launch_script_parses(script):
-  proc = subprocess.run(["bash", "-n", str(ROOT / "launch" / script)], capture_output=True,
-                        text=True)
+  proc = subprocess.run(
+    ["bash", "-n", str(ROOT / "launch" / script)], capture_output=True, text=True
+  )
   assert proc.returncode == 0, proc.stderr
 
 
@@ -177,8 +211,9 @@ def test_launch_scripts_present():
 
 
 def test_cpu_sh_without_arguments_prints_usage():
-  proc = subprocess.run(["bash", str(ROOT / "launch" / "cpu.sh")], capture_output=True,
-                        text=True, timeout=30)
+  proc = subprocess.run(
+    ["bash", str(ROOT / "launch" / "cpu.sh")], capture_output=True, text=True, timeout=30
+  )
   assert proc.returncode == 2 and "launch/cpu.sh CONFIG WORKDIR" in proc.stdout
 
 
@@ -203,13 +238,21 @@ def test_fsdp_rules_divide_every_sharded_parameter(backbone):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from dataseg.model import dataseg_model  # pylint: disable=g-import-not-at-top
+
   c = importlib.import_module("configs.joint_r50").get_config(f"backbone={backbone},fsdp")
   model = dataseg_model.build_model(c.model)
   v, d = 365, c.model.classifier.text_dim
-  boxed = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 3), jnp.uint8), jnp.zeros((v, d)),
-      jnp.ones((v,), bool), train=False))
+  boxed = jax.eval_shape(
+    lambda: model.init(
+      jax.random.PRNGKey(0),
+      jnp.zeros((1, 256, 256, 3), jnp.uint8),
+      jnp.zeros((v, d)),
+      jnp.ones((v,), bool),
+      train=False,
+    )
+  )
   rules = dict(c.sharding_rules)
   specs = nn.get_partition_spec(boxed)
   shapes = nn.meta.unbox(boxed)

@@ -21,10 +21,10 @@ from test_predictor import ROOT, smoke_workdir  # pylint: disable=g-import-not-a
 DATASETS = ("shapes_panoptic", "shapes_semantic", "shapes_boxes", "shapes_transfer")
 # Every dataset in every task it supports (configs/demo.py eval_datasets).
 EXPECTED = {
-    "shapes_panoptic": ("panoptic/PQ", "semantic/mIoU", "instance/AP"),
-    "shapes_semantic": ("semantic/mIoU", "panoptic/PQ"),
-    "shapes_boxes": ("instance/AP", "box/AP"),
-    "shapes_transfer": ("panoptic/PQ", "semantic/mIoU"),
+  "shapes_panoptic": ("panoptic/PQ", "semantic/mIoU", "instance/AP"),
+  "shapes_semantic": ("semantic/mIoU", "panoptic/PQ"),
+  "shapes_boxes": ("instance/AP", "box/AP"),
+  "shapes_transfer": ("panoptic/PQ", "semantic/mIoU"),
 }
 
 
@@ -46,8 +46,11 @@ def test_shortened_demo_trains_evaluates_and_writes_everything():
   header = next(l for l in stdout.splitlines() if l.startswith("dataset "))
   for metric in ("panoptic/PQ", "semantic/mIoU", "instance/AP", "box/AP"):
     assert metric in header
-  rows = {l.split()[0]: l.split()[1:] for l in stdout.splitlines()
-          if l.split() and l.split()[0] in DATASETS}
+  rows = {
+    l.split()[0]: l.split()[1:]
+    for l in stdout.splitlines()
+    if l.split() and l.split()[0] in DATASETS
+  }
   assert sorted(rows) == sorted(DATASETS)
   assert "[demo] done in" in stdout
   # Every dataset scored in every task it supports; finite numbers.
@@ -68,6 +71,7 @@ def test_shortened_demo_trains_evaluates_and_writes_everything():
 
 def test_shortened_demo_checkpoint_predicts():
   from dataseg.predictor import Predictor
+
   workdir, _, _ = _demo_outputs()
   p = Predictor.from_workdir(workdir)
   image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
@@ -85,10 +89,12 @@ def test_demo_again_reuses_the_finished_run():
   workdir, _, _ = _demo_outputs()
   steps = json.loads((workdir / "config.json").read_text())["total_steps"]
   before = sorted(os.listdir(workdir / "checkpoints"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), WORKDIR=str(workdir),
-             CONFIG_ARGS="smoke")
-  proc = subprocess.run(["bash", "launch/demo.sh"], cwd=ROOT, env=env, capture_output=True,
-                        text=True, check=False)
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), WORKDIR=str(workdir), CONFIG_ARGS="smoke"
+  )
+  proc = subprocess.run(
+    ["bash", "launch/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"Training already finished at step {steps}" in proc.stdout
   assert "[step " not in proc.stdout  # no training step ran.
@@ -101,25 +107,37 @@ def test_class_accuracy_tool_counts_every_segment():
   from dataseg.predictor import Predictor
   from dataseg.train import data as data_lib
   from input_pipeline import pipeline
+
   workdir, _, _ = _demo_outputs()
   n = 3
   proc = subprocess.run(
-      [sys.executable, "launch/class_accuracy.py", f"--workdir={workdir}",
-       "--dataset=shapes_panoptic", f"--num_examples={n}"], cwd=ROOT, capture_output=True,
-      text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)), check=False)
+    [
+      sys.executable,
+      "launch/class_accuracy.py",
+      f"--workdir={workdir}",
+      "--dataset=shapes_panoptic",
+      f"--num_examples={n}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)),
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   p = Predictor.from_workdir(workdir)
   entry = p.config.eval_datasets["shapes_panoptic"]
   vocab = p.run.vocabs["eval:shapes_panoptic"]
-  reader = data_lib.reader_for(entry, os.path.join(workdir, "data"), entry.eval_split,
-                               vocab.is_thing)
+  reader = data_lib.reader_for(
+    entry, os.path.join(workdir, "data"), entry.eval_split, vocab.is_thing
+  )
   counts = np.zeros(len(vocab.names), np.int64)
   for ex in pipeline.host_dataset(reader, 0, 1).take(n).as_numpy_iterator():
     for s, (c, crowd) in enumerate(zip(ex["seg_class"], ex["seg_is_crowd"])):
       if not crowd and (ex["segment_map"] == s).any():
         counts[c] += 1
   lines = proc.stdout.splitlines()
-  table = lines[lines.index("confusion (rows: true, columns: predicted)") + 2:]
+  table = lines[lines.index("confusion (rows: true, columns: predicted)") + 2 :]
   rows = {l.split()[0]: [int(v) for v in l.split()[1:]] for l in table}
   assert [sum(rows[name]) for name in vocab.names] == counts.tolist()
   things = sum(c for c, t in zip(counts, vocab.is_thing) if t)

@@ -10,8 +10,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dataseg.metrics import coco_eval
-from dataseg.metrics import evaluators
+from dataseg.metrics import coco_eval, evaluators
 
 NAMES = ["cat", "dog", "sky"]
 IS_THING = [True, True, False]
@@ -25,8 +24,11 @@ def _box_mask(h, w, y0, x0, y1, x1):
 
 def _gt(seg_map, cls, crowd=None):
   cls = np.asarray(cls, np.int32)
-  return {"segment_map": np.asarray(seg_map, np.int32), "seg_class": cls,
-          "seg_is_crowd": np.zeros(cls.shape, bool) if crowd is None else np.asarray(crowd)}
+  return {
+    "segment_map": np.asarray(seg_map, np.int32),
+    "seg_class": cls,
+    "seg_is_crowd": np.zeros(cls.shape, bool) if crowd is None else np.asarray(crowd),
+  }
 
 
 @pytest.mark.parametrize("name", ["instance", "box"])
@@ -35,8 +37,11 @@ def test_hand_computed_iou_064(name):
   # box). It matches at IoU thresholds 0.50, 0.55, 0.60 of the ten -> AP = 3/10.
   seg_map = np.full((32, 32), -1)
   seg_map[5:15, 5:15] = 0
-  pred = {"masks": _box_mask(32, 32, 6, 6, 14, 14)[None], "classes": np.array([0]),
-          "scores": np.array([0.9])}
+  pred = {
+    "masks": _box_mask(32, 32, 6, 6, 14, 14)[None],
+    "classes": np.array([0]),
+    "scores": np.array([0.9]),
+  }
   ev = evaluators.make_evaluator(name, class_names=NAMES, is_thing=IS_THING)
   ev.add(1, pred, _gt(seg_map, [0]))
   r = ev.result()
@@ -74,7 +79,7 @@ def _random_scene(rng, h=96, w=128):
   for k in range(n):
     y0, x0 = rng.integers(0, h - 8), rng.integers(0, w - 8)
     size = int(rng.choice([6, 20, 110]))
-    seg_map[y0:y0 + size, x0:x0 + size] = k
+    seg_map[y0 : y0 + size, x0 : x0 + size] = k
   crowd = rng.random(n) < 0.15
   masks, classes = [], []
   for k in range(n):
@@ -86,8 +91,11 @@ def _random_scene(rng, h=96, w=128):
     y0, x0 = rng.integers(0, h - 20, 2)
     masks.append(_box_mask(h, w, y0, x0, y0 + 15, x0 + 17))
     classes.append(rng.integers(0, 2))
-  pred = {"masks": np.array(masks, bool).reshape(-1, h, w),
-          "classes": np.array(classes, np.int32), "scores": rng.random(len(classes))}
+  pred = {
+    "masks": np.array(masks, bool).reshape(-1, h, w),
+    "classes": np.array(classes, np.int32),
+    "scores": rng.random(len(classes)),
+  }
   return _gt(seg_map, cls, crowd), pred
 
 
@@ -102,10 +110,17 @@ def _direct_cocoeval(scenes, iou_type, category_ids):
       if not IS_THING[c] or not m.any():
         continue
       rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-      anns.append({"id": len(anns) + 1, "image_id": image_id,
-                   "category_id": category_ids[c], "segmentation": rle,
-                   "area": float(m.sum()), "bbox": list(mask_utils.toBbox(rle)),
-                   "iscrowd": int(gt["seg_is_crowd"][k])})
+      anns.append(
+        {
+          "id": len(anns) + 1,
+          "image_id": image_id,
+          "category_id": category_ids[c],
+          "segmentation": rle,
+          "area": float(m.sum()),
+          "bbox": list(mask_utils.toBbox(rle)),
+          "iscrowd": int(gt["seg_is_crowd"][k]),
+        }
+      )
     for m, c, s in zip(pred["masks"], pred["classes"], pred["scores"]):
       rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
       d = {"image_id": image_id, "category_id": category_ids[c], "score": float(s)}
@@ -134,30 +149,42 @@ def test_equals_cocoeval_direct(name, iou_type):
   want, (_, anns, _) = _direct_cocoeval(scenes, iou_type, category_ids)
   assert 0 < want[0] < 1
   # Schema-style gt, split over two "hosts" and combined through their states.
-  hosts = [evaluators.make_evaluator(name, class_names=NAMES, is_thing=IS_THING,
-                                     category_ids=category_ids) for _ in range(2)]
+  hosts = [
+    evaluators.make_evaluator(name, class_names=NAMES, is_thing=IS_THING, category_ids=category_ids)
+    for _ in range(2)
+  ]
   for image_id, (gt, pred) in enumerate(scenes):
     hosts[image_id % 2].add(image_id, pred, gt)
   merged = hosts[0].empty_like().accumulate(hosts[0]).accumulate(hosts[1])
   got = merged.result()
   np.testing.assert_allclose([got[s] for s in coco_eval.STAT_NAMES], want, atol=1e-12)
   # COCO-annotation gt gives the same.
-  ev = evaluators.make_evaluator(name, class_names=NAMES, is_thing=IS_THING,
-                                 category_ids=category_ids)
+  ev = evaluators.make_evaluator(
+    name, class_names=NAMES, is_thing=IS_THING, category_ids=category_ids
+  )
   for image_id, (gt, pred) in enumerate(scenes):
     h, w = gt["segment_map"].shape
-    ev.add(image_id, pred, {"annotations": [a for a in anns if a["image_id"] == image_id],
-                            "height": h, "width": w})
+    ev.add(
+      image_id,
+      pred,
+      {"annotations": [a for a in anns if a["image_id"] == image_id], "height": h, "width": w},
+    )
   np.testing.assert_allclose([ev.result()[s] for s in coco_eval.STAT_NAMES], want, atol=1e-12)
 
 
 def test_box_only_ground_truth():
   # Box-only data: no pixels in the segment map, boxes (y0, x0, y1, x1) in seg_box.
-  gt = {"segment_map": np.full((50, 60), -1, np.int32), "seg_class": np.array([1, 0]),
-        "seg_is_crowd": np.zeros(2, bool),
-        "seg_box": np.array([[5, 10, 25, 40], [30, 30, 45, 55]], np.float32)}
-  pred = {"boxes": np.array([[5, 10, 25, 40], [30, 30, 45, 55]]), "classes": np.array([1, 0]),
-          "scores": np.array([0.8, 0.7])}
+  gt = {
+    "segment_map": np.full((50, 60), -1, np.int32),
+    "seg_class": np.array([1, 0]),
+    "seg_is_crowd": np.zeros(2, bool),
+    "seg_box": np.array([[5, 10, 25, 40], [30, 30, 45, 55]], np.float32),
+  }
+  pred = {
+    "boxes": np.array([[5, 10, 25, 40], [30, 30, 45, 55]]),
+    "classes": np.array([1, 0]),
+    "scores": np.array([0.8, 0.7]),
+  }
   ev = evaluators.make_evaluator("box", class_names=NAMES, is_thing=IS_THING)
   ev.add(7, pred, gt)
   assert ev.result()["AP"] == pytest.approx(1.0)
@@ -167,8 +194,11 @@ def test_no_detections():
   seg_map = np.full((16, 16), -1)
   seg_map[2:9, 2:9] = 0
   ev = evaluators.make_evaluator("instance", class_names=NAMES, is_thing=IS_THING)
-  ev.add(0, {"masks": np.zeros((0, 16, 16), bool), "classes": np.zeros(0, int),
-             "scores": np.zeros(0)}, _gt(seg_map, [0]))
+  ev.add(
+    0,
+    {"masks": np.zeros((0, 16, 16), bool), "classes": np.zeros(0, int), "scores": np.zeros(0)},
+    _gt(seg_map, [0]),
+  )
   assert ev.result()["AP"] == 0.0
 
 
@@ -177,6 +207,7 @@ def test_gather_crosses_hosts_as_numeric_arrays(name, monkeypatch):
   """`gather` sends each state array through the all-gather (no pickle): with two hosts
   holding the same data, the gathered metrics are those of the two states merged."""
   from jax.experimental import multihost_utils
+
   rng = np.random.default_rng(3)
   scenes = [_random_scene(rng) for _ in range(4)]
   ev = evaluators.make_evaluator(name, class_names=NAMES, is_thing=IS_THING)
@@ -185,8 +216,11 @@ def test_gather_crosses_hosts_as_numeric_arrays(name, monkeypatch):
       seg_map = np.full(gt["segment_map"].shape, -1, np.int32)
       for k in range(len(pred["classes"]))[::-1]:
         seg_map[pred["masks"][k]] = k
-      pred = (dict(segment_map=seg_map, seg_class=pred["classes"]) if name == "panoptic"
-              else np.where(seg_map >= 0, np.asarray(pred["classes"])[seg_map], -1))
+      pred = (
+        dict(segment_map=seg_map, seg_class=pred["classes"])
+        if name == "panoptic"
+        else np.where(seg_map >= 0, np.asarray(pred["classes"])[seg_map], -1)
+      )
     ev.add(image_id, pred, gt)
   state = ev.state()
   assert all(np.asarray(v).dtype.kind in "biuf" for v in state.values()), state.keys()
@@ -195,6 +229,7 @@ def test_gather_crosses_hosts_as_numeric_arrays(name, monkeypatch):
   def allgather(x):  # two hosts with the same data.
     sent.append(np.asarray(x))
     return np.stack([x, x])
+
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
   got = evaluators.gather(ev).result()

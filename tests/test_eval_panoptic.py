@@ -6,9 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from dataseg.metrics import exports
-from dataseg.metrics import evaluators
-from dataseg.metrics import panoptic
+from dataseg.metrics import evaluators, exports, panoptic
 
 ref = pytest.importorskip("cityscapesscripts.evaluation.evalPanopticSemanticLabeling")
 
@@ -19,10 +17,16 @@ NAMES = [f"c{i}" for i in range(NUM_CLASSES)]
 
 def _pan(segment_map, seg_class, seg_is_crowd=None):
   seg_class = np.asarray(seg_class, np.int32).reshape(-1)
-  crowd = (np.zeros(seg_class.shape, bool) if seg_is_crowd is None
-           else np.asarray(seg_is_crowd, bool).reshape(-1))
-  return {"segment_map": np.asarray(segment_map, np.int32), "seg_class": seg_class,
-          "seg_is_crowd": crowd}
+  crowd = (
+    np.zeros(seg_class.shape, bool)
+    if seg_is_crowd is None
+    else np.asarray(seg_is_crowd, bool).reshape(-1)
+  )
+  return {
+    "segment_map": np.asarray(segment_map, np.int32),
+    "seg_class": seg_class,
+    "seg_is_crowd": crowd,
+  }
 
 
 # --------------------------------------------------------------------------- hand-computed
@@ -31,20 +35,14 @@ def _pan(segment_map, seg_class, seg_is_crowd=None):
 def test_hand_computed_4x4():
   # gt: segment 0 (class 0) = left two columns (8 px); segment 1 (class 3, stuff) = the
   # right two columns minus the bottom row (6 px); bottom-right 2 px are void.
-  gt_map = np.array([[0, 0, 1, 1],
-                     [0, 0, 1, 1],
-                     [0, 0, 1, 1],
-                     [0, 0, -1, -1]])
+  gt_map = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, -1, -1]])
   # pred: segment 0 (class 0) covers the first column and three px of the second (7 px):
   # inter 7, union 8 -> IoU 7/8, TP. Segment 1 (class 3) covers the 1 px of gt-0 left
   # over + the gt-1 region's top 4 px; segment 2 (class 3) covers the remaining 2 px of
   # gt-1 + the 2 void px: union excludes void -> 2 / (4 + 6 - 2 - 2) = 1/3, no match;
   # its void share is 2/4, not > 0.5, so it is an FP. Pred 1: inter 4 with gt-1,
   # union 5 + 6 - 4 = 7 -> 4/7 > 0.5, TP.
-  pred_map = np.array([[0, 0, 1, 1],
-                       [0, 0, 1, 1],
-                       [0, 0, 2, 2],
-                       [0, 1, 2, 2]])
+  pred_map = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 2, 2], [0, 1, 2, 2]])
   ev = evaluators.make_evaluator("panoptic", class_names=NAMES, is_thing=IS_THING)
   ev.add(0, _pan(pred_map, [0, 3, 3]), _pan(gt_map, [0, 3]))
   r = ev.result()
@@ -65,14 +63,8 @@ def test_crowd_and_void_filtering_by_hand():
   # top-centre block) lies fully in its class's crowd -> ignored. Pred 1 (class 2, the
   # left column) is half crowd of another class (does not count) + half void -> 2/4, not
   # > 0.5 -> FP. Pred 2 (class 0) covers 3 void px + 1 crowd px of class 1 -> 3/4 -> ignored.
-  gt_map = np.array([[0, 0, 0, 0],
-                     [0, 0, 0, 0],
-                     [-1, -1, -1, -1],
-                     [-1, -1, -1, -1]])
-  pred_map = np.array([[1, 0, 0, 2],
-                       [1, 0, 0, -1],
-                       [1, -1, -1, 2],
-                       [1, -1, 2, 2]])
+  gt_map = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [-1, -1, -1, -1], [-1, -1, -1, -1]])
+  pred_map = np.array([[1, 0, 0, 2], [1, 0, 0, -1], [1, -1, -1, 2], [1, -1, 2, 2]])
   ev = panoptic.PanopticEvaluator(class_names=NAMES, is_thing=IS_THING)
   ev.add(0, _pan(pred_map, [1, 2, 0]), _pan(gt_map, [1], [True]))
   s = ev.state()
@@ -91,8 +83,9 @@ def test_padding_rows_dropped_and_merge():
   b.add(1, _pan([[0, 0], [0, 0]], [1]), gt)
   for x in (pred, _pan([[0, 0], [0, 0]], [1])):
     whole.add(0, x, gt)
-  merged = panoptic.PanopticEvaluator.from_states([a.state(), b.state()],
-                                                  class_names=NAMES, is_thing=IS_THING)
+  merged = panoptic.PanopticEvaluator.from_states(
+    [a.state(), b.state()], class_names=NAMES, is_thing=IS_THING
+  )
   assert merged.result() == whole.result()
   assert a.state()["tp"][0] == 1 and a.state()["tp"][3] == 1  # IoU(3) = 1/1 (void excluded)
 
@@ -109,7 +102,7 @@ def _random_pair(rng, h, w, kind):
     y0, x0 = rng.integers(0, h - 2), rng.integers(0, w - 2)
     hh = rng.integers(2, h // (1 if gt_class[k] >= 3 else 2) + 2)
     ww = rng.integers(2, w // (1 if gt_class[k] >= 3 else 2) + 2)
-    gt_map[y0:y0 + hh, x0:x0 + ww] = k
+    gt_map[y0 : y0 + hh, x0 : x0 + ww] = k
   crowd = (rng.random(n) < 0.2) & IS_THING[gt_class]
   if rng.random() < 0.5:  # two crowd regions of one class: the "last crowd" rule
     gt_class = np.append(gt_class, gt_class[0])
@@ -118,7 +111,7 @@ def _random_pair(rng, h, w, kind):
     gt_map[: h // 4, : w // 4] = n
     n += 1
   y0, x0 = rng.integers(0, h - 4, 2)
-  gt_map[y0:y0 + 4, x0:x0 + rng.integers(2, 8)] = -1  # void patch
+  gt_map[y0 : y0 + 4, x0 : x0 + rng.integers(2, 8)] = -1  # void patch
 
   # Prediction: a jittered copy with relabels, splits, drops and extra segments.
   shift = rng.integers(-2, 3, 2)
@@ -142,7 +135,7 @@ def _random_pair(rng, h, w, kind):
     pred_class.append(c)
   for _ in range(int(rng.integers(0, 4))):  # unmatched / into void or crowd
     y0, x0 = rng.integers(0, h - 3, 2)
-    pred_map[y0:y0 + rng.integers(2, 10), x0:x0 + rng.integers(2, 10)] = len(pred_class)
+    pred_map[y0 : y0 + rng.integers(2, 10), x0 : x0 + rng.integers(2, 10)] = len(pred_class)
     pred_class.append(rng.integers(0, NUM_CLASSES) if rng.random() < 0.5 else gt_class[-1])
   if kind == "empty_gt":
     gt_map[:] = -1
@@ -177,6 +170,7 @@ def fixture_files(tmp_path_factory):
 def _reference(d):
   """cityscapesscripts' pq_compute (single core) on the written files."""
   import json  # pylint: disable=g-import-not-at-top
+
   gt = json.load(open(d / "gt.json"))
   pred = json.load(open(d / "pred.json"))
   categories = {c["id"]: c for c in gt["categories"]}
@@ -223,16 +217,18 @@ def test_files_equal_reference(fixture_files):
   d, _, _, cats = fixture_files
   stat, ref_result, _ = _reference(d)
   categories, pairs = exports.iter_coco_panoptic_pairs(
-      str(d / "gt.json"), str(d / "gt"), str(d / "pred.json"), str(d / "pred"))
-  ev = panoptic.PanopticEvaluator(class_names=[c["name"] for c in categories],
-                                  is_thing=[c["isthing"] for c in categories])
+    str(d / "gt.json"), str(d / "gt"), str(d / "pred.json"), str(d / "pred")
+  )
+  ev = panoptic.PanopticEvaluator(
+    class_names=[c["name"] for c in categories], is_thing=[c["isthing"] for c in categories]
+  )
   for image_id, p, g in pairs:
     ev.add(image_id, p, g)
   _check_against_reference(ev.result(), ev.state(), stat, ref_result, cats)
 
 
 def _random_ids(rng, n):
-  return rng.choice(np.arange(1, 2 ** 24), n, replace=False)
+  return rng.choice(np.arange(1, 2**24), n, replace=False)
 
 
 @pytest.mark.parametrize("num_segments", [0, 5, 40, 600])
@@ -249,9 +245,16 @@ def test_id_map_fast_path_equals_row_maps(num_segments):
     crowd = rng.random(n) < 0.2
     gt_ids, pred_ids = _random_ids(rng, n), _random_ids(rng, m)
     to_ids = lambda rows, ids: np.concatenate([[0], ids])[rows + 1].astype(np.uint32)
-    fast = panoptic.pq_image_stats_from_ids(to_ids(gt_rows, gt_ids), gt_ids, gt_cls, crowd,
-                                            to_ids(pred_rows, pred_ids), pred_ids, pred_cls,
-                                            NUM_CLASSES)
+    fast = panoptic.pq_image_stats_from_ids(
+      to_ids(gt_rows, gt_ids),
+      gt_ids,
+      gt_cls,
+      crowd,
+      to_ids(pred_rows, pred_ids),
+      pred_ids,
+      pred_cls,
+      NUM_CLASSES,
+    )
     slow = panoptic.pq_image_stats(gt_rows, gt_cls, crowd, pred_rows, pred_cls, NUM_CLASSES)
     for a, b in zip(fast, slow):
       np.testing.assert_array_equal(a, b)
@@ -264,11 +267,12 @@ def test_unlisted_png_ids_are_rejected():
   rng = np.random.default_rng(0)
   ids = _random_ids(rng, 6)
   gt = np.repeat(np.concatenate([[0], ids]), 10)[None].astype(np.uint32)
-  for bad in (ids[0] + 1, 2 ** 24 - 1):
+  for bad in (ids[0] + 1, 2**24 - 1):
     pred = gt.copy()
     pred[0, 3] = bad
     with pytest.raises(ValueError, match="missing from the JSON"):
-      panoptic.pq_image_stats_from_ids(gt, ids, np.zeros(6, int), np.zeros(6, bool),
-                                       pred, ids, np.zeros(6, int), NUM_CLASSES)
+      panoptic.pq_image_stats_from_ids(
+        gt, ids, np.zeros(6, int), np.zeros(6, bool), pred, ids, np.zeros(6, int), NUM_CLASSES
+      )
   with pytest.raises(ValueError, match="not in the JSON"):
     exports.panoptic_from_ids(pred, [{"id": int(i), "category_id": 1} for i in ids], {1: 0})

@@ -3,21 +3,14 @@
 import numpy as np
 import pytest
 
-from dataseg.metrics import evaluators
-from dataseg.metrics import semantic
+from dataseg.metrics import evaluators, semantic
 
 NAMES = ["a", "b", "c", "d"]
 
 
 def test_hand_computed_4x4():
-  gt = np.array([[0, 0, 1, 1],
-                 [0, 0, 1, 1],
-                 [2, 2, 255, 255],
-                 [2, 2, -1, -1]])
-  pred = np.array([[0, 0, 0, 1],
-                   [0, 1, 1, 1],
-                   [2, 2, 3, 3],
-                   [3, 2, 0, 0]])
+  gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, -1, -1]])
+  pred = np.array([[0, 0, 0, 1], [0, 1, 1, 1], [2, 2, 3, 3], [3, 2, 0, 0]])
   ev = evaluators.make_evaluator("semantic", class_names=NAMES)
   ev.add(0, pred, gt)
   r = ev.result()
@@ -48,8 +41,9 @@ def _detectron2_formulas(gts, preds, k, ignore=255):
   conf = np.zeros((k + 1, k + 1), np.int64)
   for gt, pred in zip(gts, preds):
     gt = np.where(gt == ignore, k, gt)
-    conf += np.bincount((k + 1) * pred.reshape(-1) + gt.reshape(-1),
-                        minlength=conf.size).reshape(conf.shape)
+    conf += np.bincount((k + 1) * pred.reshape(-1) + gt.reshape(-1), minlength=conf.size).reshape(
+      conf.shape
+    )
   tp = conf.diagonal()[:-1].astype(float)
   pos_gt = conf[:-1, :-1].sum(0).astype(float)
   pos_pred = conf[:-1, :-1].sum(1).astype(float)
@@ -60,10 +54,13 @@ def _detectron2_formulas(gts, preds, k, ignore=255):
   iou[iou_valid] = tp[iou_valid] / union[iou_valid]
   acc = np.full(k, np.nan)
   acc[acc_valid] = tp[acc_valid] / pos_gt[acc_valid]
-  return {"mIoU": np.sum(iou[iou_valid]) / np.sum(iou_valid),
-          "fwIoU": np.sum(iou[iou_valid] * (pos_gt / pos_gt.sum())[iou_valid]),
-          "mACC": np.sum(acc[acc_valid]) / np.sum(acc_valid),
-          "pACC": tp.sum() / pos_gt.sum(), "iou": iou}
+  return {
+    "mIoU": np.sum(iou[iou_valid]) / np.sum(iou_valid),
+    "fwIoU": np.sum(iou[iou_valid] * (pos_gt / pos_gt.sum())[iou_valid]),
+    "mACC": np.sum(acc[acc_valid]) / np.sum(acc_valid),
+    "pACC": tp.sum() / pos_gt.sum(),
+    "iou": iou,
+  }
 
 
 def test_matches_detectron2_formulas_and_merge():
@@ -72,8 +69,10 @@ def test_matches_detectron2_formulas_and_merge():
   gts = [rng.integers(0, k - 1, (9, 11)) for _ in range(5)]  # class k-1 never in gt
   for g in gts:
     g[rng.random(g.shape) < 0.2] = 255
-  preds = [np.where(rng.random(g.shape) < 0.6, np.where(g == 255, 0, g),
-                    rng.integers(0, k, g.shape)) for g in gts]
+  preds = [
+    np.where(rng.random(g.shape) < 0.6, np.where(g == 255, 0, g), rng.integers(0, k, g.shape))
+    for g in gts
+  ]
   names = [str(i) for i in range(k)]
   hosts = [semantic.SemanticEvaluator(class_names=names) for _ in range(2)]
   for i, (g, p) in enumerate(zip(gts, preds)):
@@ -90,8 +89,7 @@ def test_matches_detectron2_formulas_and_merge():
 def test_schema_style_ground_truth():
   seg_map = np.array([[0, 0], [1, -1]])
   gt = {"segment_map": seg_map, "seg_class": np.array([2, 1])}
-  np.testing.assert_array_equal(semantic.semantic_from_segments(seg_map, [2, 1]),
-                                [[2, 2], [1, -1]])
+  np.testing.assert_array_equal(semantic.semantic_from_segments(seg_map, [2, 1]), [[2, 2], [1, -1]])
   ev = semantic.SemanticEvaluator(class_names=NAMES)
   ev.add(0, np.array([[2, 2], [1, 0]]), gt)
   assert ev.result()["mIoU"] == 1.0

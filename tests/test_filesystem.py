@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 import tensorflow as tf
-
 import trainer_driver
+
 from dataseg import text as text_lib
 from dataseg import visualize
 
@@ -34,11 +34,20 @@ def test_train_sigterm_resume_on_ram_workdir(tiny_env, reference_run, tmp_path):
   copy, orbax = tmp_path / "copy", tmp_path / "orbax"
   driver = pathlib.Path(trainer_driver.__file__).resolve()
   proc = subprocess.run(
-      [sys.executable, str(driver), f"--config={tiny_env.config_arg()}", "--workdir=ram://run"],
-      cwd=str(cwd), env=tiny_env.env(DRIVER_RUNS=2, DRIVER_SIGTERM_AT_STEP=SIGTERM_AT,
-                                     DRIVER_RAM_ORBAX=orbax,
-                                     DRIVER_RAM_COPY=f"ram://run,{copy}"),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, check=False)
+    [sys.executable, str(driver), f"--config={tiny_env.config_arg()}", "--workdir=ram://run"],
+    cwd=str(cwd),
+    env=tiny_env.env(
+      DRIVER_RUNS=2,
+      DRIVER_SIGTERM_AT_STEP=SIGTERM_AT,
+      DRIVER_RAM_ORBAX=orbax,
+      DRIVER_RAM_COPY=f"ram://run,{copy}",
+    ),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   log = proc.stdout
   assert proc.returncode == 0, log[-5000:]
   stop = SIGTERM_AT + 1  # one process: it stops after the step it was signalled in.
@@ -53,8 +62,7 @@ def test_train_sigterm_resume_on_ram_workdir(tiny_env, reference_run, tmp_path):
   # The resumed run read its data position from ram://: same batches as the reference.
   key = f"train/{trainer_driver.DATASET}/loss"
   got, want = {}, {}
-  for path, out in ((copy / "metrics.jsonl", got),
-                    (reference_run.workdir / "metrics.jsonl", want)):
+  for path, out in ((copy / "metrics.jsonl", got), (reference_run.workdir / "metrics.jsonl", want)):
     for line in path.read_text().splitlines():
       record = json.loads(line)
       if key in record:
@@ -96,6 +104,8 @@ def test_save_png_on_ram(monkeypatch, tmp_path):
   with tf.io.gfile.GFile("ram://overlays/eval_8/shapes/1.png", "rb") as f:
     blob = f.read()
   import io  # pylint: disable=g-import-not-at-top
+
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(blob))), image)
   assert not os.listdir(tmp_path)

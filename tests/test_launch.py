@@ -24,7 +24,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKERS = 2
 
-FAKE_GCLOUD = r'''#!{python}
+FAKE_GCLOUD = r"""#!{python}
 import json, os, shutil, subprocess, sys
 root = os.environ["FAKE_TPU_ROOT"]
 args = sys.argv[1:]
@@ -39,7 +39,8 @@ workers = range({workers}) if opts.get("worker", "all") == "all" else [int(opts[
 if verb == "ssh":
   procs = []
   for i in workers:
-    env = dict(os.environ, HOME=home(i), PATH=os.path.join(home(i), "bin") + ":" + os.environ["PATH"])
+    path = os.path.join(home(i), "bin") + ":" + os.environ["PATH"]
+    env = dict(os.environ, HOME=home(i), PATH=path)
     procs.append(subprocess.Popen(["bash", "-c", opts["command"]], env=env, cwd=home(i)))
   sys.exit(max(p.wait() for p in procs))
 elif verb == "scp":
@@ -54,9 +55,9 @@ elif verb == "create":
   open(state, "w").write("ACTIVE" if group == "queued-resources" else "READY")
 elif verb == "delete":
   os.remove(state)
-'''
+"""
 
-FAKE_PYTHON = r'''#!/usr/bin/env bash
+FAKE_PYTHON = r"""#!/usr/bin/env bash
 # Stand-in for the worker's training process: records argv, exits 0 on SIGTERM.
 if [ "${{2:-}}" != dataseg.main ]; then exit 0; fi  # setup's `python -c` / pip lines.
 printf '%s\n' "$@" > "$HOME/python_argv.txt"
@@ -70,7 +71,7 @@ signal.signal(signal.SIGTERM, term)
 while True:
   time.sleep(0.05)
 '
-'''
+"""
 
 
 @pytest.fixture
@@ -99,8 +100,16 @@ def pod(tmp_path):
     (wbin / "python3.11").write_text("#!/bin/sh\nexit 0\n")
     for p in wbin.iterdir():
       p.chmod(0o755)
-  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_TPU_ROOT=str(root),
-             PROJECT="proj", ZONE="us-central2-b", TPU_NAME="pod", BUCKET="gs://b", POLL_S="0")
+  env = dict(
+    os.environ,
+    PATH=f"{bin_dir}:{os.environ['PATH']}",
+    FAKE_TPU_ROOT=str(root),
+    PROJECT="proj",
+    ZONE="us-central2-b",
+    TPU_NAME="pod",
+    BUCKET="gs://b",
+    POLL_S="0",
+  )
 
   def install_fake_venv():
     for i in range(WORKERS):
@@ -111,9 +120,15 @@ def pod(tmp_path):
       (venv / "python").chmod(0o755)
 
   def run(*args, timeout=120, **extra):
-    proc = subprocess.run(["bash", str(checkout / "launch" / "tpu_pod.sh"), *args],
-                          env=dict(env, **extra), cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+      ["bash", str(checkout / "launch" / "tpu_pod.sh"), *args],
+      env=dict(env, **extra),
+      cwd=str(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
@@ -121,8 +136,16 @@ def pod(tmp_path):
     path = root / "calls.jsonl"
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
-  yield type("Pod", (), dict(root=root, run=staticmethod(run), calls=staticmethod(calls),
-                             install_fake_venv=staticmethod(install_fake_venv)))
+  yield type(
+    "Pod",
+    (),
+    dict(
+      root=root,
+      run=staticmethod(run),
+      calls=staticmethod(calls),
+      install_fake_venv=staticmethod(install_fake_venv),
+    ),
+  )
   for pid_file in root.glob("worker*/dataseg_*.pid"):  # a failed test leaves none running.
     try:
       os.kill(int(pid_file.read_text()), signal.SIGKILL)
@@ -152,10 +175,16 @@ def test_copy_run_logs_status_stop(pod):
   pod.install_fake_venv()
 
   # Spaces and quotes in every argument reach python on every worker unchanged.
-  out = pod.run("run", "configs/my config.py:a=1", "exp one", "--config.note=it's a \"test\"")
-  want = ["-m", "dataseg.main", "--config=configs/my config.py:a=1",
-          "--workdir=gs://b/dataseg/exp one", "--config.data_dir=gs://b/tensorflow_datasets",
-          "--distributed", "--config.note=it's a \"test\""]
+  out = pod.run("run", "configs/my config.py:a=1", "exp one", '--config.note=it\'s a "test"')
+  want = [
+    "-m",
+    "dataseg.main",
+    "--config=configs/my config.py:a=1",
+    "--workdir=gs://b/dataseg/exp one",
+    "--config.data_dir=gs://b/tensorflow_datasets",
+    "--distributed",
+    '--config.note=it\'s a "test"',
+  ]
   pids = []
   for i in range(WORKERS):
     home = pod.root / f"worker{i}"
@@ -165,8 +194,10 @@ def test_copy_run_logs_status_stop(pod):
     pid = int((home / "dataseg_exp one.pid").read_text())
     pids.append(pid)
     # The recorded pid is python itself, not a shell around it.
-    assert pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(
-        b"python") or b"python" in pathlib.Path(f"/proc/{pid}/comm").read_bytes()
+    assert (
+      pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python")
+      or b"python" in pathlib.Path(f"/proc/{pid}/comm").read_bytes()
+    )
 
   out = pod.run("logs", "exp one", FOLLOW="0")
   for i in range(WORKERS):
@@ -184,9 +215,15 @@ def test_copy_run_logs_status_stop(pod):
       os.kill(pid, 0)
 
 
-@pytest.mark.parametrize("accelerator,version", [
-    ("v4-64", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
-    ("v5p-128", "v2-alpha-tpuv5"), ("v6e-64", "v2-alpha-tpuv6e")])
+@pytest.mark.parametrize(
+  "accelerator,version",
+  [
+    ("v4-64", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-128", "v2-alpha-tpuv5"),
+    ("v6e-64", "v2-alpha-tpuv6e"),
+  ],
+)
 def test_runtime_version_follows_the_accelerator(pod, accelerator, version):
   pod.run("create", ACCELERATOR=accelerator)
   assert f"--version={version}" in pod.calls()[-1]
@@ -197,7 +234,12 @@ def test_queued_spot_create(pod):
   pod.run("create", QUEUED="1", SPOT="1")
   create = pod.calls()[0]
   assert [a for a in create if not a.startswith("--")] == [
-      "compute", "tpus", "queued-resources", "create", "pod"]
+    "compute",
+    "tpus",
+    "queued-resources",
+    "create",
+    "pod",
+  ]
   assert {"--node-id=pod", "--spot", "--runtime-version=tpu-ubuntu2204-base"} <= set(create)
   assert _verb(pod.calls()[-1]) == "describe"  # waited for ACTIVE.
 
@@ -223,11 +265,23 @@ def test_recover_recreates_a_preempted_slice_and_runs(pod):
 def _main(tmp_path, *flags, **env):
   """`python -m dataseg.main` offline: no Hugging Face cache, offline mode, CPU."""
   return subprocess.run(
-      [sys.executable, "-m", "dataseg.main", *flags],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-      env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf"), DATASEG_TEXT_CACHE=str(tmp_path / "text"),
-               TF_CPP_MIN_LOG_LEVEL="3", **env))
+    [sys.executable, "-m", "dataseg.main", *flags],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    env=dict(
+      os.environ,
+      PYTHONPATH=str(ROOT),
+      JAX_PLATFORMS="cpu",
+      HF_HUB_OFFLINE="1",
+      HF_HOME=str(tmp_path / "hf"),
+      DATASEG_TEXT_CACHE=str(tmp_path / "text"),
+      TF_CPP_MIN_LOG_LEVEL="3",
+      **env,
+    ),
+  )
 
 
 def test_paper_config_without_data_or_network_fails_fast(tmp_path):
@@ -245,9 +299,14 @@ def test_paper_config_without_data_or_network_fails_fast(tmp_path):
 
 
 def test_unknown_config_key_names_parent_and_close_matches(tmp_path):
-  proc = _main(tmp_path, "--config=configs/demo.py:smoke", "--config.optimizer.lrr=1",
-               f"--workdir={tmp_path / 'W'}")
+  proc = _main(
+    tmp_path,
+    "--config=configs/demo.py:smoke",
+    "--config.optimizer.lrr=1",
+    f"--workdir={tmp_path / 'W'}",
+  )
   assert proc.returncode != 0
-  assert ("unknown config key 'optimizer.lrr': optimizer has no 'lrr'; close matches: "
-          "optimizer.lr") in proc.stderr, proc.stderr[-3000:]
+  assert (
+    "unknown config key 'optimizer.lrr': optimizer has no 'lrr'; close matches: optimizer.lr"
+  ) in proc.stderr, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr

@@ -53,8 +53,10 @@ class _Counting:
 
   def __next__(self):
     self.i += 1
-    return {"dataset_id": np.full([self.size], self.ident, np.int32),
-            "index": np.full([self.size], self.i, np.int32)}
+    return {
+      "dataset_id": np.full([self.size], self.ident, np.int32),
+      "index": np.full([self.size], self.i, np.int32),
+    }
 
   def get_state(self):
     return {"i": np.asarray(self.i)}
@@ -81,7 +83,6 @@ def test_mixed_iterator_per_step_and_resume():
 
 def test_mixed_iterator_quota():
   q = mixing.quotas([0.75, 0.25], 8)
-  it = mixing.MixedIterator([_Counting(0, q[0]), _Counting(1, q[1])], [0.75, 0.25],
-                            mode="quota")
+  it = mixing.MixedIterator([_Counting(0, q[0]), _Counting(1, q[1])], [0.75, 0.25], mode="quota")
   batch = next(it)
   np.testing.assert_array_equal(batch["dataset_id"], [0] * 6 + [1] * 2)

@@ -10,10 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dataseg.model import classifier
-from dataseg.model import configs
-from dataseg.model import dataseg_model
-from dataseg.model import summary
+from dataseg.model import classifier, configs, dataseg_model, summary
 
 TEXT_DIM = 12
 
@@ -22,14 +19,23 @@ def _tiny_config(backbone="resnet", pixel_decoder="fpn"):
   c = configs.model_config("tiny")
   c.classifier.text_dim = TEXT_DIM
   if backbone == "vitdet":
-    c.backbone = dict(name="vitdet", patch=16, width=32, depth=2, heads=2,
-                      mlp=64, window=2, global_blocks=(1,), pretrain_grid=4,
-                      out_dim=32, dtype=c.get_ref("dtype"),
-                      remat=c.get_ref("remat"))
+    c.backbone = dict(
+      name="vitdet",
+      patch=16,
+      width=32,
+      depth=2,
+      heads=2,
+      mlp=64,
+      window=2,
+      global_blocks=(1,),
+      pretrain_grid=4,
+      out_dim=32,
+      dtype=c.get_ref("dtype"),
+      remat=c.get_ref("remat"),
+    )
   else:
     c.backbone.norm = "frozen_bn"  # exercises the non-'params' collection
-  c.pixel_decoder = dict(name=pixel_decoder, dim=32, layers=1, heads=2,
-                         points=2, ffn=32)
+  c.pixel_decoder = dict(name=pixel_decoder, dim=32, layers=1, heads=2, points=2, ffn=32)
   c.decoder.update(num_queries=4, layers=2, heads=2, ffn=32, dim=32)
   return c
 
@@ -69,11 +75,13 @@ def _fast_init(model, *inputs, seed=0):
 def _loss_fn(model, variables, images, text, valid):
   """A differentiable stand-in for the objective: CE towards class 1 and
   background, plus a mask term. Returns (loss, outputs)."""
+
   def loss_fn(params):
     out = model.apply({**variables, "params": params}, images, text, valid)
     logp = jax.nn.log_softmax(out["class_logits"], -1)
     ce = -(logp[..., 1].mean() + logp[..., -1].mean())
     return ce + jax.nn.sigmoid(out["mask_logits"]).mean(), out
+
   return loss_fn
 
 
@@ -91,16 +99,24 @@ def tiny():
   model = dataseg_model.build_model(c)
   images, text, valid = _inputs()
   variables = _fast_init(model, images, text, valid)
-  (loss, out), grads = jax.jit(jax.value_and_grad(
-      _loss_fn(model, variables, images, text, valid), has_aux=True))(
-          variables["params"])
-  return dict(config=c, model=model, inputs=(images, text, valid),
-              variables=variables, loss=loss, out=out, grads=grads)
+  (loss, out), grads = jax.jit(
+    jax.value_and_grad(_loss_fn(model, variables, images, text, valid), has_aux=True)
+  )(variables["params"])
+  return dict(
+    config=c,
+    model=model,
+    inputs=(images, text, valid),
+    variables=variables,
+    loss=loss,
+    out=out,
+    grads=grads,
+  )
 
 
-@pytest.mark.parametrize("backbone,pixel_decoder", [
-    ("resnet", "fpn"), ("resnet", "msdeform"), ("vitdet", "fpn"),
-    ("vitdet", "msdeform")])
+@pytest.mark.parametrize(
+  "backbone,pixel_decoder",
+  [("resnet", "fpn"), ("resnet", "msdeform"), ("vitdet", "fpn"), ("vitdet", "msdeform")],
+)
 def test_output_shapes(backbone, pixel_decoder):
   """Shapes of every backbone x pixel decoder, traced (jax.eval_shape) through
   init and apply; the numerics of the default run in the fixture below."""
@@ -108,8 +124,7 @@ def test_output_shapes(backbone, pixel_decoder):
   c.remat = pixel_decoder == "msdeform"  # remat path traces too
   model = dataseg_model.build_model(c)
   images, text, valid = _inputs(w=96)
-  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0),
-                                  images, text, valid)
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), images, text, valid)
   assert set(variables["params"]) == {"backbone", "pixel_decoder", "decoder"}
   if backbone == "resnet":  # frozen BN statistics live outside 'params'
     assert set(variables) == {"params", "frozen"}
@@ -123,8 +138,7 @@ def test_jit_and_grad_are_finite(tiny):
   assert out["class_logits"].shape == (2, 2, 4, 6)
   assert out["mask_logits"].shape == (2, 2, 4, 16, 16)
   assert np.isfinite(tiny["loss"]) and np.isfinite(out["mask_logits"]).all()
-  np.testing.assert_array_equal(out["class_logits"][..., 4],
-                                classifier.PAD_LOGIT)
+  np.testing.assert_array_equal(out["class_logits"][..., 4], classifier.PAD_LOGIT)
   probs = jax.nn.softmax(out["class_logits"], -1)
   np.testing.assert_array_equal(probs[..., 4], 0.0)  # padded class: prob 0
   grads = nn.meta.unbox(tiny["grads"])
@@ -146,21 +160,25 @@ def test_vocabulary_change_needs_no_new_params(tiny):
   text9[:, 6] = np.asarray(text[2])
   valid9 = np.ones((2, 9), bool)
   valid9[1, 7:] = False
-  out9 = jax.jit(model.apply)(variables, images, jnp.asarray(text9),
-                              jnp.asarray(valid9))
+  out9 = jax.jit(model.apply)(variables, images, jnp.asarray(text9), jnp.asarray(valid9))
   assert out9["class_logits"].shape == (2, 2, 4, 10)
-  np.testing.assert_allclose(out9["class_logits"][..., 6],
-                             out5["class_logits"][..., 2], rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(out9["class_logits"][..., -1],  # background
-                             out5["class_logits"][..., -1], rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(out9["mask_logits"], out5["mask_logits"],
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(out9["class_logits"][:, 1, :, 7:9],
-                                classifier.PAD_LOGIT)
-  shapes9 = jax.eval_shape(model.init, jax.random.key(0), images,
-                           jnp.asarray(text9), jnp.asarray(valid9))
-  assert (jax.tree.map(lambda x: x.shape, nn.meta.unbox(shapes9))
-          == jax.tree.map(lambda x: x.shape, variables))
+  np.testing.assert_allclose(
+    out9["class_logits"][..., 6], out5["class_logits"][..., 2], rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(
+    out9["class_logits"][..., -1],  # background
+    out5["class_logits"][..., -1],
+    rtol=1e-4,
+    atol=1e-4,
+  )
+  np.testing.assert_allclose(out9["mask_logits"], out5["mask_logits"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out9["class_logits"][:, 1, :, 7:9], classifier.PAD_LOGIT)
+  shapes9 = jax.eval_shape(
+    model.init, jax.random.key(0), images, jnp.asarray(text9), jnp.asarray(valid9)
+  )
+  assert jax.tree.map(lambda x: x.shape, nn.meta.unbox(shapes9)) == jax.tree.map(
+    lambda x: x.shape, variables
+  )
 
 
 def test_bfloat16_matches_float32(tiny):
@@ -175,8 +193,7 @@ def test_bfloat16_matches_float32(tiny):
   c16.dtype = "bfloat16"
   assert c16.backbone.dtype == "bfloat16"  # the reference follows
   out32 = tiny["out"]
-  out16 = jax.jit(dataseg_model.build_model(c16).apply)(
-      tiny["variables"], *tiny["inputs"])
+  out16 = jax.jit(dataseg_model.build_model(c16).apply)(tiny["variables"], *tiny["inputs"])
   assert out16["mask_logits"].dtype == jnp.float32
   m32, m16 = np.asarray(out32["mask_logits"]), np.asarray(out16["mask_logits"])
   err = np.abs(m16 - m32) / m32.std()
@@ -199,8 +216,7 @@ def test_classifier_matches_numpy_and_clips_scale():
   got = np.asarray(clf.apply({"params": params}, q, text, valid))
 
   def ref(log_scale):
-    e = q @ np.asarray(params["proj"]["kernel"]) + np.asarray(
-        params["proj"]["bias"])
+    e = q @ np.asarray(params["proj"]["kernel"]) + np.asarray(params["proj"]["bias"])
     e /= np.linalg.norm(e, axis=-1, keepdims=True)
     t = np.concatenate([text, np.asarray(params["background"])[None]], 0)
     t /= np.linalg.norm(t, axis=-1, keepdims=True)
@@ -222,8 +238,12 @@ def test_configs():
     c = configs.model_config(name)
     assert c.dtype == "float32" and c.backbone.dtype == "float32"
   c = configs.model_config("r50")
-  assert (c.decoder.num_queries, c.decoder.layers, c.pixel_decoder.layers,
-          c.classifier.text_dim) == (100, 9, 6, 512)
+  assert (
+    c.decoder.num_queries,
+    c.decoder.layers,
+    c.pixel_decoder.layers,
+    c.classifier.text_dim,
+  ) == (100, 9, 6, 512)
   c.classifier.text_dim = 384  # MiniLM
   c.remat = True
   assert c.backbone.remat
@@ -245,13 +265,19 @@ def _mask2former_r50_params(num_classes=133):
   d, gn = 256, 2 * 256
   msda = lin(d, 8 * 3 * 4 * 2) + lin(d, 8 * 3 * 4) + 2 * lin(d, d)
   enc_layer = msda + lin(d, 1024) + lin(1024, d) + 2 * gn
-  pixel = (sum(conv(c, d, 1, True) + gn for c in (512, 1024, 2048)) + 3 * d
-           + 6 * enc_layer + conv(256, d) + gn + conv(d, d, 3) + gn
-           + conv(d, d, 1, True))
+  pixel = (
+    sum(conv(c, d, 1, True) + gn for c in (512, 1024, 2048))
+    + 3 * d
+    + 6 * enc_layer
+    + conv(256, d)
+    + gn
+    + conv(d, d, 3)
+    + gn
+    + conv(d, d, 1, True)
+  )
   mha = 3 * lin(d, d) + lin(d, d)
   dec_layer = 2 * (mha + gn) + lin(d, 2048) + lin(2048, d) + gn
-  decoder = (9 * dec_layer + 2 * 100 * d + 3 * d + gn
-             + lin(d, num_classes + 1) + 3 * lin(d, d))
+  decoder = 9 * dec_layer + 2 * 100 * d + 3 * d + gn + lin(d, num_classes + 1) + 3 * lin(d, d)
   return backbone, pixel, decoder
 
 
@@ -265,8 +291,7 @@ def test_r50_parameter_count_matches_mask2former():
   # Dense(256 -> 512) + background (512) + logit scale vs Linear(256 -> 134).
   assert s["params"]["backbone"] == backbone
   assert s["params"]["pixel_decoder"] == pixel
-  assert s["params"]["decoder"] - decoder == (256 * 512 + 512 + 512 + 1) - (
-      256 * 134 + 134)
+  assert s["params"]["decoder"] - decoder == (256 * 512 + 512 + 512 + 1) - (256 * 134 + 134)
   assert abs(s["total_params"] - total) / total < 0.02
   assert s["non_trainable"] == 4 * 26560  # frozen BN: scale, bias, mean, var
 

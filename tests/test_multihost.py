@@ -22,8 +22,8 @@ import sys
 
 import numpy as np
 import pytest
-
 import trainer_driver
+
 from dataseg.train import sharding as sharding_lib
 
 # One device vs four: the batch mean is reduced in another order (float32), ~1e-6 relative
@@ -47,21 +47,41 @@ def _free_port():
 
 def _slurm_env(process, port):
   """A 2-node Slurm step with one task per node, both "nodes" on localhost."""
-  return dict(devices=2, SLURM_JOB_ID=4242, SLURM_STEP_NODELIST="localhost",
-              SLURM_NTASKS=2, SLURM_PROCID=process, SLURM_LOCALID=0, SLURM_NODEID=process,
-              SLURM_STEP_NUM_NODES=2, SLURM_STEP_TASKS_PER_NODE="1(x2)",
-              JAX_COORDINATOR_PORT=port, DRIVER_GLOBAL_DATA=1)
+  return dict(
+    devices=2,
+    SLURM_JOB_ID=4242,
+    SLURM_STEP_NODELIST="localhost",
+    SLURM_NTASKS=2,
+    SLURM_PROCID=process,
+    SLURM_LOCALID=0,
+    SLURM_NODEID=process,
+    SLURM_STEP_NUM_NODES=2,
+    SLURM_STEP_TASKS_PER_NODE="1(x2)",
+    JAX_COORDINATOR_PORT=port,
+    DRIVER_GLOBAL_DATA=1,
+  )
 
 
 def _run_pair(tiny_env, workdir, data="", per_process_env=({}, {})):
   port = _free_port()
   driver = pathlib.Path(trainer_driver.__file__).resolve()
-  cmd = [sys.executable, str(driver), f"--workdir={workdir}",
-         f"--config={driver}:data={data},emb={tiny_env.emb},steps={STEPS},eval=1"]
-  procs = [subprocess.Popen(cmd, cwd=str(driver.parent.parent),
-                            env=tiny_env.env(**_slurm_env(i, port), **per_process_env[i]),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  cmd = [
+    sys.executable,
+    str(driver),
+    f"--workdir={workdir}",
+    f"--config={driver}:data={data},emb={tiny_env.emb},steps={STEPS},eval=1",
+  ]
+  procs = [
+    subprocess.Popen(
+      cmd,
+      cwd=str(driver.parent.parent),
+      env=tiny_env.env(**_slurm_env(i, port), **per_process_env[i]),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = []
   for p in procs:
     try:
@@ -101,8 +121,7 @@ def preempted(tiny_env, pair, tmp_path_factory):
   """The same job, SIGTERM to process 1 only at step 3; then resubmitted to the end."""
   workdir = tmp_path_factory.mktemp("preempted") / "run"
   data = pair[0] / "data"
-  rcs, logs = _run_pair(tiny_env, workdir, data,
-                        ({}, dict(DRIVER_SIGTERM_AT_STEP=SIGTERM_AT)))
+  rcs, logs = _run_pair(tiny_env, workdir, data, ({}, dict(DRIVER_SIGTERM_AT_STEP=SIGTERM_AT)))
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   rcs2, logs2 = _run_pair(tiny_env, workdir, data)
   return workdir, rcs, logs, steps, rcs2, logs2
@@ -116,20 +135,41 @@ def test_slurm_one_task_per_node_drives_every_local_device(pair):
     assert f"process {i}/2: 2 local device(s) (cpu), 4 in all" in log, log[-3000:]
 
 
-@pytest.mark.parametrize("env,want", [
+@pytest.mark.parametrize(
+  "env,want",
+  [
     (dict(SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_NODEID="1"), []),
     (dict(SLURM_NTASKS_PER_NODE="1"), []),
     # 2 unbound tasks on an 8-GPU node: 4 GPUs each.
-    (dict(SLURM_STEP_TASKS_PER_NODE="2(x3)", SLURM_NODEID="2", SLURM_LOCALID="1",
-          CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"), [4, 5, 6, 7]),
+    (
+      dict(
+        SLURM_STEP_TASKS_PER_NODE="2(x3)",
+        SLURM_NODEID="2",
+        SLURM_LOCALID="1",
+        CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7",
+      ),
+      [4, 5, 6, 7],
+    ),
     # --gpus-per-task=1: Slurm shows each task its own GPU only.
-    (dict(SLURM_STEP_TASKS_PER_NODE="8", SLURM_LOCALID="5", CUDA_VISIBLE_DEVICES="5",
-          SLURM_GPUS_ON_NODE="8"), []),
-    (dict(SLURM_STEP_TASKS_PER_NODE="4,2", SLURM_NODEID="1", SLURM_LOCALID="0",
-          SLURM_GPUS_ON_NODE="4"), [0, 1]),
+    (
+      dict(
+        SLURM_STEP_TASKS_PER_NODE="8",
+        SLURM_LOCALID="5",
+        CUDA_VISIBLE_DEVICES="5",
+        SLURM_GPUS_ON_NODE="8",
+      ),
+      [],
+    ),
+    (
+      dict(
+        SLURM_STEP_TASKS_PER_NODE="4,2", SLURM_NODEID="1", SLURM_LOCALID="0", SLURM_GPUS_ON_NODE="4"
+      ),
+      [0, 1],
+    ),
     (dict(SLURM_STEP_TASKS_PER_NODE="8"), None),  # nothing known: jax's default.
     (dict(SLURM_NTASKS_PER_NODE="1", JAX_LOCAL_DEVICE_IDS="0"), None),  # user's choice.
-])
+  ],
+)
 def test_slurm_local_device_ids(env, want):
   assert sharding_lib.slurm_local_device_ids(env) == want
 
@@ -149,8 +189,9 @@ def test_two_processes_train_like_one(pair, reference_run):
   workdir, _ = pair
   got, want = _losses(workdir), _losses(reference_run.workdir)
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([got[s][0] for s in sorted(got)],
-                             [want[s][0] for s in sorted(want)], rtol=LOSS_RTOL)
+  np.testing.assert_allclose(
+    [got[s][0] for s in sorted(got)], [want[s][0] for s in sorted(want)], rtol=LOSS_RTOL
+  )
   a = trainer_driver.load_checkpoint(workdir, STEPS)
   b = trainer_driver.load_checkpoint(reference_run.workdir, STEPS)
   keys = [k for k in b if k.startswith("['params']")]
@@ -169,8 +210,9 @@ def test_sigterm_on_one_process_stops_all_at_one_step(preempted):
   # Both agree one step after the signal (the flag is reduced one step late).
   stop = SIGTERM_AT + 2
   assert f"SIGTERM: saved checkpoint at step {stop}; exiting" in logs[1], logs[1][-3000:]
-  assert (f"SIGTERM (received by another process): saved checkpoint at step {stop}; exiting"
-          in logs[0]), logs[0][-3000:]
+  assert (
+    f"SIGTERM (received by another process): saved checkpoint at step {stop}; exiting" in logs[0]
+  ), logs[0][-3000:]
   assert max(steps) == stop
   for i in range(2):  # the checkpoint holds every host's data position.
     assert (workdir / "checkpoints" / "data_state" / f"{stop}.process{i}.npz").exists()

@@ -55,16 +55,17 @@ def _pictures(nb):
 def test_demo_notebook_runs_in_a_kernel(tmp_path):
   workdir = smoke_workdir()
   out = tmp_path / "overlays"
-  nb = notebook_run.execute(env=dict(DATASEG_WORKDIR=str(workdir),
-                                     DATASEG_NOTEBOOK_OUT=str(out),
-                                     DATASEG_NOTEBOOK_MAX_EVAL="2"),
-                            extra_source=_CHECKS)
+  nb = notebook_run.execute(
+    env=dict(
+      DATASEG_WORKDIR=str(workdir), DATASEG_NOTEBOOK_OUT=str(out), DATASEG_NOTEBOOK_MAX_EVAL="2"
+    ),
+    extra_source=_CHECKS,
+  )
   # Every cell ran without an error (nbclient raises on one) and the checks passed.
   assert [o.get("text") for o in nb.cells[-1].outputs] == ["checks passed\n"]
   # It showed and saved one overlay per prediction, each a PNG equal to what it showed.
   pictures = _pictures(nb)
-  names = ["panoptic", "semantic", "instance", "open_vocab_transfer_names",
-           "open_vocab_our_names"]
+  names = ["panoptic", "semantic", "instance", "open_vocab_transfer_names", "open_vocab_our_names"]
   assert len(pictures) == len(names)
   for name, picture in zip(names, pictures):
     with Image.open(out / f"{name}.png") as im:
@@ -74,6 +75,7 @@ def test_demo_notebook_runs_in_a_kernel(tmp_path):
 def test_committed_notebook_holds_its_outputs():
   """The committed notebook shows its pictures and tables without being run."""
   import nbformat  # pylint: disable=g-import-not-at-top
+
   nb = nbformat.read(str(notebook_run.NOTEBOOK), as_version=4)
   nbformat.validate(nb)
   assert nb.metadata.kernelspec.name == notebook_run.KERNEL

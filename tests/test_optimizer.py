@@ -13,10 +13,23 @@ from dataseg.train import optimizer as optimizer_lib
 
 
 def _opt(**kw):
-  c = ml_collections.ConfigDict(dict(
-      lr=1e-3, weight_decay=0.0, backbone_multiplier=0.1, schedule="constant",
-      poly_power=0.9, warmup_steps=0, step_boundaries=(0.5, 0.75), step_factor=0.1,
-      clip_norm=0.0, grad_accum_steps=1, ema_decay=0.0, b1=0.9, b2=0.999))
+  c = ml_collections.ConfigDict(
+    dict(
+      lr=1e-3,
+      weight_decay=0.0,
+      backbone_multiplier=0.1,
+      schedule="constant",
+      poly_power=0.9,
+      warmup_steps=0,
+      step_boundaries=(0.5, 0.75),
+      step_factor=0.1,
+      clip_norm=0.0,
+      grad_accum_steps=1,
+      ema_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+    )
+  )
   c.update(kw)
   return c
 
@@ -25,10 +38,13 @@ def _params():
   r = np.random.default_rng(0)
   f = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)
   return {
-      "backbone": {"conv1": {"kernel": f(3, 3, 2, 4)}, "bn1": {"scale": f(4), "bias": f(4)}},
-      "decoder": {"dense": {"kernel": f(4, 4), "bias": f(4)},
-                  "norm": {"scale": f(4), "bias": f(4)},
-                  "query_feat": f(3, 4), "level_embed": f(2, 4)},
+    "backbone": {"conv1": {"kernel": f(3, 3, 2, 4)}, "bn1": {"scale": f(4), "bias": f(4)}},
+    "decoder": {
+      "dense": {"kernel": f(4, 4), "bias": f(4)},
+      "norm": {"scale": f(4), "bias": f(4)},
+      "query_feat": f(3, 4),
+      "level_embed": f(2, 4),
+    },
   }
 
 
@@ -55,21 +71,31 @@ def test_no_weight_decay_on_norms_biases_embeddings():
   params = _params()
   mask = optimizer_lib.decay_mask(params)
   assert mask["backbone"]["conv1"]["kernel"] and mask["decoder"]["dense"]["kernel"]
-  for off in (mask["backbone"]["bn1"]["scale"], mask["backbone"]["bn1"]["bias"],
-              mask["decoder"]["dense"]["bias"], mask["decoder"]["norm"]["scale"],
-              mask["decoder"]["norm"]["bias"], mask["decoder"]["query_feat"],
-              mask["decoder"]["level_embed"]):
+  for off in (
+    mask["backbone"]["bn1"]["scale"],
+    mask["backbone"]["bn1"]["bias"],
+    mask["decoder"]["dense"]["bias"],
+    mask["decoder"]["norm"]["scale"],
+    mask["decoder"]["norm"]["bias"],
+    mask["decoder"]["query_feat"],
+    mask["decoder"]["level_embed"],
+  ):
     assert not off
   # Numerically: zero gradients, so the update is the decoupled decay -lr * wd * p only.
   wd, lr = 0.05, 1e-3
   tx, _ = optimizer_lib.make(_opt(weight_decay=wd, backbone_multiplier=1.0), 10)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
-  np.testing.assert_allclose(updates["decoder"]["dense"]["kernel"],
-                             -lr * wd * np.asarray(params["decoder"]["dense"]["kernel"]),
-                             rtol=1e-6)
-  for path in (("decoder", "dense", "bias"), ("decoder", "norm", "scale"),
-               ("backbone", "bn1", "scale")):
+  np.testing.assert_allclose(
+    updates["decoder"]["dense"]["kernel"],
+    -lr * wd * np.asarray(params["decoder"]["dense"]["kernel"]),
+    rtol=1e-6,
+  )
+  for path in (
+    ("decoder", "dense", "bias"),
+    ("decoder", "norm", "scale"),
+    ("backbone", "bn1", "scale"),
+  ):
     leaf = updates
     for k in path:
       leaf = leaf[k]
@@ -78,16 +104,20 @@ def test_no_weight_decay_on_norms_biases_embeddings():
 
 
 def test_masks_on_the_real_model_params(tiny_env):
-  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
   from dataseg.train import trainer  # pylint: disable=g-import-not-at-top
+  from dataseg.vocab import padded as padded_vocab  # pylint: disable=g-import-not-at-top
+
   config = tiny_env.config()
   vocabs = padded_vocab.build_vocabularies(config, str(tiny_env.data_dir))
   s = trainer.setup(config, 1, padded_vocab.vocab_size(config, vocabs))
   params = s.abstract_state["params"]
-  flat = lambda t: {jax.tree_util.keystr(p): v
-                    for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
-  decay, backbone = flat(optimizer_lib.decay_mask(params)), flat(
-      optimizer_lib.backbone_mask(params))
+  flat = lambda t: {
+    jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]
+  }
+  decay, backbone = (
+    flat(optimizer_lib.decay_mask(params)),
+    flat(optimizer_lib.backbone_mask(params)),
+  )
   shapes = flat(params)
   assert any(backbone.values()) and not all(backbone.values())
   for key, on in backbone.items():
@@ -116,8 +146,7 @@ def test_schedules_match_hand_computed_values():
   for t in (10, 30, 50, 74, 75, 80, 99, 100):
     frac = (t - warm) / (total - warm)
     assert poly[t] == pytest.approx(lr * (1 - frac) ** 0.9, rel=1e-5, abs=1e-9)
-    assert cosine[t] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * frac)),
-                                      rel=1e-5, abs=1e-9)
+    assert cosine[t] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * frac)), rel=1e-5, abs=1e-9)
     factor = 0.1 ** sum(t >= b * total for b in (0.5, 0.75))
     assert step[t] == pytest.approx(lr * factor, rel=1e-6), t
   const = optimizer_lib.schedule(_opt(lr=lr, schedule="constant"), total)

@@ -5,9 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from dataseg import schema
-from input_pipeline import bad_input
-from input_pipeline import pipeline
-from input_pipeline import readers
+from input_pipeline import bad_input, pipeline, readers
 
 try:
   import test_readers as fx  # pylint: disable=g-import-not-at-top
@@ -25,26 +23,49 @@ def _decoded(n=10, size=16):
     seg = -np.ones([size, size], np.int32)
     k = 1 + i % 3
     for j in range(k):
-      seg[j * 4:j * 4 + 4 + i % 5, j:j + 8] = j
+      seg[j * 4 : j * 4 + 4 + i % 5, j : j + 8] = j
     boxes = np.array([[0, 0, 1, 1]] * k, np.float32)
-    out.append(dict(image=rng.integers(0, 256, [size, size, 3], dtype=np.uint8),
-                    segment_map=seg, seg_class=np.arange(k, dtype=np.int32),
-                    seg_box=boxes, seg_is_thing=np.ones(k, bool),
-                    seg_is_crowd=np.zeros(k, bool), image_id=np.int64(1000 + i)))
+    out.append(
+      dict(
+        image=rng.integers(0, 256, [size, size, 3], dtype=np.uint8),
+        segment_map=seg,
+        seg_class=np.arange(k, dtype=np.int32),
+        seg_box=boxes,
+        seg_is_thing=np.ones(k, bool),
+        seg_is_crowd=np.zeros(k, bool),
+        image_id=np.int64(1000 + i),
+      )
+    )
   return out
 
 
 def _reader(examples):
   """A reader callable(shard_index, shard_count) over in-memory decoded examples."""
+
   def make(shard_index, shard_count):
-    return readers.records_dataset(examples, lambda e: e, bad_input.BadInputCounter(),
-                                   shard_index=shard_index, shard_count=shard_count)
+    return readers.records_dataset(
+      examples,
+      lambda e: e,
+      bad_input.BadInputCounter(),
+      shard_index=shard_index,
+      shard_count=shard_count,
+    )
+
   return make
 
 
 def _kwargs(**kw):
-  args = dict(batch_size=2, image_size=32, max_segments=4, task_id=PANOPTIC,
-              dataset_id=1, seed=3, process_index=0, process_count=1, shuffle_buffer=4)
+  args = dict(
+    batch_size=2,
+    image_size=32,
+    max_segments=4,
+    task_id=PANOPTIC,
+    dataset_id=1,
+    seed=3,
+    process_index=0,
+    process_count=1,
+    shuffle_buffer=4,
+  )
   args.update(kw)
   return args
 
@@ -67,18 +88,27 @@ def test_training_batches_follow_schema():
 
 def test_two_hosts_disjoint_and_covering(tmp_path):
   spec, expected = fx.write_coco_panoptic(str(tmp_path), n=5)
-  for reader in (spec, _reader(_decoded(7)), tf.data.Dataset.from_tensor_slices(
-      {"image_id": np.arange(7, dtype=np.int64)})):
+  for reader in (
+    spec,
+    _reader(_decoded(7)),
+    tf.data.Dataset.from_tensor_slices({"image_id": np.arange(7, dtype=np.int64)}),
+  ):
     if isinstance(reader, tf.data.Dataset):  # fallback: Dataset.shard
-      seen = [set(int(x["image_id"]) for x in pipeline.host_dataset(
-          reader, i, 2, "skip").as_numpy_iterator()) for i in range(2)]
+      seen = [
+        set(
+          int(x["image_id"])
+          for x in pipeline.host_dataset(reader, i, 2, "skip").as_numpy_iterator()
+        )
+        for i in range(2)
+      ]
       everything = set(range(7))
     else:
       seen = []
       for host in range(2):
         ids = set()
-        for batch in pipeline.make_iterator(reader, **_kwargs(
-            training=False, process_index=host, process_count=2)):
+        for batch in pipeline.make_iterator(
+          reader, **_kwargs(training=False, process_index=host, process_count=2)
+        ):
           ids |= set(batch["image_id"][batch["example_valid"]].tolist())
         seen.append(ids)
       everything = set(expected) if reader is spec else set(range(1000, 1007))
@@ -89,8 +119,7 @@ def test_two_hosts_disjoint_and_covering(tmp_path):
 def test_training_hosts_see_own_shard():
   examples = _decoded(8)
   for host in range(2):
-    it = pipeline.make_iterator(_reader(examples), **_kwargs(process_index=host,
-                                                              process_count=2))
+    it = pipeline.make_iterator(_reader(examples), **_kwargs(process_index=host, process_count=2))
     ids = set()
     for _ in range(8):
       ids |= set(next(it)["image_id"].tolist())
@@ -127,8 +156,7 @@ def test_exact_resume_file_reader(tmp_path):
 
 
 def test_eval_padding_and_fixed_batch_count():
-  it = pipeline.make_iterator(_reader(_decoded(5)), **_kwargs(training=False,
-                                                               num_eval_batches=4))
+  it = pipeline.make_iterator(_reader(_decoded(5)), **_kwargs(training=False, num_eval_batches=4))
   batches = list(it)
   assert len(batches) == 4
   for b in batches:
@@ -142,10 +170,11 @@ def test_eval_padding_and_fixed_batch_count():
 
 def test_make_global_batch():
   devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
-  local = {"x": np.arange(len(devices) * 2 * 3, dtype=np.float32).reshape(-1, 3),
-           "m": np.ones([len(devices) * 2, 4, 4], bool)}
+  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  local = {
+    "x": np.arange(len(devices) * 2 * 3, dtype=np.float32).reshape(-1, 3),
+    "m": np.ones([len(devices) * 2, 4, 4], bool),
+  }
   out = pipeline.make_global_batch(local, mesh, "data")
   assert out["x"].shape == local["x"].shape  # one process: global == local
   np.testing.assert_array_equal(np.asarray(out["x"]), local["x"])

@@ -1,7 +1,7 @@
 """The auxiliary per-pixel class loss (loss.pixel_class_weight, model.pixel_head)."""
 
-import sys
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,15 +9,24 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_costs_losses import (H, HM, IS_THING, V, W, WM, edge_case_batch,  # pylint: disable=g-import-not-at-top,wrong-import-position
-                               fast_jit, make_image, random_outputs, small_config)
+from test_costs_losses import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+  HM,
+  IS_THING,
+  WM,
+  V,
+  edge_case_batch,
+  fast_jit,
+  make_image,
+  random_outputs,
+  small_config,
+)
 
 from dataseg.model import configs as model_configs
 from dataseg.model import dataseg_model
 from dataseg.objective import losses
 
 
-def np_pixel_ce(logits, img, vocab_valid, balance='segment'):
+def np_pixel_ce(logits, img, vocab_valid, balance="segment"):
   """Reference: CE at the centre pixel (4i + 2, 4j + 2) of each stride-4 cell.
 
   Returns (weighted CE sum, sum of weights): per-cell weight 1 ('pixel'), or
@@ -28,31 +37,31 @@ def np_pixel_ce(logits, img, vocab_valid, balance='segment'):
   for i in range(logits.shape[0]):
     for j in range(logits.shape[1]):
       y, x = 4 * i + 2, 4 * j + 2
-      s = img['segment_map'][y, x]
-      if s < 0 or not img['valid'][y, x] or img['seg_is_crowd'][s]:
+      s = img["segment_map"][y, x]
+      if s < 0 or not img["valid"][y, x] or img["seg_is_crowd"][s]:
         continue
-      c = img['seg_class'][s]
+      c = img["seg_class"][s]
       if c < 0:
         continue
       z = np.where(keep_v, logits[i, j], -np.inf).astype(np.float64)
       logp = z - np.log(np.sum(np.exp(z - z.max()))) - z.max()
       cells.setdefault(int(s), []).append(-logp[c])
-  if balance == 'pixel':
+  if balance == "pixel":
     return sum(sum(v) for v in cells.values()), sum(len(v) for v in cells.values())
   return sum(np.mean(v) for v in cells.values()), len(cells)
 
 
-@pytest.mark.parametrize('balance', ['segment', 'pixel'])
-@pytest.mark.parametrize('seed', [0, 1])
+@pytest.mark.parametrize("balance", ["segment", "pixel"])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_pixel_class_sums_match_numpy(seed, balance):
   img = make_image(seed)
   r = np.random.RandomState(10 + seed)
   logits = r.randn(HM, WM, V + 1).astype(np.float32) * 3
   vocab_valid = np.array([True, True, True, True, False])
   cfg = small_config(pixel_class_balance=balance)
-  ce, n = losses.pixel_class_sums(jnp.asarray(logits), {k: jnp.asarray(v) for k, v in
-                                                        img.items()},
-                                  jnp.asarray(vocab_valid), cfg)
+  ce, n = losses.pixel_class_sums(
+    jnp.asarray(logits), {k: jnp.asarray(v) for k, v in img.items()}, jnp.asarray(vocab_valid), cfg
+  )
   ref_ce, ref_n = np_pixel_ce(logits, img, vocab_valid, balance)
   assert ref_n > 1
   # float32 log-softmax and 1/n weights against float64.
@@ -63,39 +72,49 @@ def test_pixel_class_sums_match_numpy(seed, balance):
 def test_compute_loss_adds_the_pixel_term_and_skips_box_data():
   batch = edge_case_batch()
   r = np.random.RandomState(3)
-  outputs = dict(random_outputs(), pixel_logits=jnp.asarray(
-      r.randn(4, HM, WM, V + 1), jnp.float32))
+  outputs = dict(random_outputs(), pixel_logits=jnp.asarray(r.randn(4, HM, WM, V + 1), jnp.float32))
   vocab_valid = np.ones(V, bool)
 
   def run(task, weight):
     cfg = small_config(pixel_class_weight=weight)
-    fn = fast_jit(lambda o, b: losses.compute_loss(
-        o, b, task=task, vocab_valid=vocab_valid, is_thing_vocab=IS_THING, config=cfg,
-        rng=jax.random.PRNGKey(0)))
+    fn = fast_jit(
+      lambda o, b: losses.compute_loss(
+        o,
+        b,
+        task=task,
+        vocab_valid=vocab_valid,
+        is_thing_vocab=IS_THING,
+        config=cfg,
+        rng=jax.random.PRNGKey(0),
+      )
+    )
     return fn(outputs, batch)
 
-  total0, m0 = run('panoptic', 0.0)
-  total1, m1 = run('panoptic', 2.0)
-  assert 'loss_pixel_class' not in m0
-  ce = n = 0.
+  total0, m0 = run("panoptic", 0.0)
+  total1, m1 = run("panoptic", 2.0)
+  assert "loss_pixel_class" not in m0
+  ce = n = 0.0
   for b in range(4):
     img = {k: v[b] for k, v in batch.items()}
-    c, k = np_pixel_ce(np.asarray(outputs['pixel_logits'][b]), img, vocab_valid)
+    c, k = np_pixel_ce(np.asarray(outputs["pixel_logits"][b]), img, vocab_valid)
     ce, n = ce + c, n + k
   assert n > 0
-  np.testing.assert_allclose(float(m1['loss_pixel_class']), ce / n, rtol=1e-5)
+  np.testing.assert_allclose(float(m1["loss_pixel_class"]), ce / n, rtol=1e-5)
   # Same program structure otherwise: the other terms are the same computation.
-  np.testing.assert_allclose(float(total1) - float(total0), 2.0 * ce / n, rtol=1e-4,
-                             atol=1e-4)
-  with pytest.raises(ValueError, match='pixel_class_balance'):
-    losses.pixel_class_sums(outputs['pixel_logits'][0], {k: v[0] for k, v in batch.items()},
-                            vocab_valid, small_config(pixel_class_balance='area'))
-  _, mb = run('boxes', 2.0)  # box-only data has no pixel labels: no term.
-  assert 'loss_pixel_class' not in mb
+  np.testing.assert_allclose(float(total1) - float(total0), 2.0 * ce / n, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="pixel_class_balance"):
+    losses.pixel_class_sums(
+      outputs["pixel_logits"][0],
+      {k: v[0] for k, v in batch.items()},
+      vocab_valid,
+      small_config(pixel_class_balance="area"),
+    )
+  _, mb = run("boxes", 2.0)  # box-only data has no pixel labels: no term.
+  assert "loss_pixel_class" not in mb
 
 
 def test_model_pixel_head_outputs_and_gradient():
-  cfg = model_configs.model_config('tiny')
+  cfg = model_configs.model_config("tiny")
   cfg.classifier.text_dim = 8
   cfg.pixel_head = True
   model = dataseg_model.build_model(cfg)
@@ -104,18 +123,19 @@ def test_model_pixel_head_outputs_and_gradient():
   valid = jnp.array([True] * (V - 1) + [False])
   variables = model.init(jax.random.PRNGKey(0), images, text, valid)
   out = model.apply(variables, images, text, valid)
-  assert out['pixel_logits'].shape == (2, 16, 16, V + 1)
-  assert np.all(np.asarray(out['pixel_logits'])[..., V - 1] == -1e9)  # padded entry.
+  assert out["pixel_logits"].shape == (2, 16, 16, V + 1)
+  assert np.all(np.asarray(out["pixel_logits"])[..., V - 1] == -1e9)  # padded entry.
 
   def loss(params):
-    o = model.apply({**variables, 'params': params}, images, text, valid)
-    return jnp.mean(jax.nn.log_softmax(o['pixel_logits'][..., :V - 1])[..., 0])
+    o = model.apply({**variables, "params": params}, images, text, valid)
+    return jnp.mean(jax.nn.log_softmax(o["pixel_logits"][..., : V - 1])[..., 0])
 
-  grads = jax.grad(loss)(variables['params'])
+  grads = jax.grad(loss)(variables["params"])
   # The aux head trains the backbone (dense supervision of the shared features).
-  g = jax.tree.leaves(grads['backbone'])
+  g = jax.tree.leaves(grads["backbone"])
   assert any(float(jnp.max(jnp.abs(x))) > 0 for x in g)
   cfg.pixel_head = False
   plain = dataseg_model.build_model(cfg)
-  assert 'pixel_logits' not in plain.apply(
-      plain.init(jax.random.PRNGKey(0), images, text, valid), images, text, valid)
+  assert "pixel_logits" not in plain.apply(
+    plain.init(jax.random.PRNGKey(0), images, text, valid), images, text, valid
+  )

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dataseg.model import layers
-from dataseg.model import pixel_decoder
+from dataseg.model import layers, pixel_decoder
 
 
 def _grid_sample_ref(value, x, y):
@@ -37,7 +36,7 @@ def _ms_deform_ref(value, shapes, loc, attn):
     for q in range(lq):
       for mi in range(m):
         for li, (h, w) in enumerate(shapes):
-          v = value[bi, starts[li]:starts[li + 1], mi].reshape(h, w, d)
+          v = value[bi, starts[li] : starts[li + 1], mi].reshape(h, w, d)
           for pi in range(p):
             x, y = loc[bi, q, mi, li, pi]
             out[bi, q, mi] += attn[bi, q, mi, li, pi] * _grid_sample_ref(v, x, y)
@@ -51,13 +50,10 @@ def test_ms_deform_attn_core_matches_numpy_reference():
   s = sum(h * w for h, w in shapes)
   value = rng.normal(size=(b, s, m, d)).astype(np.float32)
   # Includes points outside [0, 1] to exercise the zero padding.
-  loc = rng.uniform(-0.3, 1.3, size=(b, lq, m, len(shapes), p, 2)).astype(
-      np.float32)
+  loc = rng.uniform(-0.3, 1.3, size=(b, lq, m, len(shapes), p, 2)).astype(np.float32)
   attn = rng.uniform(size=(b, lq, m, len(shapes), p)).astype(np.float32)
-  got = jax.jit(pixel_decoder.ms_deform_attn_core, static_argnums=1)(
-      value, shapes, loc, attn)
-  np.testing.assert_allclose(got, _ms_deform_ref(value, shapes, loc, attn),
-                             rtol=1e-5, atol=1e-5)
+  got = jax.jit(pixel_decoder.ms_deform_attn_core, static_argnums=1)(value, shapes, loc, attn)
+  np.testing.assert_allclose(got, _ms_deform_ref(value, shapes, loc, attn), rtol=1e-5, atol=1e-5)
 
 
 def test_ms_deform_attn_core_reads_pixel_centres_exactly():
@@ -84,24 +80,23 @@ def test_position_embedding_sine_formula():
 
 def _features(b, h, w, channels):
   rng = np.random.default_rng(1)
-  return {f"stride{s}": jnp.asarray(rng.normal(size=(b, h // s, w // s, c)),
-                                    jnp.float32)
-          for s, c in zip((4, 8, 16, 32), channels)}
+  return {
+    f"stride{s}": jnp.asarray(rng.normal(size=(b, h // s, w // s, c)), jnp.float32)
+    for s, c in zip((4, 8, 16, 32), channels)
+  }
 
 
 @pytest.mark.parametrize("name", ["msdeform", "fpn"])
 def test_pixel_decoder_shapes(name):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(dict(
-      name=name, dim=32, layers=2, heads=2, points=2, ffn=64))
+
+  cfg = ml_collections.ConfigDict(dict(name=name, dim=32, layers=2, heads=2, points=2, ffn=64))
   feats = _features(2, 64, 96, (8, 16, 24, 40))
   dec = pixel_decoder.build_pixel_decoder(cfg, jnp.float32, remat=True)
   # Traced only (the full model's compiled forward/backward in test_model.py
   # runs the msdeform numerics).
-  (memory, mask_features), _ = jax.eval_shape(
-      dec.init_with_output, jax.random.key(0), feats)
-  assert [x.shape for x in memory] == [(2, 2, 3, 32), (2, 4, 6, 32),
-                                       (2, 8, 12, 32)]
+  (memory, mask_features), _ = jax.eval_shape(dec.init_with_output, jax.random.key(0), feats)
+  assert [x.shape for x in memory] == [(2, 2, 3, 32), (2, 4, 6, 32), (2, 8, 12, 32)]
   assert mask_features.shape == (2, 16, 24, 32)
 
 
@@ -114,8 +109,9 @@ def test_ms_deform_attn_init_samples_around_reference_point():
   q = jnp.ones((1, 3, dim))
   ref = jnp.full((1, 3, levels, 2), 0.5)
   params = jax.tree.map(
-      np.asarray, nn.meta.unbox(attn.init(
-          jax.random.key(0), q, ref, jnp.ones((1, 20, dim)), shapes)["params"]))
+    np.asarray,
+    nn.meta.unbox(attn.init(jax.random.key(0), q, ref, jnp.ones((1, 20, dim)), shapes)["params"]),
+  )
   np.testing.assert_array_equal(params["sampling_offsets"]["kernel"], 0)
   np.testing.assert_array_equal(params["attention_weights"]["kernel"], 0)
   bias = params["sampling_offsets"]["bias"].reshape(heads, levels, points, 2)

@@ -17,7 +17,7 @@ import pytest
 from dataseg.objective import points
 
 # Test-only: cheap XLA CPU compilation (same integer logic, compiles ~3x faster).
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def fast_jit(fn, **kw):
@@ -39,16 +39,17 @@ def test_sampled_top_k_matches_numpy_reference():
   r = np.random.RandomState(5)
   n, m = 2000, 512
   x = r.randn(5, n).astype(np.float32)
-  x[1] = -np.abs(x[1])                      # uncertainty-like, all <= 0
-  x[2] = np.round(x[2] * 2) / 2             # many ties at the threshold
-  x[3, :m] += 10.                           # subsample unrepresentative: fewer than k hit
-  x[4, m:] += 10.                           # ... or far more than k
+  x[1] = -np.abs(x[1])  # uncertainty-like, all <= 0
+  x[2] = np.round(x[2] * 2) / 2  # many ties at the threshold
+  x[3, :m] += 10.0  # subsample unrepresentative: fewer than k hit
+  x[4, m:] += 10.0  # ... or far more than k
   for k in (1, 100, 500, 1999):
     fn = fast_jit(functools.partial(points.sampled_top_k_indices, k=k, sample=m))
     got = np.asarray(fn(jnp.asarray(x)))
     for row in range(x.shape[0]):
-      np.testing.assert_array_equal(got[row], np_sampled_top_k(x[row], k, m),
-                                    err_msg=f'row {row} k {k}')
+      np.testing.assert_array_equal(
+        got[row], np_sampled_top_k(x[row], k, m), err_msg=f"row {row} k {k}"
+      )
 
 
 def test_sampled_top_k_is_close_to_exact_on_iid_rows():
@@ -63,12 +64,13 @@ def test_sampled_top_k_is_close_to_exact_on_iid_rows():
   r = np.random.RandomState(0)
   n, k, m = 12000, 3000, 4096
   x = r.randn(16, n).astype(np.float32)
-  got = np.asarray(fast_jit(functools.partial(points.sampled_top_k_indices, k=k, sample=m))(
-      jnp.asarray(x)))
+  got = np.asarray(
+    fast_jit(functools.partial(points.sampled_top_k_indices, k=k, sample=m))(jnp.asarray(x))
+  )
   sd = n * np.sqrt(0.25 * 0.75 / m)
   overlaps = []
   for row in range(x.shape[0]):
-    exact = set(np.argsort(-x[row], kind='stable')[:k].tolist())
+    exact = set(np.argsort(-x[row], kind="stable")[:k].tolist())
     assert len(set(got[row].tolist())) >= k - 5 * sd  # few duplicates (fill slots only)
     overlaps.append(len(exact & set(got[row].tolist())) / k)
     floor = np.sort(x[row])[::-1][int(k + 5 * sd)]
@@ -82,22 +84,29 @@ def test_exact_top_k_still_matches_numpy():
   """The 'exact' selection (one line away: points.SELECTION) is lax.top_k's set."""
   r = np.random.RandomState(3)
   x = r.randn(3, 700).astype(np.float32)
-  x[0, :60] = 0.5                           # ties across the threshold
+  x[0, :60] = 0.5  # ties across the threshold
   for k in (1, 175, 699):
     got = np.asarray(fast_jit(functools.partial(points.top_k_indices, k=k))(jnp.asarray(x)))
     for row in range(x.shape[0]):
-      np.testing.assert_array_equal(got[row], np.sort(np.argsort(-x[row], kind='stable')[:k]))
+      np.testing.assert_array_equal(got[row], np.sort(np.argsort(-x[row], kind="stable")[:k]))
 
 
-@pytest.mark.parametrize('selection', ['exact', 'sampled'])
+@pytest.mark.parametrize("selection", ["exact", "sampled"])
 def test_importance_points_pick_the_uncertain_band(selection):
   # Logits 0 (most uncertain) on rows 2..5 of an 8-row map and 20 elsewhere: the 75%
   # uncertain points must come from that band (bilinear reach: half a row). 4000 points
   # so that 'sampled' works on a strict subsample (12000 candidates, 4096 sampled).
-  maps = np.full((2, 8, 8), 20., np.float32)
-  maps[:, 2:6] = 0.
-  fn = fast_jit(functools.partial(points.importance_points, num_points=4000, oversample=3.,
-                                  importance_ratio=.75, selection=selection))
+  maps = np.full((2, 8, 8), 20.0, np.float32)
+  maps[:, 2:6] = 0.0
+  fn = fast_jit(
+    functools.partial(
+      points.importance_points,
+      num_points=4000,
+      oversample=3.0,
+      importance_ratio=0.75,
+      selection=selection,
+    )
+  )
   pts = np.asarray(fn(jax.random.PRNGKey(0), jnp.asarray(maps)))
   assert pts.shape == (2, 4000, 2)
   y = pts[:, :3000, 0] * 8
@@ -106,9 +115,8 @@ def test_importance_points_pick_the_uncertain_band(selection):
 
 
 def test_unknown_selection_fails():
-  with pytest.raises(ValueError, match='selection'):
-    points.importance_points(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4)), 8,
-                             selection='nope')
+  with pytest.raises(ValueError, match="selection"):
+    points.importance_points(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4)), 8, selection="nope")
 
 
 def test_uniform_points_offset_is_a_piece_of_the_whole_draw():
@@ -116,12 +124,13 @@ def test_uniform_points_offset_is_a_piece_of_the_whole_draw():
   rng = jax.random.PRNGKey(7)
   whole = np.asarray(points.uniform_points(rng, (5, 30)))
   for row0 in (0, 2, 4):
-    piece = np.asarray(jax.jit(lambda o: points.uniform_points(rng, (1, 30), offset=o))(
-        jnp.int32(row0 * 30 * 2)))
+    piece = np.asarray(
+      jax.jit(lambda o: points.uniform_points(rng, (1, 30), offset=o))(jnp.int32(row0 * 30 * 2))
+    )
     np.testing.assert_array_equal(piece[0], whole[row0])
 
 
-@pytest.mark.parametrize('selection', ['exact', 'sampled'])
+@pytest.mark.parametrize("selection", ["exact", "sampled"])
 def test_num_valid_samples_the_valid_rows_as_without_it(selection):
   """importance_points(num_valid=...) (the losses' call: padding rows skipped).
 
@@ -134,15 +143,26 @@ def test_num_valid_samples_the_valid_rows_as_without_it(selection):
   """
   r = np.random.RandomState(2)
   maps = jnp.asarray(r.randn(2, 13, 16, 16).astype(np.float32) * 3)
-  flags = jnp.asarray(r.rand(2, 13) < .5)
+  flags = jnp.asarray(r.rand(2, 13) < 0.5)
   keys = jax.random.split(jax.random.PRNGKey(1), 2)
   num_valid = jnp.array([5, 11], jnp.int32)
-  common = dict(num_points=1500, uncertainty_fn=points.logit_or_prob_uncertainty,
-                selection=selection)
-  full = np.asarray(fast_jit(jax.vmap(lambda k, m, f: points.importance_points(
-      k, m, row_flags=f, **common)))(keys, maps, flags))
-  part = np.asarray(fast_jit(jax.vmap(lambda k, m, f, n: points.importance_points(
-      k, m, row_flags=f, num_valid=n, chunk=4, **common)))(keys, maps, flags, num_valid))
+  common = dict(
+    num_points=1500, uncertainty_fn=points.logit_or_prob_uncertainty, selection=selection
+  )
+  full = np.asarray(
+    fast_jit(jax.vmap(lambda k, m, f: points.importance_points(k, m, row_flags=f, **common)))(
+      keys, maps, flags
+    )
+  )
+  part = np.asarray(
+    fast_jit(
+      jax.vmap(
+        lambda k, m, f, n: points.importance_points(
+          k, m, row_flags=f, num_valid=n, chunk=4, **common
+        )
+      )
+    )(keys, maps, flags, num_valid)
+  )
   assert part.shape == full.shape == (2, 13, 1500, 2)
   for image, sampled in ((0, 8), (1, 12)):  # chunks of 4 rows cover the needed ones
     same = np.all(part[image, :sampled] == full[image, :sampled], -1).mean(-1)
@@ -152,10 +172,10 @@ def test_num_valid_samples_the_valid_rows_as_without_it(selection):
 
 
 def test_logit_or_prob_uncertainty_by_row():
-  v = jnp.array([[-2., 0.3, 1.7], [-2., 0.3, 1.7]])
+  v = jnp.array([[-2.0, 0.3, 1.7], [-2.0, 0.3, 1.7]])
   got = np.asarray(points.logit_or_prob_uncertainty(v, jnp.array([True, False])))
-  np.testing.assert_allclose(got[0], [-2., -.3, -1.7])
-  np.testing.assert_allclose(got[1], [-.5, -.2, -.5])
+  np.testing.assert_allclose(got[0], [-2.0, -0.3, -1.7])
+  np.testing.assert_allclose(got[1], [-0.5, -0.2, -0.5])
 
 
 def test_point_selection_config_key():
@@ -166,17 +186,22 @@ def test_point_selection_config_key():
   lax.top_k's set (test_exact_top_k_still_matches_numpy), 'sampled' within the
   tolerance of test_sampled_top_k_is_close_to_exact_on_iid_rows. Unknown values fail."""
   from dataseg.objective import config as config_lib  # pylint: disable=g-import-not-at-top
+
   c = config_lib.loss_config()
-  assert c.point_selection == 'sampled' and c.point_selection in points.SELECT
-  maps = np.full((2, 16, 16), 20., np.float32)
-  maps[:, 4:12] = 0.
+  assert c.point_selection == "sampled" and c.point_selection in points.SELECT
+  maps = np.full((2, 16, 16), 20.0, np.float32)
+  maps[:, 4:12] = 0.0
   for selection in points.SELECT:
     c.point_selection = selection
-    fn = fast_jit(lambda rng, m, s=c.point_selection: points.importance_points(
-        rng, m, num_points=2000, selection=s, num_valid=jnp.int32(2)))
+    fn = fast_jit(
+      lambda rng, m, s=c.point_selection: points.importance_points(
+        rng, m, num_points=2000, selection=s, num_valid=jnp.int32(2)
+      )
+    )
     pts = np.asarray(fn(jax.random.PRNGKey(0), jnp.asarray(maps)))
     y = pts[:, :1500, 0] * 16
     assert np.all((y > 3.5) & (y < 12.5)), selection
-  with pytest.raises(ValueError, match='selection'):
-    points.importance_points(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4)), 8,
-                             selection='nope', num_valid=1)
+  with pytest.raises(ValueError, match="selection"):
+    points.importance_points(
+      jax.random.PRNGKey(0), jnp.zeros((1, 4, 4)), 8, selection="nope", num_valid=1
+    )

@@ -10,15 +10,15 @@ import pytest
 from dataseg.objective import config as config_lib
 from dataseg.objective import postprocess as pp
 
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 V = 4
-IS_THING = np.array([True, True, False, False])   # 0, 1 things; 2, 3 stuff
-BIG = 12.
+IS_THING = np.array([True, True, False, False])  # 0, 1 things; 2, 3 stuff
+BIG = 12.0
 
 
 def proposal(cls, prob, region, hw=(8, 8)):
   """Class logits giving `prob` to `cls` (rest spread), mask logits +BIG in region."""
-  logits = np.full(V + 1, 0.)
+  logits = np.full(V + 1, 0.0)
   # p(cls) = e^a / (e^a + V) with the other V entries at 0.
   logits[cls] = np.log(prob * V / (1 - prob))
   mask = np.full(hw, -BIG)
@@ -33,27 +33,31 @@ def stack(props):
 
 def panoptic(cl, ml, vocab_valid=np.ones(V, bool)):
   c = config_lib.loss_config().post
-  fn = functools.partial(pp.panoptic_inference, score_threshold=c.score_threshold,
-                         overlap_threshold=c.overlap_threshold,
-                         mask_threshold=c.mask_threshold)
-  return jax.jit(fn, compiler_options=FAST)(cl, ml, jnp.asarray(vocab_valid),
-                                            jnp.asarray(IS_THING))
+  fn = functools.partial(
+    pp.panoptic_inference,
+    score_threshold=c.score_threshold,
+    overlap_threshold=c.overlap_threshold,
+    mask_threshold=c.mask_threshold,
+  )
+  return jax.jit(fn, compiler_options=FAST)(cl, ml, jnp.asarray(vocab_valid), jnp.asarray(IS_THING))
 
 
 def test_panoptic_overlapping_things_stuff_merge_low_score():
-  cl, ml = stack([
-      proposal(0, 0.95, np.s_[0:5, 0:5]),   # thing A
-      proposal(1, 0.97, np.s_[3:8, 3:8]),   # thing B, wins the overlap (higher score)
-      proposal(2, 0.90, np.s_[0:3, 5:8]),   # stuff class 2, part 1
-      proposal(2, 0.92, np.s_[6:8, 0:3]),   # stuff class 2, part 2 -> same segment
-      proposal(3, 0.50, np.s_[:, :]),       # low score: must vanish
-  ])
+  cl, ml = stack(
+    [
+      proposal(0, 0.95, np.s_[0:5, 0:5]),  # thing A
+      proposal(1, 0.97, np.s_[3:8, 3:8]),  # thing B, wins the overlap (higher score)
+      proposal(2, 0.90, np.s_[0:3, 5:8]),  # stuff class 2, part 1
+      proposal(2, 0.92, np.s_[6:8, 0:3]),  # stuff class 2, part 2 -> same segment
+      proposal(3, 0.50, np.s_[:, :]),  # low score: must vanish
+    ]
+  )
   seg, cls, thing, score, valid = map(np.asarray, panoptic(cl, ml))
   want = np.full((8, 8), -1)
   want[0:5, 0:5] = 0
   want[3:8, 3:8] = 1
   want[0:3, 5:8] = 2
-  want[6:8, 0:3] = 2            # merged into the segment led by proposal 2
+  want[6:8, 0:3] = 2  # merged into the segment led by proposal 2
   np.testing.assert_array_equal(seg, want)
   assert np.sum(seg == -1) == 3  # row 5, cols 0..2: only the vanished proposal covers it
   np.testing.assert_array_equal(valid, [True, True, True, False, False])
@@ -64,10 +68,12 @@ def test_panoptic_overlapping_things_stuff_merge_low_score():
 
 
 def test_panoptic_drops_segment_below_overlap_threshold():
-  cl, ml = stack([
+  cl, ml = stack(
+    [
       proposal(0, 0.99, np.s_[:, 0:4]),
-      proposal(1, 0.90, np.s_[:, :]),       # keeps 32 of its 64 pixels: 0.5 < 0.8
-  ])
+      proposal(1, 0.90, np.s_[:, :]),  # keeps 32 of its 64 pixels: 0.5 < 0.8
+    ]
+  )
   seg, cls, _, _, valid = map(np.asarray, panoptic(cl, ml))
   want = np.full((8, 8), -1)
   want[:, 0:4] = 0
@@ -83,30 +89,34 @@ def np_semantic(cl, ml, vocab_valid):
   logits = np.where(np.append(vocab_valid, True), cl, -np.inf)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
-  sem = np.einsum('qc,qhw->chw', p[:, :-1], 1 / (1 + np.exp(-ml)))
+  sem = np.einsum("qc,qhw->chw", p[:, :-1], 1 / (1 + np.exp(-ml)))
   sem[~vocab_valid] = -1
   return sem.argmax(0)
 
 
 def test_semantic_labels_thing_classes_and_skips_padding():
   # A semantic-only dataset still has a thing class (0): semantic inference labels it.
-  cl, ml = stack([
+  cl, ml = stack(
+    [
       proposal(0, 0.9, np.s_[0:4, :]),
       proposal(2, 0.9, np.s_[4:8, :]),
-      proposal(3, 0.3, np.s_[:, :]),        # low score still takes part in the sum
-  ])
-  cl = cl.at[:, 1].set(30.)                 # padded vocabulary entry: never predicted
+      proposal(3, 0.3, np.s_[:, :]),  # low score still takes part in the sum
+    ]
+  )
+  cl = cl.at[:, 1].set(30.0)  # padded vocabulary entry: never predicted
   vocab_valid = np.array([True, False, True, True])
-  out = np.asarray(jax.jit(pp.semantic_inference, compiler_options=FAST)(
-      cl, ml, jnp.asarray(vocab_valid)))
+  out = np.asarray(
+    jax.jit(pp.semantic_inference, compiler_options=FAST)(cl, ml, jnp.asarray(vocab_valid))
+  )
   want = np.zeros((8, 8), int)
   want[4:] = 2
   np.testing.assert_array_equal(out, want)
   r = np.random.RandomState(0)
   cl, ml = r.randn(6, V + 1) * 2, r.randn(6, 5, 7) * 3
   np.testing.assert_array_equal(
-      pp.semantic_inference(jnp.asarray(cl), jnp.asarray(ml), jnp.asarray(vocab_valid)),
-      np_semantic(cl, ml, vocab_valid))
+    pp.semantic_inference(jnp.asarray(cl), jnp.asarray(ml), jnp.asarray(vocab_valid)),
+    np_semantic(cl, ml, vocab_valid),
+  )
 
 
 def test_instance_inference_matches_mask2former_formula():
@@ -114,15 +124,18 @@ def test_instance_inference_matches_mask2former_formula():
   q = 5
   cl, ml = r.randn(q, V + 1) * 2, r.randn(q, 6, 6) * 3
   vocab_valid = np.array([True, False, True, True])
-  masks, classes, scores = map(np.asarray, jax.jit(
-      functools.partial(pp.instance_inference, top_k=4), compiler_options=FAST)(
-          jnp.asarray(cl), jnp.asarray(ml), jnp.asarray(vocab_valid),
-          jnp.asarray(IS_THING)))
+  masks, classes, scores = map(
+    np.asarray,
+    jax.jit(functools.partial(pp.instance_inference, top_k=4), compiler_options=FAST)(
+      jnp.asarray(cl), jnp.asarray(ml), jnp.asarray(vocab_valid), jnp.asarray(IS_THING)
+    ),
+  )
   logits = np.where(np.append(vocab_valid, True), cl, -np.inf)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
-  pairs = [(p[i, c], i, c) for i in range(q) for c in range(V)
-           if vocab_valid[c] and IS_THING[c]]   # only class 0 qualifies here
+  pairs = [
+    (p[i, c], i, c) for i in range(q) for c in range(V) if vocab_valid[c] and IS_THING[c]
+  ]  # only class 0 qualifies here
   pairs.sort(reverse=True)
   assert list(classes) == [0] * 4
   for k, (prob, i, c) in enumerate(pairs[:4]):
@@ -131,9 +144,12 @@ def test_instance_inference_matches_mask2former_formula():
     np.testing.assert_array_equal(masks[k], m)
     np.testing.assert_allclose(scores[k], prob * mean, rtol=1e-5)
   # Fewer thing pairs than k: the rest is marked invalid.
-  masks, classes, scores = map(np.asarray, pp.instance_inference(
-      jnp.asarray(cl), jnp.asarray(ml), jnp.asarray(vocab_valid), jnp.asarray(IS_THING),
-      top_k=8))
+  masks, classes, scores = map(
+    np.asarray,
+    pp.instance_inference(
+      jnp.asarray(cl), jnp.asarray(ml), jnp.asarray(vocab_valid), jnp.asarray(IS_THING), top_k=8
+    ),
+  )
   assert list(classes[5:]) == [-1] * 3 and np.all(scores[5:] == 0) and not masks[5:].any()
 
 
@@ -141,18 +157,19 @@ def test_resize_to_image_and_crop():
   r = np.random.RandomState(2)
   ml = jnp.asarray(r.randn(3, 4, 4), jnp.float32)
   full = pp.resize_to_image(ml, (16, 16))
-  np.testing.assert_allclose(full, jax.image.resize(ml, (3, 16, 16), 'linear'), atol=1e-5)
+  np.testing.assert_allclose(full, jax.image.resize(ml, (3, 16, 16), "linear"), atol=1e-5)
   valid = np.zeros((16, 16), bool)
   valid[:8, :12] = True
   extent = pp.valid_extent(jnp.asarray(valid))
   np.testing.assert_array_equal(extent, [8, 12])
   # Cropping the valid 8x12 region and resizing it to its own size = crop of the full.
-  crop = jax.jit(functools.partial(pp.resize_to_image, image_hw=(16, 16), out_hw=(8, 12)),
-                 compiler_options=FAST)(ml, valid_hw=extent)
+  crop = jax.jit(
+    functools.partial(pp.resize_to_image, image_hw=(16, 16), out_hw=(8, 12)), compiler_options=FAST
+  )(ml, valid_hw=extent)
   np.testing.assert_allclose(crop, np.asarray(full)[:, :8, :12], atol=1e-5)
 
 
-def np_mask2former_panoptic(cl, ml, score_threshold, overlap_threshold, mask_threshold=.5):
+def np_mask2former_panoptic(cl, ml, score_threshold, overlap_threshold, mask_threshold=0.5):
   """Mask2Former's panoptic_inference (data-dependent loop, as in its repository), numpy.
 
   Returns (segment ids [h, w], 0 = void, 1.. in order of creation; {id: class}).
@@ -198,15 +215,17 @@ def assert_same_panoptic(out, ref):
   assert sorted(ref_classes) == sorted(rid for _, rid in pairs)  # no empty segment
 
 
-def things_over_stuff(thing_probs, stuff_prob=0.9, stuff_logit_on_things=2.):
+def things_over_stuff(thing_probs, stuff_prob=0.9, stuff_logit_on_things=2.0):
   """Two small things (2x2, 2x3) on one stuff region covering the whole 8x8 image.
 
   The stuff proposal's mask is confident everywhere but less so on the things (logit
   `stuff_logit_on_things`), as a trained stuff mask is; the things' masks are sure.
   """
-  props = [proposal(0, thing_probs[0], np.s_[1:3, 1:3]),
-           proposal(1, thing_probs[1], np.s_[5:7, 4:7]),
-           proposal(2, stuff_prob, np.s_[:, :])]
+  props = [
+    proposal(0, thing_probs[0], np.s_[1:3, 1:3]),
+    proposal(1, thing_probs[1], np.s_[5:7, 4:7]),
+    proposal(2, stuff_prob, np.s_[:, :]),
+  ]
   cl, ml = stack(props)
   ml = np.asarray(ml).copy()
   ml[2, 1:3, 1:3] = ml[2, 5:7, 4:7] = stuff_logit_on_things
@@ -218,9 +237,12 @@ def test_panoptic_keeps_confident_small_things_over_stuff():
   keep confident things that cover a small part of a confident stuff region."""
   for threshold in (0.5, config_lib.loss_config().post.score_threshold):  # demo, default
     cl, ml = things_over_stuff((0.85, 0.95))
-    out = jax.jit(functools.partial(pp.panoptic_inference, score_threshold=threshold,
-                                    overlap_threshold=0.8, mask_threshold=0.5),
-                  compiler_options=FAST)(cl, ml, jnp.ones(V, bool), jnp.asarray(IS_THING))
+    out = jax.jit(
+      functools.partial(
+        pp.panoptic_inference, score_threshold=threshold, overlap_threshold=0.8, mask_threshold=0.5
+      ),
+      compiler_options=FAST,
+    )(cl, ml, jnp.ones(V, bool), jnp.asarray(IS_THING))
     seg, cls, thing, score, valid = map(np.asarray, out)
     want = np.full((8, 8), 2)
     want[1:3, 1:3] = 0
@@ -230,23 +252,27 @@ def test_panoptic_keeps_confident_small_things_over_stuff():
     np.testing.assert_array_equal(thing, [True, True, False])
     np.testing.assert_allclose(score, [0.85, 0.95, 0.9], atol=1e-4)
     # Stuff keeps 54 of its 64 pixels (0.84 >= 0.8): it is not dropped either.
-    assert_same_panoptic(out, np_mask2former_panoptic(
-        np.asarray(cl), np.asarray(ml), threshold, 0.8))
+    assert_same_panoptic(
+      out, np_mask2former_panoptic(np.asarray(cl), np.asarray(ml), threshold, 0.8)
+    )
 
 
 def test_panoptic_drops_low_confidence_thing():
   """A thing below the score threshold vanishes; its pixels go to the stuff under it."""
   cl, ml = things_over_stuff((0.85, 0.4))
-  out = jax.jit(functools.partial(pp.panoptic_inference, score_threshold=0.5,
-                                  overlap_threshold=0.8, mask_threshold=0.5),
-                compiler_options=FAST)(cl, ml, jnp.ones(V, bool), jnp.asarray(IS_THING))
+  out = jax.jit(
+    functools.partial(
+      pp.panoptic_inference, score_threshold=0.5, overlap_threshold=0.8, mask_threshold=0.5
+    ),
+    compiler_options=FAST,
+  )(cl, ml, jnp.ones(V, bool), jnp.asarray(IS_THING))
   seg, cls, thing, _, valid = map(np.asarray, out)
   want = np.full((8, 8), 2)
   want[1:3, 1:3] = 0
   np.testing.assert_array_equal(seg, want)
   np.testing.assert_array_equal(valid, [True, False, True])
   np.testing.assert_array_equal(cls, [0, -1, 2])
-  assert_same_panoptic(out, np_mask2former_panoptic(np.asarray(cl), np.asarray(ml), .5, .8))
+  assert_same_panoptic(out, np_mask2former_panoptic(np.asarray(cl), np.asarray(ml), 0.5, 0.8))
 
 
 def test_panoptic_matches_mask2former_loop_on_random_proposals():
@@ -259,16 +285,26 @@ def test_panoptic_matches_mask2former_loop_on_random_proposals():
   for _ in range(20):
     q = 6
     cl = r.randn(q, V + 1) * 3
-    cl[:, V] -= 2.   # fewer background proposals: more segments to compare
+    cl[:, V] -= 2.0  # fewer background proposals: more segments to compare
     ml = r.randn(q, 6, 6) * 4
     p = np.exp(cl - cl.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     prob_masks = np.sort(p.max(-1)[:, None, None] / (1 + np.exp(-ml)), axis=0)
-    if np.any(prob_masks[-1] - prob_masks[-2] < 1e-3) or np.any(
-        np.abs(1 / (1 + np.exp(-ml)) - .5) < 1e-3) or np.any(np.abs(p.max(-1) - .5) < 1e-3):
+    if (
+      np.any(prob_masks[-1] - prob_masks[-2] < 1e-3)
+      or np.any(np.abs(1 / (1 + np.exp(-ml)) - 0.5) < 1e-3)
+      or np.any(np.abs(p.max(-1) - 0.5) < 1e-3)
+    ):
       continue
-    out = pp.panoptic_inference(jnp.asarray(cl, jnp.float32), jnp.asarray(ml, jnp.float32),
-                                jnp.ones(V, bool), jnp.asarray(IS_THING), 0.5, 0.79, 0.5)
+    out = pp.panoptic_inference(
+      jnp.asarray(cl, jnp.float32),
+      jnp.asarray(ml, jnp.float32),
+      jnp.ones(V, bool),
+      jnp.asarray(IS_THING),
+      0.5,
+      0.79,
+      0.5,
+    )
     assert_same_panoptic(out, np_mask2former_panoptic(cl, ml, 0.5, 0.79))
     checked += 1
   assert checked >= 10
@@ -285,12 +321,12 @@ def np_pixel_ensemble(class_logits, mask_logits, pixel_logits, vocab_valid, alph
 
   probs = softmax(class_logits.astype(np.float64), keep)
   pix = softmax(pixel_logits[..., :-1].astype(np.float64), vocab_valid)
-  m = 1. / (1. + np.exp(-mask_logits.astype(np.float64)))
+  m = 1.0 / (1.0 + np.exp(-mask_logits.astype(np.float64)))
   p_pix = np.einsum("qhw,hwc->qc", m, pix) / m.sum((1, 2))[:, None]
-  fg = probs[:, :-1] / (1. - probs[:, -1:])
+  fg = probs[:, :-1] / (1.0 - probs[:, -1:])
   with np.errstate(divide="ignore", invalid="ignore"):  # padded entries: masked below.
     log_fg = (1 - alpha) * np.log(fg) + alpha * np.log(p_pix)
-  fused_fg = softmax(log_fg, vocab_valid) * (1. - probs[:, -1:])
+  fused_fg = softmax(log_fg, vocab_valid) * (1.0 - probs[:, -1:])
   return np.concatenate([fused_fg, probs[:, -1:]], -1)
 
 
@@ -302,16 +338,19 @@ def test_pixel_ensemble_matches_numpy(alpha):
   mask_logits = r.randn(2, q, h, w).astype(np.float32) * 3
   pixel_logits = r.randn(2, h, w, v + 1).astype(np.float32) * 2
   vocab_valid = np.array([True, True, False, True])
-  fused = pp.pixel_ensemble(jnp.asarray(class_logits), jnp.asarray(mask_logits),
-                                     jnp.asarray(pixel_logits), jnp.asarray(vocab_valid),
-                                     alpha)
+  fused = pp.pixel_ensemble(
+    jnp.asarray(class_logits),
+    jnp.asarray(mask_logits),
+    jnp.asarray(pixel_logits),
+    jnp.asarray(vocab_valid),
+    alpha,
+  )
   probs = np.asarray(pp.class_probs(fused, vocab_valid))
   for b in range(2):
-    ref = np_pixel_ensemble(class_logits[b], mask_logits[b], pixel_logits[b], vocab_valid,
-                            alpha)
+    ref = np_pixel_ensemble(class_logits[b], mask_logits[b], pixel_logits[b], vocab_valid, alpha)
     np.testing.assert_allclose(probs[b], ref, atol=1e-5)  # float32 against float64.
   assert np.all(probs[..., 2] == 0)  # padded vocabulary entry.
   if alpha == 0.0:  # the proposals' own distribution.
     np.testing.assert_allclose(
-        probs, np.asarray(pp.class_probs(jnp.asarray(class_logits), vocab_valid)),
-        atol=1e-5)
+      probs, np.asarray(pp.class_probs(jnp.asarray(class_logits), vocab_valid)), atol=1e-5
+    )

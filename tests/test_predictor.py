@@ -4,7 +4,8 @@ The checkpoint comes from the README's demo command shortened to a few steps,
 `WORKDIR=... CONFIG_ARGS=smoke bash launch/demo.sh`, built once and cached under /tmp keyed
 on the training code (`smoke_workdir`; set DATASEG_TEST_SMOKE_WORKDIR to reuse an existing
 workdir); tests/test_demo.py checks that run's own output. References: the trainer's own
-evaluation on the same eval batches (the same program, dataseg/inference.py), tf.image.resize for the resize back, PIL
+evaluation on the same eval batches (the same program, dataseg/inference.py),
+tf.image.resize for the resize back, PIL
 for the written PNG, numpy for the file-scoring path.
 """
 
@@ -26,8 +27,14 @@ import pytest
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_NOT_TRAINING = {"dataseg/predictor.py", "dataseg/evaluate.py", "dataseg/images.py",
-                 "dataseg/metrics/files.py", "dataseg/plan.py", "dataseg/model/summary.py"}
+_NOT_TRAINING = {
+  "dataseg/predictor.py",
+  "dataseg/evaluate.py",
+  "dataseg/images.py",
+  "dataseg/metrics/files.py",
+  "dataseg/plan.py",
+  "dataseg/model/summary.py",
+}
 
 
 def _code_key():
@@ -58,14 +65,19 @@ def smoke_workdir() -> pathlib.Path:
     if not done.exists():
       if workdir.exists():
         shutil.rmtree(workdir)
-      env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-                 WORKDIR=str(workdir), CONFIG_ARGS="smoke")
+      env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        WORKDIR=str(workdir),
+        CONFIG_ARGS="smoke",
+      )
       start = time.time()
-      proc = subprocess.run(["bash", "launch/demo.sh"], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+      proc = subprocess.run(
+        ["bash", "launch/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+      )
       if proc.returncode:
-        raise RuntimeError(f"smoke demo failed:\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
+        raise RuntimeError(f"smoke demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
       (base / "demo_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
       (base / "demo_stdout.txt").write_text(proc.stdout)
       done.write_text("ok\n")
@@ -90,6 +102,7 @@ def workdir():
 @pytest.fixture(scope="module")
 def predictor(workdir):
   from dataseg.predictor import Predictor
+
   return Predictor.from_workdir(workdir)
 
 
@@ -97,6 +110,7 @@ def _eval_examples(p, key, n):
   """(first eval batch, original images in the same order) of eval entry `key`."""
   from dataseg.train import data as data_lib
   from input_pipeline import pipeline
+
   config = p.config.copy_and_resolve_references()
   with config.unlocked():
     config.eval_batch_size = n
@@ -130,6 +144,7 @@ def _foreground_variant(p):
 
   def negate(path, x):
     return -x if jax.tree_util.keystr(path).endswith("['background']") else x
+
   state = jax.tree_util.tree_map_with_path(negate, p.run.state)
   config = p.config.copy_and_resolve_references()
   config.loss.post.update(score_threshold=0.0, overlap_threshold=0.0, mask_threshold=0.2)
@@ -140,7 +155,7 @@ def _foreground_variant(p):
 def _same_partition(a, b):
   """True when two segment-id maps split the pixels identically (ids may differ)."""
   pairs = set(zip(a.ravel().tolist(), b.ravel().tolist()))
-  return (len({x for x, _ in pairs}) == len(pairs) == len({y for _, y in pairs}))
+  return len({x for x, _ in pairs}) == len(pairs) == len({y for _, y in pairs})
 
 
 class _Recorder:
@@ -167,14 +182,16 @@ def test_predictor_runs_the_evaluation_program(predictor, variant, monkeypatch):
   """
   from dataseg.metrics import evaluators as evaluators_lib
   from dataseg.train import eval_loop
+
   setup = predictor.run.setup
   if variant == "foreground":
     predictor, setup = _foreground_variant(predictor)
   n = 4
   batch, originals, vocab = _eval_examples(predictor, "shapes_panoptic", n)
   recorders = {}
-  monkeypatch.setattr(evaluators_lib, "make_evaluator",
-                      lambda name, **kw: recorders.setdefault(name, _Recorder(name)))
+  monkeypatch.setattr(
+    evaluators_lib, "make_evaluator", lambda name, **kw: recorders.setdefault(name, _Recorder(name))
+  )
   monkeypatch.setattr(evaluators_lib, "gather", lambda ev: ev)
   config = setup.config.copy_and_resolve_references()
   with config.unlocked():
@@ -182,12 +199,19 @@ def test_predictor_runs_the_evaluation_program(predictor, variant, monkeypatch):
     config.max_eval_examples = n
   entry = config.eval_datasets["shapes_panoptic"]
   # predictor.run.setup: the Predictor's own cached program (thresholds come from `config`).
-  eval_loop.evaluate_dataset(config, predictor.run.setup, predictor.run.state, entry, vocab,
-                              os.path.join(predictor.run.workdir, "data"))
+  eval_loop.evaluate_dataset(
+    config,
+    predictor.run.setup,
+    predictor.run.state,
+    entry,
+    vocab,
+    os.path.join(predictor.run.workdir, "data"),
+  )
   assert sorted(recorders) == ["instance", "panoptic", "semantic"]
   images = [ex["image"] for ex in originals]
-  kw = dict(class_names=list(vocab.names), is_thing=vocab.is_thing[:len(vocab.names)],
-            original_size=False)
+  kw = dict(
+    class_names=list(vocab.names), is_thing=vocab.is_thing[: len(vocab.names)], original_size=False
+  )
   ours = {task: predictor.predict_batch(images, task, **kw) for task in recorders}
   segments = 0
   for i in range(n):
@@ -197,14 +221,16 @@ def test_predictor_runs_the_evaluation_program(predictor, variant, monkeypatch):
     np.testing.assert_array_equal(pan["image"], batch["image"][i][:h, :w])
     image_id, ref = recorders["panoptic"].added[i]
     assert image_id == int(batch["image_id"][i])
-    np.testing.assert_array_equal(_class_per_pixel(pan["segment_map"],
-                                                   [s["class"] for s in pan["segments"]]),
-                                  _class_per_pixel(ref["segment_map"], ref["seg_class"]))
+    np.testing.assert_array_equal(
+      _class_per_pixel(pan["segment_map"], [s["class"] for s in pan["segments"]]),
+      _class_per_pixel(ref["segment_map"], ref["seg_class"]),
+    )
     assert _same_partition(pan["segment_map"], ref["segment_map"])
     segments += len(pan["segments"])
 
-    np.testing.assert_array_equal(ours["semantic"][i]["class_map"],
-                                  recorders["semantic"].added[i][1])
+    np.testing.assert_array_equal(
+      ours["semantic"][i]["class_map"], recorders["semantic"].added[i][1]
+    )
 
     inst, ref = ours["instance"][i], recorders["instance"].added[i][1]
     order = np.argsort(-ref["scores"], kind="stable")  # the same floats: the same order.
@@ -222,8 +248,9 @@ def test_one_image_agrees_with_its_batch(predictor):
   flip, so the outputs agree on nearly all pixels, not exactly."""
   batch, originals, vocab = _eval_examples(predictor, "shapes_panoptic", 4)
   images = [ex["image"] for ex in originals]
-  kw = dict(class_names=list(vocab.names), is_thing=vocab.is_thing[:len(vocab.names)],
-            original_size=False)
+  kw = dict(
+    class_names=list(vocab.names), is_thing=vocab.is_thing[: len(vocab.names)], original_size=False
+  )
   together = predictor.predict_batch(images, "semantic", **kw)
   for image, ref in zip(images, together):
     alone = predictor.predict(image, "semantic", **kw)
@@ -233,13 +260,16 @@ def test_one_image_agrees_with_its_batch(predictor):
 
 def test_original_size_is_nearest_resize_of_eval_resolution(predictor):
   import tensorflow as tf
+
   from input_pipeline import synthetic
+
   image = synthetic.generate_example("shapes_panoptic", "validation", 3)["image"]
   small = predictor.predict(image, "semantic", original_size=False)
   full = predictor.predict(image, "semantic")
   assert full["class_map"].shape == image.shape[:2]
-  ref = tf.image.resize(small["class_map"][..., None], image.shape[:2],
-                        method="nearest").numpy()[..., 0]
+  ref = tf.image.resize(small["class_map"][..., None], image.shape[:2], method="nearest").numpy()[
+    ..., 0
+  ]
   np.testing.assert_array_equal(full["class_map"], ref)
   np.testing.assert_array_equal(full["image"], image)
   pan = predictor.predict(image, "panoptic")
@@ -253,6 +283,7 @@ def test_open_vocabulary_without_new_parameters(predictor):
   """Any names work; a permuted list permutes the answer; one program per padded size."""
   from dataseg import inference
   from input_pipeline import synthetic
+
   image = synthetic.generate_example("shapes_transfer", "validation", 0)["image"]
   leaves = [id(x) for x in jax.tree.leaves(predictor.run.state)]
   names = ["ball", "tile", "pyramid", "ocean", "lawn", "sky", "road"]
@@ -277,12 +308,14 @@ def test_open_vocabulary_without_new_parameters(predictor):
   assert predictor.config.datasets[predictor.default_vocab_key("semantic")].task == "semantic"
   default = list(predictor.run.vocabs[predictor.default_vocab_key("semantic")].names)
   np.testing.assert_array_equal(
-      predictor.predict(image, "semantic")["class_map"],
-      predictor.predict(image, "semantic", class_names=default)["class_map"])
+    predictor.predict(image, "semantic")["class_map"],
+    predictor.predict(image, "semantic", class_names=default)["class_map"],
+  )
 
 
 def test_overlay_png(predictor, tmp_path):
   from input_pipeline import synthetic
+
   image = synthetic.generate_example("shapes_panoptic", "validation", 1)["image"]
   for task in ("panoptic", "semantic", "instance"):
     result = predictor.predict(image, task)
@@ -302,26 +335,40 @@ def test_overlay_png(predictor, tmp_path):
 def test_direct_transfer_command(workdir, predictor, tmp_path):
   """The one command; its numbers equal the in-process evaluation of the same run."""
   from dataseg import evaluate
+
   out = tmp_path / "transfer.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   proc = subprocess.run(
-      [sys.executable, "-m", "dataseg.evaluate", f"--workdir={workdir}",
-       "--dataset=shapes_transfer", "--max_eval_examples=2", f"--output_json={out}"],
-      cwd=ROOT, env=env, capture_output=True, text=True)
+    [
+      sys.executable,
+      "-m",
+      "dataseg.evaluate",
+      f"--workdir={workdir}",
+      "--dataset=shapes_transfer",
+      "--max_eval_examples=2",
+      f"--output_json={out}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "direct transfer" in proc.stdout and "shapes_transfer" in proc.stdout
   metrics = json.loads(out.read_text())["metrics"]
   for key in ("shapes_transfer/panoptic/PQ", "shapes_transfer/semantic/mIoU"):
     assert 0.0 <= metrics[key] <= 100.0
-  step, same = evaluate.evaluate(workdir, dataset="shapes_transfer", max_eval_examples=2,
-                                 run=predictor.run)
+  step, same = evaluate.evaluate(
+    workdir, dataset="shapes_transfer", max_eval_examples=2, run=predictor.run
+  )
   assert step == predictor.step
   same = {k: float(v) for k, v in same.items() if np.isscalar(v)}
   assert same == pytest.approx(metrics, nan_ok=True)
   # Other names for the same classes (open vocabulary): the table speaks them.
   names = ["orb", "slab", "cone", "sea", "field", "dunes", "street"]
-  _, renamed = evaluate.evaluate(workdir, dataset="shapes_transfer", max_eval_examples=2,
-                                 run=predictor.run, class_names=names)
+  _, renamed = evaluate.evaluate(
+    workdir, dataset="shapes_transfer", max_eval_examples=2, run=predictor.run, class_names=names
+  )
   assert "shapes_transfer/semantic/IoU/street" in renamed
   assert "shapes_transfer/semantic/IoU/road" not in renamed
 
@@ -329,6 +376,7 @@ def test_direct_transfer_command(workdir, predictor, tmp_path):
 def test_prediction_files_are_forwarded(tmp_path):
   """`--pred_*` scores another system's semantic PNGs (numpy mIoU as the reference)."""
   from dataseg import evaluate
+
   rng = np.random.default_rng(0)
   (tmp_path / "gt").mkdir()
   (tmp_path / "pred").mkdir()
@@ -344,8 +392,14 @@ def test_prediction_files_are_forwarded(tmp_path):
     for c in range(k):
       inter[c] += np.sum((gt == c) & (pred == c) & ok)
       union[c] += np.sum(((gt == c) | (pred == c)) & ok)
-  metrics = evaluate.main(["--task=semantic", f"--gt_dir={tmp_path / 'gt'}",
-                           f"--pred_dir={tmp_path / 'pred'}", "--num_classes=3"])
+  metrics = evaluate.main(
+    [
+      "--task=semantic",
+      f"--gt_dir={tmp_path / 'gt'}",
+      f"--pred_dir={tmp_path / 'pred'}",
+      "--num_classes=3",
+    ]
+  )
   assert metrics["mIoU"] == pytest.approx(np.mean(inter / union))
 
 
@@ -353,6 +407,7 @@ def test_load_run_turns_on_the_compilation_cache_first(tmp_path, monkeypatch):
   """As dataseg.main does: the run's compilation_cache_dir (default when a saved config has
   none), before anything is built or compiled."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from dataseg import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   from dataseg.train import compile_cache  # pylint: disable=g-import-not-at-top
 
@@ -363,10 +418,11 @@ def test_load_run_turns_on_the_compilation_cache_first(tmp_path, monkeypatch):
     raise Enabled(cache_dir)
 
   monkeypatch.setattr(compile_cache, "enable", enable)
-  for config, want in ((dict(compilation_cache_dir=str(tmp_path / "c")), str(tmp_path / "c")),
-                       (dict(compilation_cache_dir=""), ""),
-                       ({}, compile_cache.DEFAULT_DIR)):
+  for config, want in (
+    (dict(compilation_cache_dir=str(tmp_path / "c")), str(tmp_path / "c")),
+    (dict(compilation_cache_dir=""), ""),
+    ({}, compile_cache.DEFAULT_DIR),
+  ):
     with pytest.raises(Enabled) as e:
       predictor_lib.load_run(tmp_path, config=ml_collections.ConfigDict(config))
     assert e.value.args == (want,)
-

@@ -39,14 +39,14 @@ def _write_data(root):
   rng = np.random.default_rng(0)
   for vocab in set(real_smoke.VOCABS.values()):
     e = rng.normal(size=(len(vocab_lib.load(vocab).class_names), real_smoke.TEXT_DIM))
-    np.save(emb / f"{vocab}.npy", (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(
-        np.float32))
+    np.save(emb / f"{vocab}.npy", (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32))
   return data, emb
 
 
 def test_real_smoke_uses_the_joint_runs_registry_entries():
   """Same dataset entries, tasks and default layouts (no reader override) as joint_r50."""
   from configs import joint_r50  # pylint: disable=g-import-not-at-top
+
   joint, smoke = joint_r50.get_config(), real_smoke.get_config("data=/d,emb=/e")
   for group in ("datasets", "eval_datasets"):
     for key, entry in smoke[group].items():
@@ -64,15 +64,30 @@ def test_real_smoke_trains_every_dataset_and_evaluates(tmp_path):
   workdir = tmp_path / "run"
   arg = f"data={data},emb={emb},steps={steps}"
   proc = subprocess.run(
-      [sys.executable, "-m", "dataseg.main", f"--config=configs/real_smoke.py:{arg}",
-       f"--workdir={workdir}"], cwd=conftest.ROOT, capture_output=True, text=True,
-      timeout=900, check=False, env=conftest.subprocess_env(tmp_path / "xla_cache"))
+    [
+      sys.executable,
+      "-m",
+      "dataseg.main",
+      f"--config=configs/real_smoke.py:{arg}",
+      f"--workdir={workdir}",
+    ],
+    cwd=conftest.ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+    env=conftest.subprocess_env(tmp_path / "xla_cache"),
+  )
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-6000:]
   # Every training dataset had a step with a finite loss (metrics.jsonl, one line a step).
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  losses = {k.split("/")[1]: v for line in lines for k, v in line.items()
-            if k.startswith("train/") and k.endswith("/loss") and k.count("/") == 2}
+  losses = {
+    k.split("/")[1]: v
+    for line in lines
+    for k, v in line.items()
+    if k.startswith("train/") and k.endswith("/loss") and k.count("/") == 2
+  }
   assert set(losses) == set(real_smoke.TRAIN), (sorted(losses), out[-3000:])
   assert all(math.isfinite(v) for v in losses.values()), losses
   # Every eval entry scored by every evaluator it names: finite headline metrics.

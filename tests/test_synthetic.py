@@ -1,16 +1,11 @@
 """The embedded synthetic suite: TFDS builds, schema, determinism, dataset semantics."""
 
-import json
-import os
-
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from dataseg import schema
 from dataseg import vocab as vocab_lib
-from input_pipeline import pipeline
-from input_pipeline import synthetic
+from input_pipeline import pipeline, synthetic
 
 TRAIN_VOCABS = ("shapes_panoptic", "shapes_semantic", "shapes_boxes")
 
@@ -52,9 +47,17 @@ def test_pipeline_output_matches_the_schema(name, data_dir):
   task = {"shapes_semantic": "semantic", "shapes_boxes": "boxes"}.get(name, "panoptic")
   reader = (builder, "validation", lambda e: synthetic.decode(e, is_thing))
   for training in (True, False):
-    ds = pipeline.make_dataset(reader, batch_size=2, image_size=96, max_segments=16,
-                               task_id=schema.task_id(task), training=training,
-                               process_index=0, process_count=1, shuffle_buffer=8)
+    ds = pipeline.make_dataset(
+      reader,
+      batch_size=2,
+      image_size=96,
+      max_segments=16,
+      task_id=schema.task_id(task),
+      training=training,
+      process_index=0,
+      process_count=1,
+      shuffle_buffer=8,
+    )
     batch = next(ds.as_numpy_iterator())
     batch.pop("segments_overflow", None)
     schema.check_example(batch, 96, 96, 16, batch_dims=(2,))
@@ -72,8 +75,10 @@ def test_generation_is_deterministic_and_seeded():
 def test_two_builds_are_identical(tmp_path):
   first = synthetic.builder("shapes_transfer", str(tmp_path / "a"))
   second = synthetic.builder("shapes_transfer", str(tmp_path / "b"))
-  for x, y in zip(_first(first, "validation", "shapes_transfer", 20),
-                  _first(second, "validation", "shapes_transfer", 20)):
+  for x, y in zip(
+    _first(first, "validation", "shapes_transfer", 20),
+    _first(second, "validation", "shapes_transfer", 20),
+  ):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
 
@@ -105,11 +110,16 @@ def test_dataset_semantics():
 
 def test_vocabularies_mirror_the_papers_setting():
   names = {n: set(vocab_lib.load(n).class_names) for n in synthetic.SUITE}
-  visual = {n: {c["name"]: c["visual"] for c in synthetic._categories(n)}  # pylint: disable=protected-access
-            for n in synthetic.SUITE}
+  visual = {
+    n: {c["name"]: c["visual"] for c in synthetic._categories(n)}  # pylint: disable=protected-access
+    for n in synthetic.SUITE
+  }
   # The semantic set shares visual concepts with the panoptic set under other names.
-  synonyms = [c for c, v in visual["shapes_semantic"].items()
-              if v in visual["shapes_panoptic"].values() and c not in names["shapes_panoptic"]]
+  synonyms = [
+    c
+    for c, v in visual["shapes_semantic"].items()
+    if v in visual["shapes_panoptic"].values() and c not in names["shapes_panoptic"]
+  ]
   assert len(synonyms) >= 3
   # The box set has thing classes never seen with masks.
   masked = set(visual["shapes_panoptic"].values()) | set(visual["shapes_semantic"].values())

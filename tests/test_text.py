@@ -7,8 +7,7 @@ import pytest
 from safetensors.numpy import load_file
 from scipy import special
 
-from dataseg import text
-from dataseg import vocab
+from dataseg import text, vocab
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +39,21 @@ def _numpy_minilm(sentences):
     ids = [tok["[CLS]"]] + [tok[t] for t in s.replace(".", " .").split()]
     ids += [tok["[SEP]"]]
     n = len(ids)
-    x = (w["embeddings.word_embeddings.weight"][ids]
-         + w["embeddings.position_embeddings.weight"][:n]
-         + w["embeddings.token_type_embeddings.weight"][0])
+    x = (
+      w["embeddings.word_embeddings.weight"][ids]
+      + w["embeddings.position_embeddings.weight"][:n]
+      + w["embeddings.token_type_embeddings.weight"][0]
+    )
     x = ln(x.astype(np.float64), "embeddings.LayerNorm")
     for l in range(cfg["num_hidden_layers"]):
       p = f"encoder.layer.{l}."
-      q, k, v = (dense(x, p + f"attention.self.{m}").reshape(n, heads, -1)
-                 .transpose(1, 0, 2) for m in ("query", "key", "value"))
+      q, k, v = (
+        dense(x, p + f"attention.self.{m}").reshape(n, heads, -1).transpose(1, 0, 2)
+        for m in ("query", "key", "value")
+      )
       att = special.softmax(q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1]), -1)
       ctx = (att @ v).transpose(1, 0, 2).reshape(n, -1)
-      x = ln(x + dense(ctx, p + "attention.output.dense"),
-             p + "attention.output.LayerNorm")
+      x = ln(x + dense(ctx, p + "attention.output.dense"), p + "attention.output.LayerNorm")
       h = dense(x, p + "intermediate.dense")
       h = 0.5 * h * (1 + special.erf(h / np.sqrt(2)))  # exact gelu
       x = ln(x + dense(h, p + "output.dense"), p + "output.LayerNorm")
@@ -75,8 +77,7 @@ def test_minilm_semantics(minilm, tmp_path):
   e = text.class_embeddings(names, cache_dir=tmp_path)
   assert e.shape == (6, 384) and e.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
-  sim = {(a, b): float(e[names.index(a)] @ e[names.index(b)])
-         for a in names for b in names}
+  sim = {(a, b): float(e[names.index(a)] @ e[names.index(b)]) for a in names for b in names}
   assert sim["sofa", "couch"] > sim["sofa", "zebra"]
   assert sim["sky", "clouds"] > sim["sky", "toaster"]
 
@@ -138,26 +139,31 @@ def test_cache_hit_for_minilm_without_loading(minilm, tmp_path, monkeypatch):
     raise AssertionError(f"encoder {name} loaded on a cache hit")
 
   monkeypatch.setattr(text, "load_encoder", no_load)
-  np.testing.assert_array_equal(
-      text.class_embeddings(["road", "car"], cache_dir=tmp_path), first)
+  np.testing.assert_array_equal(text.class_embeddings(["road", "car"], cache_dir=tmp_path), first)
 
 
 def test_cli_vocab_and_names(tmp_path, monkeypatch):
   fake = _CountingEncoder()
   monkeypatch.setattr(text, "load_encoder", fake.load)
   out = tmp_path / "city.npy"
-  text.main(["--vocab=cityscapes", "--encoder=fake", f"--out={out}",
-             f"--cache_dir={tmp_path}"])
+  text.main(["--vocab=cityscapes", "--encoder=fake", f"--out={out}", f"--cache_dir={tmp_path}"])
   names = vocab.load("cityscapes").class_names
   np.testing.assert_array_equal(
-      np.load(out),
-      text.class_embeddings(names, "fake", cache_dir=tmp_path))
+    np.load(out), text.class_embeddings(names, "fake", cache_dir=tmp_path)
+  )
   out2 = tmp_path / "n.npy"
-  text.main(["--names=sofa, couch", "--encoder=fake", f"--out={out2}",
-             f"--cache_dir={tmp_path}", "--templates={}|a {}"])
+  text.main(
+    [
+      "--names=sofa, couch",
+      "--encoder=fake",
+      f"--out={out2}",
+      f"--cache_dir={tmp_path}",
+      "--templates={}|a {}",
+    ]
+  )
   np.testing.assert_array_equal(
-      np.load(out2),
-      text.ensemble(fake.encode, ["sofa", "couch"], ["{}", "a {}"]))
+    np.load(out2), text.ensemble(fake.encode, ["sofa", "couch"], ["{}", "a {}"])
+  )
 
 
 def test_bad_arguments():
@@ -171,20 +177,25 @@ def _tiny_clip_dir(path):
   """Random 2-layer CLIP text tower and a byte-level tokenizer without merges."""
   import transformers  # pylint: disable=g-import-not-at-top
   from transformers.models.clip import tokenization_clip  # pylint: disable=g-import-not-at-top
+
   chars = list(tokenization_clip.bytes_to_unicode().values())
-  tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>",
-                                                  "<|endoftext|>"]
-  (path / "vocab.json").write_text(json.dumps(
-      {t: i for i, t in enumerate(tokens)}))
+  tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+  (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
   (path / "merges.txt").write_text("#version: 0.2\n")
-  tok = transformers.CLIPTokenizer(str(path / "vocab.json"),
-                                   str(path / "merges.txt"))
+  tok = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
   tok.save_pretrained(path)
   cfg = transformers.CLIPTextConfig(
-      vocab_size=len(tokens), hidden_size=32, intermediate_size=64,
-      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-      projection_dim=16, bos_token_id=len(tokens) - 2,
-      eos_token_id=len(tokens) - 1, pad_token_id=len(tokens) - 1)
+    vocab_size=len(tokens),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=16,
+    bos_token_id=len(tokens) - 2,
+    eos_token_id=len(tokens) - 1,
+    pad_token_id=len(tokens) - 1,
+  )
   model = transformers.FlaxCLIPTextModelWithProjection(cfg, seed=0)
   model.save_pretrained(path)
   return tok, model
@@ -199,6 +210,5 @@ def test_clip_code_path_on_tiny_random_model(tmp_path):
   # Reference: the transformers model on each sentence alone (no padding).
   for s, g in zip(sentences, got):
     ids = tok([s], return_tensors="np")
-    want = np.asarray(model(ids["input_ids"], ids["attention_mask"])
-                      .text_embeds)[0]
+    want = np.asarray(model(ids["input_ids"], ids["attention_mask"]).text_embeds)[0]
     np.testing.assert_allclose(g, want / np.linalg.norm(want), atol=1e-5)

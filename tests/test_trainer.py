@@ -11,14 +11,14 @@ import dataclasses
 import subprocess
 import sys
 
+import conftest
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
-import conftest
 import trainer_driver
+
 from dataseg.train import optimizer as optimizer_lib
 from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
@@ -48,10 +48,21 @@ def mesh_results(tiny_env, tmp_path_factory):
   work = tmp_path_factory.mktemp("mesh")
   out = work / "out.npz"
   proc = subprocess.run(
-      [sys.executable, str(conftest.TESTS / "mesh_check.py"), str(tiny_env.data_dir),
-       str(tiny_env.emb), str(work), str(out)],
-      cwd=str(conftest.ROOT), env=tiny_env.env(devices=8), capture_output=True, text=True,
-      timeout=900, check=False)
+    [
+      sys.executable,
+      str(conftest.TESTS / "mesh_check.py"),
+      str(tiny_env.data_dir),
+      str(tiny_env.emb),
+      str(work),
+      str(out),
+    ],
+    cwd=str(conftest.ROOT),
+    env=tiny_env.env(devices=8),
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
   with np.load(out) as f:
     return dict(f)
@@ -63,16 +74,16 @@ def test_train_step_on_meshes_matches_one_device(mesh_results, mesh):
   assert r[f"{mesh}/fsdp_sharded"] > 10  # fsdp > 1: parameters really are split.
   assert np.all(np.isfinite(r["1/loss"]))
   np.testing.assert_allclose(r[f"{mesh}/loss"][:2], r["1/loss"][:2], rtol=SAME_PARAMS_LOSS_RTOL)
-  np.testing.assert_allclose(r[f"{mesh}/grad_norm"][:2], r["1/grad_norm"][:2],
-                             rtol=GRAD_NORM_RTOL)
+  np.testing.assert_allclose(r[f"{mesh}/grad_norm"][:2], r["1/grad_norm"][:2], rtol=GRAD_NORM_RTOL)
   np.testing.assert_allclose(r[f"{mesh}/loss"], r["1/loss"], rtol=LOSS_RTOL)
-  keys = [k[len("1/params/"):] for k in r if k.startswith("1/params/")]
+  keys = [k[len("1/params/") :] for k in r if k.startswith("1/params/")]
   assert len(keys) > 50
   diffs = []
   for key in keys:
     want = r[f"1/params/{key}"]
-    np.testing.assert_allclose(r[f"{mesh}/params/{key}"], want, rtol=0, atol=PARAM_ATOL_ALL,
-                               err_msg=key)
+    np.testing.assert_allclose(
+      r[f"{mesh}/params/{key}"], want, rtol=0, atol=PARAM_ATOL_ALL, err_msg=key
+    )
     diffs.append(np.abs(r[f"{mesh}/params/{key}"] - want).ravel())
   diffs = np.concatenate(diffs)
   assert np.mean(diffs <= PARAM_ATOL_BULK) >= 0.99
@@ -86,15 +97,16 @@ def test_restore_onto_another_mesh(mesh_results):
   assert float(r["restore/max_abs_diff"]) == 0.0
 
 
-def test_nan_guard_stops_with_message_and_saves_last_good(tiny_env, reference_run,
-                                                          tmp_path):
+def test_nan_guard_stops_with_message_and_saves_last_good(tiny_env, reference_run, tmp_path):
   workdir = tmp_path / "run"
   proc = tiny_env.driver(workdir, extra_env=dict(DRIVER_NAN_AT_STEP=4))
   log = proc.stdout
   assert proc.returncode != 0
   assert "NonFiniteLossError" in log, log[-5000:]
-  assert (f"non-finite loss at step 4 on dataset '{trainer_driver.DATASET}' "
-          f"(task semantic); non-finite terms:") in log
+  assert (
+    f"non-finite loss at step 4 on dataset '{trainer_driver.DATASET}' "
+    f"(task semantic); non-finite terms:"
+  ) in log
   terms = log.split("non-finite terms:")[1].split(".")[0]
   # NaN class embeddings poison the class logits (and, through matching and the soft
   # merge, the mask terms): the class term and the total must be named.
@@ -111,11 +123,25 @@ def test_nan_guard_stops_with_message_and_saves_last_good(tiny_env, reference_ru
 
 # ---- Step-function unit tests with a quadratic loss (no model, tiny compile). ----
 
+
 def _fake_setup(monkeypatch, ema_decay):
-  opt = ml_collections.ConfigDict(dict(
-      lr=0.1, weight_decay=0.0, backbone_multiplier=1.0, schedule="constant", poly_power=0.9,
-      warmup_steps=0, step_boundaries=(0.5,), step_factor=0.1, clip_norm=0.0,
-      grad_accum_steps=1, ema_decay=ema_decay, b1=0.9, b2=0.999))
+  opt = ml_collections.ConfigDict(
+    dict(
+      lr=0.1,
+      weight_decay=0.0,
+      backbone_multiplier=1.0,
+      schedule="constant",
+      poly_power=0.9,
+      warmup_steps=0,
+      step_boundaries=(0.5,),
+      step_factor=0.1,
+      clip_norm=0.0,
+      grad_accum_steps=1,
+      ema_decay=ema_decay,
+      b1=0.9,
+      b2=0.999,
+    )
+  )
   config = ml_collections.ConfigDict(dict(optimizer=opt, classifier="text"))
   tx, lr_fn = optimizer_lib.make(opt, 10)
   mesh = sharding_lib.make_mesh(dict(data=-1, fsdp=1, model=1), jax.devices()[:1])
@@ -125,15 +151,18 @@ def _fake_setup(monkeypatch, ema_decay):
     pred = batch["x"] @ params["head"]["kernel"]
     loss = jnp.mean((pred - batch["y"]) ** 2) * batch["scale"][0]
     return loss, dict(loss_term=loss)
+
   monkeypatch.setattr(trainer, "_loss_fn", loss_fn)
 
   def init_fn(rng):
     params = {"head": {"kernel": jnp.arange(6, dtype=jnp.float32).reshape(3, 2) / 10}}
-    state = dict(step=jnp.zeros((), jnp.int32), params=params, frozen={},
-                 opt_state=tx.init(params), rng=rng)
+    state = dict(
+      step=jnp.zeros((), jnp.int32), params=params, frozen={}, opt_state=tx.init(params), rng=rng
+    )
     if ema_decay:
       state["ema"] = params
     return state
+
   rng = jax.random.key_data(jax.random.PRNGKey(0))
   abstract = jax.eval_shape(init_fn, rng)
   shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
@@ -143,9 +172,11 @@ def _fake_setup(monkeypatch, ema_decay):
 
 def _batch(seed, scale=1.0):
   r = np.random.default_rng(seed)
-  return dict(x=r.normal(size=(4, 3)).astype(np.float32),
-              y=r.normal(size=(4, 2)).astype(np.float32),
-              scale=np.full((4,), scale, np.float32))
+  return dict(
+    x=r.normal(size=(4, 3)).astype(np.float32),
+    y=r.normal(size=(4, 2)).astype(np.float32),
+    scale=np.full((4,), scale, np.float32),
+  )
 
 
 def _numpy_adam(p, grads, lr=0.1, b1=0.9, b2=0.999, eps=1e-8):
@@ -214,5 +245,12 @@ def test_setup_rejects_unknown_task(monkeypatch):
 def test_fake_setup_is_a_setup():
   # Guards the unit tests above against Setup growing fields they do not fill.
   assert [f.name for f in dataclasses.fields(trainer.Setup)] == [
-      "config", "model", "tx", "lr_fn", "mesh", "state_shardings", "abstract_state",
-      "init_fn"]
+    "config",
+    "model",
+    "tx",
+    "lr_fn",
+    "mesh",
+    "state_shardings",
+    "abstract_state",
+    "init_fn",
+  ]

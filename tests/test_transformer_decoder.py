@@ -23,10 +23,9 @@ def _resize_bilinear_ref(x, out_h, out_w):
   out = np.zeros((out_h, out_w))
   for i in range(out_h):
     for j in range(out_w):
-      out[i, j] = ((1 - fy[i]) * ((1 - fx[j]) * x[y0[i], x0[j]]
-                                  + fx[j] * x[y0[i], x1[j]])
-                   + fy[i] * ((1 - fx[j]) * x[y1[i], x0[j]]
-                              + fx[j] * x[y1[i], x1[j]]))
+      out[i, j] = (1 - fy[i]) * ((1 - fx[j]) * x[y0[i], x0[j]] + fx[j] * x[y0[i], x1[j]]) + fy[
+        i
+      ] * ((1 - fx[j]) * x[y1[i], x0[j]] + fx[j] * x[y1[i], x1[j]])
   return out
 
 
@@ -59,8 +58,7 @@ def test_attention_mask_from_logits_matches_reference_and_falls_back():
 def test_masked_attention_matches_numpy_reference():
   rng = np.random.default_rng(1)
   b, t, s, n, d = 2, 4, 6, 2, 3
-  q, k, v = (rng.normal(size=(b, x, n, d)).astype(np.float32)
-             for x in (t, s, s))
+  q, k, v = (rng.normal(size=(b, x, n, d)).astype(np.float32) for x in (t, s, s))
   mask_logits = rng.normal(size=(b, t, 6, 1)).astype(np.float32)
   mask_logits[0, 1] = -5.0  # empty -> fallback to full attention
   attend = td.attention_mask_from_logits(jnp.asarray(mask_logits), (6, 1))
@@ -69,8 +67,7 @@ def test_masked_attention_matches_numpy_reference():
   assert attend[0, 1].all()
   for bi in range(b):
     for hi in range(n):
-      want = _softmax_attention_ref(q[bi, :, hi], k[bi, :, hi], v[bi, :, hi],
-                                    attend[bi])
+      want = _softmax_attention_ref(q[bi, :, hi], k[bi, :, hi], v[bi, :, hi], attend[bi])
       np.testing.assert_allclose(got[bi, :, hi], want, rtol=1e-5, atol=1e-5)
   # Masked-out keys really are ignored: changing them changes nothing.
   v2 = v.copy()
@@ -86,10 +83,8 @@ def test_multi_head_attention_module_matches_numpy():
   mem = rng.normal(size=(1, 5, dim)).astype(np.float32)
   attend = np.array([[[1, 1, 0, 0, 0], [0, 0, 0, 0, 1], [1] * 5]], bool)
   mha = td.MultiHeadAttention(dim, heads)
-  params = nn.meta.unbox(jax.jit(mha.init)(
-      jax.random.key(0), x, mem, mem, attend)["params"])
-  p = {k: (np.asarray(v["kernel"]), np.asarray(v["bias"]))
-       for k, v in params.items()}
+  params = nn.meta.unbox(jax.jit(mha.init)(jax.random.key(0), x, mem, mem, attend)["params"])
+  p = {k: (np.asarray(v["kernel"]), np.asarray(v["bias"])) for k, v in params.items()}
   got = np.asarray(mha.apply({"params": params}, x, mem, mem, attend))
 
   def proj(a, name):
@@ -99,24 +94,23 @@ def test_multi_head_attention_module_matches_numpy():
   qh = proj(x[0], "q_proj").reshape(3, heads, dim // heads)
   kh = proj(mem[0], "k_proj").reshape(5, heads, dim // heads)
   vh = proj(mem[0], "v_proj").reshape(5, heads, dim // heads)
-  o = np.concatenate([_softmax_attention_ref(qh[:, h], kh[:, h], vh[:, h],
-                                             attend[0]) for h in range(heads)],
-                     -1)
+  o = np.concatenate(
+    [_softmax_attention_ref(qh[:, h], kh[:, h], vh[:, h], attend[0]) for h in range(heads)], -1
+  )
   np.testing.assert_allclose(got[0], proj(o, "out_proj"), rtol=1e-4, atol=1e-5)
 
 
 def test_decoder_outputs_every_layer_and_first_prediction_ignores_memory():
   rng = np.random.default_rng(3)
   b, dim, q, layers = 1, 32, 5, 2
-  memory = [jnp.asarray(rng.normal(size=(b, h, h, dim)), jnp.float32)
-            for h in (2, 4, 8)]
+  memory = [jnp.asarray(rng.normal(size=(b, h, h, dim)), jnp.float32) for h in (2, 4, 8)]
   mask_features = jnp.asarray(rng.normal(size=(b, 16, 16, dim)), jnp.float32)
   text = jnp.asarray(rng.normal(size=(4, 12)), jnp.float32)
   valid = jnp.array([True, True, True, False])
-  dec = td.MaskedTransformerDecoder(num_queries=q, layers=layers, heads=2,
-                                    ffn=64, dim=dim, text_dim=12, remat=True)
-  variables = jax.jit(dec.init)(jax.random.key(0), memory, mask_features, text,
-                                valid)
+  dec = td.MaskedTransformerDecoder(
+    num_queries=q, layers=layers, heads=2, ffn=64, dim=dim, text_dim=12, remat=True
+  )
+  variables = jax.jit(dec.init)(jax.random.key(0), memory, mask_features, text, valid)
   apply = jax.jit(dec.apply)
   cls, msk = apply(variables, memory, mask_features, text, valid)
   assert cls.shape == (layers + 1, b, q, 5) and cls.dtype == jnp.float32

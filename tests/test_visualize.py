@@ -33,10 +33,10 @@ def test_overlay_blend_outline_and_void():
   assert out.shape == image.shape and out.dtype == np.uint8
   colors = visualize.palette(len(NAMES))
   # Interior pixels: round(0.6 * image + 0.4 * colour of the segment's class).
-  for s, (ys, xs) in enumerate([(slice(5, 19), slice(5, 29)),
-                                (slice(23, 37), slice(31, 59))]):
-    want = np.round(0.6 * image[ys, xs].astype(np.float64)
-                    + 0.4 * colors[seg_class[s]].astype(np.float64))
+  for s, (ys, xs) in enumerate([(slice(5, 19), slice(5, 29)), (slice(23, 37), slice(31, 59))]):
+    want = np.round(
+      0.6 * image[ys, xs].astype(np.float64) + 0.4 * colors[seg_class[s]].astype(np.float64)
+    )
     np.testing.assert_allclose(out[ys, xs], want, atol=1)
   # Segment border pixels are white, void pixels and ignored segments untouched.
   for y, x in [(4, 10), (19, 10), (10, 4), (10, 29), (22, 45), (37, 59)]:
@@ -51,7 +51,7 @@ def test_outlines_match_neighbour_definition():
   padded = np.pad(seg, 1, mode="edge")
   want = np.zeros_like(seg, bool)
   for dy, dx in [(-1, 0), (1, 0), (0, -1), (0, 1)]:
-    want |= padded[1 + dy:10 + dy, 1 + dx:12 + dx] != seg
+    want |= padded[1 + dy : 10 + dy, 1 + dx : 12 + dx] != seg
   np.testing.assert_array_equal(visualize.segment_outlines(seg), want)
 
 
@@ -65,22 +65,23 @@ def test_legend_lists_present_classes_with_their_colours():
   present = [0, 2]  # classes of valid segments, sorted by class id
   for row, c in enumerate(present):
     y = pad + row * (sw + pad)
-    swatch = panel[y:y + sw, pad:pad + sw].reshape(-1, 3)
+    swatch = panel[y : y + sw, pad : pad + sw].reshape(-1, 3)
     assert (swatch == colors[c]).all()
   # Absent classes (dog, sky) have no swatch anywhere in the panel.
   flat = panel.reshape(-1, 3)
   for c in (1, 3):
     assert not (flat == colors[c]).all(-1).any()
   # Names are drawn: light text pixels to the right of the swatches.
-  text_area = panel[pad:pad + sw, 2 * pad + sw:]
+  text_area = panel[pad : pad + sw, 2 * pad + sw :]
   assert (text_area.max(-1) > 150).sum() > 5
 
 
 def test_boxes_drawn_in_class_colour():
   image = np.zeros((30, 30, 3), np.uint8)
   seg = np.full((30, 30), -1)
-  out = visualize.overlay(image, seg, np.array([1]), NAMES,
-                          boxes=np.array([[5.0, 6.0, 20.0, 25.0]]), legend=False)
+  out = visualize.overlay(
+    image, seg, np.array([1]), NAMES, boxes=np.array([[5.0, 6.0, 20.0, 25.0]]), legend=False
+  )
   c = visualize.palette(len(NAMES))[1]
   for y, x in [(5, 6), (5, 25), (20, 6), (20, 25), (12, 6), (5, 15)]:
     np.testing.assert_array_equal(out[y, x], c)

@@ -10,11 +10,11 @@ from dataseg import vocab
 
 # name: (classes, things), from each dataset's definition.
 EXPECTED = {
-    "coco_panoptic": (133, 80),
-    "ade20k": (150, 100),
-    "objects365": (365, 365),
-    "cityscapes": (19, 8),
-    "pascal_context59": (59, 20),
+  "coco_panoptic": (133, 80),
+  "ade20k": (150, 100),
+  "objects365": (365, 365),
+  "cityscapes": (19, 8),
+  "pascal_context59": (59, 20),
 }
 
 
@@ -75,21 +75,41 @@ def test_objects365_ids_and_typos():
   v = vocab.load("objects365")
   assert v.original_ids.tolist() == list(range(1, 366))
   assert v.raw_names[0] == "Person" and v.raw_names[-1] == "Table Tennis"
-  for typo, fixed in [("Bakset", "basket"), ("Mushroon", "mushroom"),
-                      ("Dinning Table", "dining table")]:
+  for typo, fixed in [
+    ("Bakset", "basket"),
+    ("Mushroon", "mushroom"),
+    ("Dinning Table", "dining table"),
+  ]:
     assert v.class_names[v.raw_names.index(typo)] == fixed
 
 
 def test_cityscapes_train_ids():
   v = vocab.load("cityscapes")
-  data = json.loads((pathlib.Path(vocab.__file__).parent /
-                     "cityscapes.json").read_text())
+  data = json.loads((pathlib.Path(vocab.__file__).parent / "cityscapes.json").read_text())
   assert [c["train_id"] for c in data["categories"]] == list(range(19))
-  assert v.original_ids.tolist() == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23,
-                                     24, 25, 26, 27, 28, 31, 32, 33]
+  assert v.original_ids.tolist() == [
+    7,
+    8,
+    11,
+    12,
+    13,
+    17,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    26,
+    27,
+    28,
+    31,
+    32,
+    33,
+  ]
   things = {n for n, t in zip(v.class_names, v.is_thing) if t}
-  assert things == {"person", "rider", "car", "truck", "bus", "train",
-                    "motorcycle", "bicycle"}
+  assert things == {"person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"}
 
 
 def test_unknown_name_lists_available():
@@ -101,8 +121,11 @@ def test_unknown_name_lists_available():
 
 
 def test_from_categories_user_data():
-  cats = [{"id": 5, "name": "cat"}, {"id": 2, "name": "sky", "isthing": 0},
-          {"id": 9, "name": "wall-x", "prompt_name": "wall", "synonyms": ["w"]}]
+  cats = [
+    {"id": 5, "name": "cat"},
+    {"id": 2, "name": "sky", "isthing": 0},
+    {"id": 9, "name": "wall-x", "prompt_name": "wall", "synonyms": ["w"]},
+  ]
   v = vocab.from_categories("mine", cats)
   assert v.class_names == ("cat", "sky", "wall")
   assert v.is_thing.tolist() == [True, False, True]  # COCO detection: things
@@ -115,7 +138,9 @@ def test_from_categories_user_data():
 def test_padded_vocabulary_and_static_size():
   """Padding keeps names, flags and rows in place, zeros after; V is checked once."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from dataseg.vocab import padded  # pylint: disable=g-import-not-at-top
+
   text = np.arange(6, dtype=np.float32).reshape(3, 2)
   p = padded.pad(["a", "b", "c"], [True, False, True], text, 5, index=1)
   assert p.names == ("a", "b", "c") and p.index == 1

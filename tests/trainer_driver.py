@@ -40,8 +40,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from configs import common  # pylint: disable=g-import-not-at-top
-from configs import demo
+from configs import (
+  common,  # pylint: disable=g-import-not-at-top
+  demo,
+)
 
 DATASET = "shapes_semantic"
 TEXT_DIM = 32
@@ -56,8 +58,9 @@ def tiny_config(data_dir="", emb="", steps=8, evaluate=False):
   c.datasets[DATASET].text_embeddings = emb
   c.eval_datasets = {}
   if evaluate:
-    c.eval_datasets[DATASET] = common.dataset(DATASET, "semantic", evaluators=("semantic",),
-                                              text_embeddings=emb)
+    c.eval_datasets[DATASET] = common.dataset(
+      DATASET, "semantic", evaluators=("semantic",), text_embeddings=emb
+    )
     c.max_eval_examples = 4
     c.eval_batch_size = 4
   c.data_dir = data_dir
@@ -91,22 +94,25 @@ def load_checkpoint(workdir, step):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   with ocp.StandardCheckpointer() as checkpointer:
     # Restored onto this process's first device, whatever topology wrote it.
     meta = checkpointer.metadata(path).item_metadata
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
     restored = checkpointer.restore(path, target)
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-          jax.tree_util.tree_flatten_with_path(jax.device_get(restored))[0]}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(restored))[0]
+  }
 
 
 def _install_hooks():
   """Monkeypatches named by DRIVER_* environment variables (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from dataseg.train import data as data_lib  # pylint: disable=g-import-not-at-top
   from dataseg.train import trainer  # pylint: disable=g-import-not-at-top
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
@@ -129,16 +135,23 @@ def _install_hooks():
     if global_data:
       n, i = jax.process_count(), jax.process_index()
       rows = len(batch["image"]) // n
-      batch = {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+      batch = {k: v[i * rows : (i + 1) * rows] for k, v in batch.items()}
     return name, batch
+
   data_lib.TrainData.next = next_batch
 
   if global_data:
     original_make_iterator = pipeline.make_iterator
 
     def make_iterator(reader, *, batch_size, **kwargs):
-      return original_make_iterator(reader, batch_size=batch_size * jax.process_count(),
-                                    process_index=0, process_count=1, **kwargs)
+      return original_make_iterator(
+        reader,
+        batch_size=batch_size * jax.process_count(),
+        process_index=0,
+        process_count=1,
+        **kwargs,
+      )
+
     pipeline.make_iterator = make_iterator
 
   if nan_at >= 0:
@@ -152,7 +165,9 @@ def _install_hooks():
           with jax.transfer_guard("allow"):
             vocab = dict(vocab, text=vocab["text"] * jnp.float32(jnp.nan))
         return step_fn(state, batch, vocab)
+
       return poisoned
+
     trainer.make_train_step = make_train_step
 
   # What dataseg.main asks of jax.distributed (tests of the Slurm device choice).
@@ -161,27 +176,30 @@ def _install_hooks():
   def initialize(*args, **kwargs):
     print(f"[driver] jax.distributed.initialize kwargs: {sorted(kwargs.items())}", flush=True)
     return original_initialize(*args, **kwargs)
+
   jax.distributed.initialize = initialize
 
   ram_orbax = os.environ.get("DRIVER_RAM_ORBAX")
   if ram_orbax:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
     original_manager = ocp.CheckpointManager
 
     class Manager(original_manager):
-
       def __init__(self, directory, *args, **kwargs):
         directory = str(directory)
         if directory.startswith("ram://"):
-          directory = os.path.join(ram_orbax, directory[len("ram://"):])
+          directory = os.path.join(ram_orbax, directory[len("ram://") :])
         super().__init__(directory, *args, **kwargs)
+
     ocp.CheckpointManager = Manager
 
 
 def _copy_ram_tree(src, dst):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   for folder, _, files in tf.io.gfile.walk(src):
-    target = os.path.join(dst, folder[len(src):].lstrip("/"))
+    target = os.path.join(dst, folder[len(src) :].lstrip("/"))
     os.makedirs(target, exist_ok=True)
     for name in files:
       tf.io.gfile.copy(os.path.join(folder, name), os.path.join(target, name), overwrite=True)
@@ -189,7 +207,9 @@ def _copy_ram_tree(src, dst):
 
 def _run():
   from absl import app  # pylint: disable=g-import-not-at-top
+
   from dataseg import main as main_lib  # pylint: disable=g-import-not-at-top
+
   _install_hooks()
   runs = int(os.environ.get("DRIVER_RUNS", "1"))
   if runs == 1:

@@ -1,7 +1,8 @@
 """Instance mask AP and box AP through pycocotools' COCOeval.
 
 The host-local state is the RLE-encoded detections and gt annotations (a few hundred bytes
-per instance, packed into numeric arrays), so a multi-host run gathers them (evaluators.gather) and COCOeval runs once
+per instance, packed into numeric arrays), so a multi-host run gathers them
+(evaluators.gather) and COCOeval runs once
 over the whole split: AP is not a sum over shards.
 
 Ground truth comes either as COCO annotations (exact original instances, overlaps and
@@ -21,8 +22,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dataseg.metrics import evaluators
-from dataseg.metrics import exports
+from dataseg.metrics import evaluators, exports
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -35,10 +35,15 @@ def _coco_from_dict(dataset: Mapping[str, Any]) -> COCO:
   return coco
 
 
-def coco_evaluate(gt: COCO, detections: Sequence[Mapping[str, Any]], iou_type: str,
-                  *, cat_ids: Sequence[int] | None = None,
-                  img_ids: Sequence[int] | None = None,
-                  class_names: Mapping[int, str] | None = None) -> dict[str, float]:
+def coco_evaluate(
+  gt: COCO,
+  detections: Sequence[Mapping[str, Any]],
+  iou_type: str,
+  *,
+  cat_ids: Sequence[int] | None = None,
+  img_ids: Sequence[int] | None = None,
+  class_names: Mapping[int, str] | None = None,
+) -> dict[str, float]:
   """COCOeval over `detections` (COCO results entries); AP* as fractions (-1: no gt).
 
   Also 'AP/<name>' per category (mean precision over IoUs / recalls, NaN without gt),
@@ -54,8 +59,13 @@ def coco_evaluate(gt: COCO, detections: Sequence[Mapping[str, Any]], iou_type: s
     if dets:
       dt = gt.loadRes(dets)
     else:
-      dt = _coco_from_dict({"images": gt.dataset.get("images", []), "annotations": [],
-                            "categories": gt.dataset.get("categories", [])})
+      dt = _coco_from_dict(
+        {
+          "images": gt.dataset.get("images", []),
+          "annotations": [],
+          "categories": gt.dataset.get("categories", []),
+        }
+      )
     ev = COCOeval(gt, dt, iou_type)
     if cat_ids is not None:
       ev.params.catIds = list(cat_ids)
@@ -74,9 +84,12 @@ def coco_evaluate(gt: COCO, detections: Sequence[Mapping[str, Any]], iou_type: s
   return out
 
 
-def segments_to_annotations(image_id, ground_truth: Mapping[str, np.ndarray],
-                            categories: Sequence[Mapping[str, Any]],
-                            is_thing: np.ndarray) -> list[dict[str, Any]]:
+def segments_to_annotations(
+  image_id,
+  ground_truth: Mapping[str, np.ndarray],
+  categories: Sequence[Mapping[str, Any]],
+  is_thing: np.ndarray,
+) -> list[dict[str, Any]]:
   """Schema segment map + table -> COCO annotations of the thing segments.
 
   ground_truth: 'segment_map' [h, w] (-1 void), 'seg_class' [n], 'seg_is_crowd' [n],
@@ -88,7 +101,7 @@ def segments_to_annotations(image_id, ground_truth: Mapping[str, np.ndarray],
   crowd = np.asarray(ground_truth.get("seg_is_crowd", np.zeros(n, bool)), bool).reshape(-1)
   boxes = ground_truth.get("seg_box")
   h, w = seg_map.shape
-  area = np.bincount(seg_map.ravel() + 1, minlength=n + 1)[1:n + 1]
+  area = np.bincount(seg_map.ravel() + 1, minlength=n + 1)[1 : n + 1]
   anns = []
   for k in range(n):
     if cls[k] < 0 or not is_thing[cls[k]]:
@@ -108,9 +121,16 @@ def segments_to_annotations(image_id, ground_truth: Mapping[str, np.ndarray],
       seg_area = float(bw * bh)
     else:
       continue
-    anns.append({"image_id": image_id, "category_id": int(categories[int(cls[k])]["id"]),
-                 "segmentation": rle, "area": seg_area, "bbox": bbox,
-                 "iscrowd": int(crowd[k])})
+    anns.append(
+      {
+        "image_id": image_id,
+        "category_id": int(categories[int(cls[k])]["id"]),
+        "segmentation": rle,
+        "area": seg_area,
+        "bbox": bbox,
+        "iscrowd": int(crowd[k]),
+      }
+    )
   return anns
 
 
@@ -167,9 +187,14 @@ def _pack(prefix: str, entries: Sequence[Mapping[str, Any]]) -> dict[str, np.nda
       counts.append(raw)
       total += len(raw)
     end[k] = total
-  return {f"{prefix}/ids": ids, f"{prefix}/floats": floats, f"{prefix}/bbox": bbox,
-          f"{prefix}/rle_size": size, f"{prefix}/rle_end": end,
-          f"{prefix}/rle_counts": np.frombuffer(b"".join(counts), np.uint8).copy()}
+  return {
+    f"{prefix}/ids": ids,
+    f"{prefix}/floats": floats,
+    f"{prefix}/bbox": bbox,
+    f"{prefix}/rle_size": size,
+    f"{prefix}/rle_end": end,
+    f"{prefix}/rle_counts": np.frombuffer(b"".join(counts), np.uint8).copy(),
+  }
 
 
 def _unpack(prefix: str, state: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -188,8 +213,10 @@ def _unpack(prefix: str, state: Mapping[str, np.ndarray]) -> list[dict[str, Any]
     if not np.isnan(bbox[k]).any():
       e["bbox"] = [float(v) for v in bbox[k]]
     if size[k, 0] >= 0:
-      e["segmentation"] = {"size": [int(v) for v in size[k]],
-                           "counts": counts[start:int(end[k])].decode("ascii")}
+      e["segmentation"] = {
+        "size": [int(v) for v in size[k]],
+        "counts": counts[start : int(end[k])].decode("ascii"),
+      }
     start = int(end[k])
     entries.append(e)
   return entries
@@ -221,9 +248,12 @@ class CocoEvaluator(evaluators.Evaluator):
     image_id = exports._json_id(image_id)  # pylint: disable=protected-access
     if "annotations" in ground_truth:
       h, w = int(ground_truth["height"]), int(ground_truth["width"])
-      gts = [dict(a, image_id=image_id, segmentation=_compressed_rle(a["segmentation"], h, w))
-             if "segmentation" in a else dict(a, image_id=image_id)
-             for a in ground_truth["annotations"]]
+      gts = [
+        dict(a, image_id=image_id, segmentation=_compressed_rle(a["segmentation"], h, w))
+        if "segmentation" in a
+        else dict(a, image_id=image_id)
+        for a in ground_truth["annotations"]
+      ]
     else:
       h, w = np.shape(ground_truth["segment_map"])
       gts = segments_to_annotations(image_id, ground_truth, self.categories, self.is_thing)
@@ -232,19 +262,28 @@ class CocoEvaluator(evaluators.Evaluator):
     with_masks = self.iou_type == "segm"
     if with_masks and "masks" not in prediction:
       raise ValueError("mask AP needs prediction['masks'] [N, h, w]")
-    self._dets.extend(exports.instance_results(
-        image_id, prediction, self.categories, with_masks=with_masks,
-        with_boxes=self.iou_type == "bbox"))
+    self._dets.extend(
+      exports.instance_results(
+        image_id,
+        prediction,
+        self.categories,
+        with_masks=with_masks,
+        with_boxes=self.iou_type == "bbox",
+      )
+    )
 
   def state(self):
     """Numeric arrays only (see `_pack`): image table [n, 3] plus gts and detections."""
-    images = np.array([[_int_id(im["id"]), im["height"], im["width"]] for im in self._images],
-                      np.int64).reshape(-1, 3)
+    images = np.array(
+      [[_int_id(im["id"]), im["height"], im["width"]] for im in self._images], np.int64
+    ).reshape(-1, 3)
     return {"images": images, **_pack("gt", self._gts), **_pack("det", self._dets)}
 
   def accumulate_state(self, state):
-    self._images.extend({"id": int(i), "height": int(h), "width": int(w)}
-                        for i, h, w in np.asarray(state["images"]).reshape(-1, 3))
+    self._images.extend(
+      {"id": int(i), "height": int(h), "width": int(w)}
+      for i, h, w in np.asarray(state["images"]).reshape(-1, 3)
+    )
     self._gts.extend(_unpack("gt", state))
     self._dets.extend(_unpack("det", state))
 
@@ -252,18 +291,25 @@ class CocoEvaluator(evaluators.Evaluator):
     gts = [dict(a, id=i + 1) for i, a in enumerate(self._gts)]  # COCO needs ids >= 1
     things = [c for c in self.categories if c["isthing"]]
     gt = _coco_from_dict({"images": self._images, "annotations": gts, "categories": things})
-    return coco_evaluate(gt, self._dets, self.iou_type, cat_ids=[c["id"] for c in things],
-                         img_ids=[im["id"] for im in self._images],
-                         class_names={c["id"]: c["name"] for c in things})
+    return coco_evaluate(
+      gt,
+      self._dets,
+      self.iou_type,
+      cat_ids=[c["id"] for c in things],
+      img_ids=[im["id"] for im in self._images],
+      class_names={c["id"]: c["name"] for c in things},
+    )
 
 
 @evaluators.register("instance")
 class InstanceEvaluator(CocoEvaluator):
   """Mask AP, AP50, AP75, APs/m/l (COCOeval 'segm')."""
+
   iou_type = "segm"
 
 
 @evaluators.register("box")
 class BoxEvaluator(CocoEvaluator):
   """Box AP, AP50, AP75, APs/m/l (COCOeval 'bbox')."""
+
   iou_type = "bbox"

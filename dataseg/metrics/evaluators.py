@@ -27,23 +27,26 @@ import numpy as np
 _REGISTRY: dict[str, type] = {}
 # Modules that register evaluators when imported; imported lazily by `make_evaluator`.
 _MODULES = {
-    "panoptic": "dataseg.metrics.panoptic",
-    "semantic": "dataseg.metrics.semantic",
-    "instance": "dataseg.metrics.coco_eval",
-    "box": "dataseg.metrics.coco_eval",
+  "panoptic": "dataseg.metrics.panoptic",
+  "semantic": "dataseg.metrics.semantic",
+  "instance": "dataseg.metrics.coco_eval",
+  "box": "dataseg.metrics.coco_eval",
 }
 
 
 def register(name: str) -> Callable[[type], type]:
   """Class decorator: makes the evaluator available to `make_evaluator(name)`."""
+
   def wrap(cls):
     _REGISTRY[name] = cls
     return cls
+
   return wrap
 
 
-def make_evaluator(name: str, *, class_names: Sequence[str],
-                   is_thing: Sequence[bool] | None = None, **kw):
+def make_evaluator(
+  name: str, *, class_names: Sequence[str], is_thing: Sequence[bool] | None = None, **kw
+):
   """Builds the evaluator registered as `name` ('panoptic', 'semantic', 'instance', 'box')."""
   if name not in _REGISTRY and name in _MODULES:
     importlib.import_module(_MODULES[name])
@@ -58,8 +61,7 @@ class Evaluator:
   def __init__(self, *, class_names: Sequence[str], is_thing: Sequence[bool] | None = None):
     self.class_names = list(class_names)
     num_classes = len(self.class_names)
-    self.is_thing = (np.ones(num_classes, bool) if is_thing is None
-                     else np.asarray(is_thing, bool))
+    self.is_thing = np.ones(num_classes, bool) if is_thing is None else np.asarray(is_thing, bool)
     if self.is_thing.shape != (num_classes,):
       raise ValueError(f"is_thing has shape {self.is_thing.shape}, expected ({num_classes},)")
     self._init_kwargs = dict(class_names=self.class_names, is_thing=self.is_thing)
@@ -107,25 +109,29 @@ def gather(evaluator: Evaluator) -> Evaluator:
   that came over the network are unpickled. Every process must call this (a collective).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() == 1:
     return evaluator
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   state = evaluator.state()
   hosts = [dict() for _ in range(jax.process_count())]
   for key in sorted(state):  # the same order on every host.
     x = np.asarray(state[key])
     if x.dtype.kind not in "biuf":
-      raise TypeError(f"{type(evaluator).__name__}.state()[{key!r}] has dtype {x.dtype}: "
-                      "states cross hosts as numeric arrays")
+      raise TypeError(
+        f"{type(evaluator).__name__}.state()[{key!r}] has dtype {x.dtype}: "
+        "states cross hosts as numeric arrays"
+      )
     if x.ndim == 0:
       for host, value in zip(hosts, multihost_utils.process_allgather(x)):
         host[key] = value
       continue
     lengths = np.ravel(multihost_utils.process_allgather(np.array(len(x), np.int64)))
     padded = np.zeros((max(int(lengths.max()), 1),) + x.shape[1:], x.dtype)
-    padded[:len(x)] = x
+    padded[: len(x)] = x
     for host, value, n in zip(hosts, multihost_utils.process_allgather(padded), lengths):
-      host[key] = value[:int(n)]
+      host[key] = value[: int(n)]
   merged = evaluator.empty_like()
   for host in hosts:
     merged.accumulate_state(host)

@@ -21,17 +21,20 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-
 # ----------------------------------------------------------------------------- categories
 
 
-def make_categories(class_names: Sequence[str], is_thing: Sequence[bool] | None = None,
-                    category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+def make_categories(
+  class_names: Sequence[str],
+  is_thing: Sequence[bool] | None = None,
+  category_ids: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
   """COCO-style category list; ids default to 1..K (0 is void in panoptic PNGs)."""
   ids = range(1, len(class_names) + 1) if category_ids is None else category_ids
   things = [True] * len(class_names) if is_thing is None else is_thing
-  return [{"id": int(i), "name": n, "isthing": int(bool(t))}
-          for i, n, t in zip(ids, class_names, things)]
+  return [
+    {"id": int(i), "name": n, "isthing": int(bool(t))} for i, n, t in zip(ids, class_names, things)
+  ]
 
 
 def category_index(categories: Sequence[Mapping[str, Any]]) -> dict[int, int]:
@@ -51,8 +54,11 @@ def id2rgb(ids: np.ndarray) -> np.ndarray:
 def rgb2id(rgb: np.ndarray) -> np.ndarray:
   """uint8 [h, w, 3] -> int32 [h, w] segment ids."""
   rgb = np.asarray(rgb)
-  return (rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
-          | (rgb[..., 2].astype(np.int32) << 16))
+  return (
+    rgb[..., 0].astype(np.int32)
+    | (rgb[..., 1].astype(np.int32) << 8)
+    | (rgb[..., 2].astype(np.int32) << 16)
+  )
 
 
 def _bbox_xywh(mask_rows: np.ndarray, mask_cols: np.ndarray) -> list[float]:
@@ -63,10 +69,16 @@ def _bbox_xywh(mask_rows: np.ndarray, mask_cols: np.ndarray) -> list[float]:
   return [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]
 
 
-def panoptic_annotation(image_id: int, segment_map: np.ndarray, seg_class: np.ndarray,
-                        seg_is_crowd: np.ndarray | None, categories: Sequence[Mapping],
-                        *, keep_empty: bool, file_name: str | None = None
-                        ) -> tuple[dict[str, Any], np.ndarray]:
+def panoptic_annotation(
+  image_id: int,
+  segment_map: np.ndarray,
+  seg_class: np.ndarray,
+  seg_is_crowd: np.ndarray | None,
+  categories: Sequence[Mapping],
+  *,
+  keep_empty: bool,
+  file_name: str | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
   """COCO panoptic annotation and id map (uint32 [h, w]) of one image.
 
   Segment k gets id k + 1. `keep_empty`: keep segments that cover no pixel. Ground truth
@@ -76,10 +88,13 @@ def panoptic_annotation(image_id: int, segment_map: np.ndarray, seg_class: np.nd
   """
   segment_map = np.asarray(segment_map)
   seg_class = np.asarray(seg_class).reshape(-1)
-  crowd = (np.zeros(seg_class.shape, bool) if seg_is_crowd is None
-           else np.asarray(seg_is_crowd, bool).reshape(-1))
+  crowd = (
+    np.zeros(seg_class.shape, bool)
+    if seg_is_crowd is None
+    else np.asarray(seg_is_crowd, bool).reshape(-1)
+  )
   n = seg_class.size
-  area = np.bincount((segment_map.ravel() + 1), minlength=n + 1)[1:n + 1]
+  area = np.bincount((segment_map.ravel() + 1), minlength=n + 1)[1 : n + 1]
   ids = np.where(segment_map >= 0, segment_map + 1, 0).astype(np.uint32)
   segments = []
   for k in range(n):
@@ -88,16 +103,20 @@ def panoptic_annotation(image_id: int, segment_map: np.ndarray, seg_class: np.nd
         ids[segment_map == k] = 0
       continue
     mask = segment_map == k if area[k] else np.zeros((1, 1), bool)
-    segments.append({
+    segments.append(
+      {
         "id": k + 1,
         "category_id": int(categories[int(seg_class[k])]["id"]),
         "iscrowd": int(crowd[k]),
         "area": int(area[k]),
         "bbox": _bbox_xywh(mask.any(1), mask.any(0)),
-    })
-  ann = {"image_id": _json_id(image_id),
-         "file_name": file_name or f"{image_id}.png",
-         "segments_info": segments}
+      }
+    )
+  ann = {
+    "image_id": _json_id(image_id),
+    "file_name": file_name or f"{image_id}.png",
+    "segments_info": segments,
+  }
   return ann, ids
 
 
@@ -105,27 +124,44 @@ def _json_id(image_id):
   return image_id.item() if isinstance(image_id, np.generic) else image_id
 
 
-def write_coco_panoptic(json_path: str, png_dir: str,
-                        records: Sequence[Mapping[str, Any]],
-                        categories: Sequence[Mapping[str, Any]], *, is_gt: bool,
-                        images: Sequence[Mapping[str, Any]] | None = None) -> None:
+def write_coco_panoptic(
+  json_path: str,
+  png_dir: str,
+  records: Sequence[Mapping[str, Any]],
+  categories: Sequence[Mapping[str, Any]],
+  *,
+  is_gt: bool,
+  images: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
   """Writes records {'image_id', 'segment_map', 'seg_class'[, 'seg_is_crowd']} as COCO panoptic."""
   os.makedirs(png_dir, exist_ok=True)
   annotations = []
   for r in records:
-    ann, ids = panoptic_annotation(r["image_id"], r["segment_map"], r["seg_class"],
-                                   r.get("seg_is_crowd"), categories, keep_empty=is_gt,
-                                   file_name=r.get("file_name"))
+    ann, ids = panoptic_annotation(
+      r["image_id"],
+      r["segment_map"],
+      r["seg_class"],
+      r.get("seg_is_crowd"),
+      categories,
+      keep_empty=is_gt,
+      file_name=r.get("file_name"),
+    )
     Image.fromarray(id2rgb(ids)).save(os.path.join(png_dir, ann["file_name"]))
     annotations.append(ann)
   if images is None:
-    images = [{"id": _json_id(r["image_id"]), "height": int(np.shape(r["segment_map"])[0]),
-               "width": int(np.shape(r["segment_map"])[1]),
-               "file_name": a["file_name"].rsplit(".", 1)[0] + ".jpg"}
-              for r, a in zip(records, annotations)]
+    images = [
+      {
+        "id": _json_id(r["image_id"]),
+        "height": int(np.shape(r["segment_map"])[0]),
+        "width": int(np.shape(r["segment_map"])[1]),
+        "file_name": a["file_name"].rsplit(".", 1)[0] + ".jpg",
+      }
+      for r, a in zip(records, annotations)
+    ]
   with open(json_path, "w") as f:
-    json.dump({"images": list(images), "annotations": annotations,
-               "categories": list(categories)}, f)
+    json.dump(
+      {"images": list(images), "annotations": annotations, "categories": list(categories)}, f
+    )
 
 
 def decode_panoptic_png(path: str) -> np.ndarray:
@@ -154,16 +190,17 @@ class _IdTable:
   Only the entries of the current image are set and reset, so a lookup costs O(pixels)
   with no per-image allocation of the table. Not thread-safe (one per thread).
   """
+
   UNKNOWN = np.int32(-2)
 
   def __init__(self):
     self._table = None
 
   def rows(self, ids: np.ndarray, seg_ids: np.ndarray, path: str) -> np.ndarray:
-    if seg_ids.size and seg_ids.max() >= 2 ** 24:
+    if seg_ids.size and seg_ids.max() >= 2**24:
       return _rows_by_search(ids, seg_ids, path)
     if self._table is None:
-      self._table = np.full(2 ** 24, self.UNKNOWN, np.int32)
+      self._table = np.full(2**24, self.UNKNOWN, np.int32)
       self._table[0] = -1  # void
     t = self._table
     t[seg_ids] = np.arange(seg_ids.size, dtype=np.int32)
@@ -193,28 +230,38 @@ def _rows_by_search(ids, seg_ids, path):
 _ID_TABLE = _IdTable()
 
 
-def segments_table(segments_info: Sequence[Mapping[str, Any]], cat_index: Mapping[int, int]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def segments_table(
+  segments_info: Sequence[Mapping[str, Any]], cat_index: Mapping[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """segments_info -> (ids int64 [n], contiguous classes int32 [n], is_crowd bool [n])."""
   ids = np.array([int(s["id"]) for s in segments_info], np.int64).reshape(-1)
-  classes = np.array([cat_index[int(s["category_id"])] for s in segments_info],
-                     np.int32).reshape(-1)
+  classes = np.array([cat_index[int(s["category_id"])] for s in segments_info], np.int32).reshape(
+    -1
+  )
   crowd = np.array([bool(s.get("iscrowd", 0)) for s in segments_info], bool).reshape(-1)
   return ids, classes, crowd
 
 
-def panoptic_from_ids(ids: np.ndarray, segments_info: Sequence[Mapping[str, Any]],
-                      cat_index: Mapping[int, int], path: str = "") -> dict[str, np.ndarray]:
+def panoptic_from_ids(
+  ids: np.ndarray,
+  segments_info: Sequence[Mapping[str, Any]],
+  cat_index: Mapping[int, int],
+  path: str = "",
+) -> dict[str, np.ndarray]:
   """Segment ids [h, w] (0 = void) + segments_info -> evaluator dict (rows in JSON order)."""
   seg_ids, classes, crowd = segments_table(segments_info, cat_index)
   if seg_ids.size and seg_ids.min() <= 0:
     raise ValueError(f"{path}: segment id 0 is void and cannot be listed")
-  return {"segment_map": _ID_TABLE.rows(ids, seg_ids, path), "seg_class": classes,
-          "seg_is_crowd": crowd}
+  return {
+    "segment_map": _ID_TABLE.rows(ids, seg_ids, path),
+    "seg_class": classes,
+    "seg_is_crowd": crowd,
+  }
 
 
-def read_panoptic_png(path: str, segments_info: Sequence[Mapping[str, Any]],
-                      cat_index: Mapping[int, int]) -> dict[str, np.ndarray]:
+def read_panoptic_png(
+  path: str, segments_info: Sequence[Mapping[str, Any]], cat_index: Mapping[int, int]
+) -> dict[str, np.ndarray]:
   """One COCO panoptic PNG + its segments_info -> evaluator dict.
 
   Returns {'segment_map' int32 [h, w] (-1 void), 'seg_class' int32 [n], 'seg_is_crowd' [n]}
@@ -223,9 +270,9 @@ def read_panoptic_png(path: str, segments_info: Sequence[Mapping[str, Any]],
   return panoptic_from_ids(decode_panoptic_png(path), segments_info, cat_index, path)
 
 
-def iter_coco_panoptic_pairs(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str,
-                             *, as_ids: bool = False
-                             ) -> tuple[list[dict], Iterator[tuple[Any, Any, Any]]]:
+def iter_coco_panoptic_pairs(
+  gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, *, as_ids: bool = False
+) -> tuple[list[dict], Iterator[tuple[Any, Any, Any]]]:
   """(gt categories, iterator of (image_id, prediction, ground_truth)) over gt images.
 
   Category ids of both files are mapped to positions in the gt's category list. Every gt
@@ -252,6 +299,7 @@ def iter_coco_panoptic_pairs(gt_json: str, gt_dir: str, pred_json: str, pred_dir
       if g["image_id"] not in pred_by_id:
         raise ValueError(f"no prediction for image {g['image_id']}")
       yield g["image_id"], read(pred_dir, pred_by_id[g["image_id"]]), read(gt_dir, g)
+
   return categories, pairs()
 
 
@@ -275,9 +323,14 @@ def yxyx_to_xywh(boxes: np.ndarray) -> np.ndarray:
   return np.stack([b[:, 1], b[:, 0], b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]], -1)
 
 
-def instance_results(image_id: Any, prediction: Mapping[str, np.ndarray],
-                     categories: Sequence[Mapping[str, Any]], *, with_masks: bool = True,
-                     with_boxes: bool = True) -> list[dict[str, Any]]:
+def instance_results(
+  image_id: Any,
+  prediction: Mapping[str, np.ndarray],
+  categories: Sequence[Mapping[str, Any]],
+  *,
+  with_masks: bool = True,
+  with_boxes: bool = True,
+) -> list[dict[str, Any]]:
   """COCO results entries of one image.
 
   prediction: 'classes' int [N], 'scores' float [N], 'masks' bool [N, h, w] and/or
@@ -295,8 +348,11 @@ def instance_results(image_id: Any, prediction: Mapping[str, np.ndarray],
     raise ValueError("prediction needs 'masks' or 'boxes'")
   out = []
   for i in range(n):
-    d = {"image_id": _json_id(image_id), "category_id": int(categories[int(classes[i])]["id"]),
-         "score": float(scores[i])}
+    d = {
+      "image_id": _json_id(image_id),
+      "category_id": int(categories[int(classes[i])]["id"]),
+      "score": float(scores[i]),
+    }
     if with_masks and rles is not None:
       d["segmentation"] = rles[i]
     if with_boxes:
@@ -321,12 +377,15 @@ def read_coco_results(path: str) -> dict[Any, list[dict[str, Any]]]:
   return by_image
 
 
-def results_to_prediction(entries: Sequence[Mapping[str, Any]], height: int, width: int,
-                          cat_index: Mapping[int, int]) -> dict[str, np.ndarray]:
+def results_to_prediction(
+  entries: Sequence[Mapping[str, Any]], height: int, width: int, cat_index: Mapping[int, int]
+) -> dict[str, np.ndarray]:
   """COCO results entries of one image -> evaluator prediction dict (inverse of above)."""
   classes = np.array([cat_index[int(e["category_id"])] for e in entries], np.int32)
-  out = {"classes": classes.reshape(-1),
-         "scores": np.array([e["score"] for e in entries], np.float64).reshape(-1)}
+  out = {
+    "classes": classes.reshape(-1),
+    "scores": np.array([e["score"] for e in entries], np.float64).reshape(-1),
+  }
   if entries and "segmentation" in entries[0]:
     rles = [dict(e["segmentation"]) for e in entries]
     out["masks"] = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
@@ -341,8 +400,9 @@ def results_to_prediction(entries: Sequence[Mapping[str, Any]], height: int, wid
 # ----------------------------------------------------------------------------- semantic
 
 
-def write_semantic_png(path: str, semantic: np.ndarray, num_classes: int,
-                       ignore_value: int = 255) -> None:
+def write_semantic_png(
+  path: str, semantic: np.ndarray, num_classes: int, ignore_value: int = 255
+) -> None:
   """int [h, w] class map (< 0 = ignore) -> PNG (uint8, or 16-bit above 255 classes)."""
   sem = np.asarray(semantic)
   if num_classes > 255:
@@ -355,8 +415,9 @@ def write_semantic_png(path: str, semantic: np.ndarray, num_classes: int,
     Image.fromarray(out.astype(np.uint8)).save(path)
 
 
-def read_semantic_png(path: str, num_classes: int, *, ignore_value: int | None = None,
-                      reduce_zero_label: bool = False) -> np.ndarray:
+def read_semantic_png(
+  path: str, num_classes: int, *, ignore_value: int | None = None, reduce_zero_label: bool = False
+) -> np.ndarray:
   """PNG of class ids -> int32 [h, w], -1 where ignored or out of [0, num_classes).
 
   `reduce_zero_label`: files that store 0 = unlabelled and 1..K = classes (ADE20k's

@@ -18,21 +18,22 @@ import json
 import os
 from typing import Sequence
 
-from dataseg.metrics import coco_eval
-from dataseg.metrics import exports
-from dataseg.metrics import panoptic
-from dataseg.metrics import semantic
+from dataseg.metrics import coco_eval, exports, panoptic, semantic
 
 TASKS = ("panoptic", "semantic", "instance", "box")
 
 
-def evaluate_panoptic_files(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
-                            ) -> dict[str, float]:
+def evaluate_panoptic_files(
+  gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
+) -> dict[str, float]:
   """PQ / SQ / RQ of COCO panoptic prediction files against COCO panoptic gt files."""
-  categories, pairs = exports.iter_coco_panoptic_pairs(gt_json, gt_dir, pred_json, pred_dir,
-                                                       as_ids=True)
-  ev = panoptic.PanopticEvaluator(class_names=[c["name"] for c in categories],
-                                  is_thing=[bool(c.get("isthing", 1)) for c in categories])
+  categories, pairs = exports.iter_coco_panoptic_pairs(
+    gt_json, gt_dir, pred_json, pred_dir, as_ids=True
+  )
+  ev = panoptic.PanopticEvaluator(
+    class_names=[c["name"] for c in categories],
+    is_thing=[bool(c.get("isthing", 1)) for c in categories],
+  )
   for _, pred, gt in pairs:
     ev.add_id_maps(pred, gt)
   return ev.result()
@@ -47,9 +48,15 @@ def load_class_names(path: str) -> list[str]:
   return [c["name"] if isinstance(c, dict) else str(c) for c in obj]
 
 
-def evaluate_semantic_files(gt_dir: str, pred_dir: str, class_names: Sequence[str], *,
-                            gt_ignore_value: int = 255, reduce_zero_label: bool = False,
-                            pred_ignore_value: int = 255) -> dict[str, float]:
+def evaluate_semantic_files(
+  gt_dir: str,
+  pred_dir: str,
+  class_names: Sequence[str],
+  *,
+  gt_ignore_value: int = 255,
+  reduce_zero_label: bool = False,
+  pred_ignore_value: int = 255,
+) -> dict[str, float]:
   """mIoU etc. of same-named class-id PNGs in `pred_dir` against those in `gt_dir`."""
   k = len(class_names)
   ev = semantic.SemanticEvaluator(class_names=class_names)
@@ -60,9 +67,12 @@ def evaluate_semantic_files(gt_dir: str, pred_dir: str, class_names: Sequence[st
     pred_path = os.path.join(pred_dir, name)
     if not os.path.exists(pred_path):
       raise ValueError(f"no prediction {pred_path}")
-    gt = exports.read_semantic_png(os.path.join(gt_dir, name), k,
-                                   ignore_value=gt_ignore_value,
-                                   reduce_zero_label=reduce_zero_label)
+    gt = exports.read_semantic_png(
+      os.path.join(gt_dir, name),
+      k,
+      ignore_value=gt_ignore_value,
+      reduce_zero_label=reduce_zero_label,
+    )
     pred = exports.read_semantic_png(pred_path, k, ignore_value=pred_ignore_value)
     ev.add(name, pred, gt)
   return ev.result()

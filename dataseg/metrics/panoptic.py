@@ -41,8 +41,14 @@ def _check_tables(gt_class, gt_is_crowd, pred_class, num_classes):
   return gt_class, gt_is_crowd, pred_class
 
 
-def pq_image_stats(gt_map: np.ndarray, gt_class: np.ndarray, gt_is_crowd: np.ndarray,
-                   pred_map: np.ndarray, pred_class: np.ndarray, num_classes: int):
+def pq_image_stats(
+  gt_map: np.ndarray,
+  gt_class: np.ndarray,
+  gt_is_crowd: np.ndarray,
+  pred_map: np.ndarray,
+  pred_class: np.ndarray,
+  num_classes: int,
+):
   """Per-category PQ statistics of one image.
 
   Args:
@@ -56,8 +62,7 @@ def pq_image_stats(gt_map: np.ndarray, gt_class: np.ndarray, gt_is_crowd: np.nda
   Returns:
     (iou_sum float64 [K], tp int64 [K], fp int64 [K], fn int64 [K]).
   """
-  gt_class, gt_is_crowd, pred_class = _check_tables(gt_class, gt_is_crowd, pred_class,
-                                                    num_classes)
+  gt_class, gt_is_crowd, pred_class = _check_tables(gt_class, gt_is_crowd, pred_class, num_classes)
   n, m = gt_class.size, pred_class.size
   gt_map, pred_map = np.asarray(gt_map), np.asarray(pred_map)
   if gt_map.shape != pred_map.shape:
@@ -75,8 +80,13 @@ def pq_image_stats(gt_map: np.ndarray, gt_class: np.ndarray, gt_is_crowd: np.nda
   return stats_from_counts(counts, gt_class, gt_is_crowd, pred_class, num_classes)
 
 
-def stats_from_counts(counts: np.ndarray, gt_class: np.ndarray, gt_is_crowd: np.ndarray,
-                      pred_class: np.ndarray, num_classes: int):
+def stats_from_counts(
+  counts: np.ndarray,
+  gt_class: np.ndarray,
+  gt_is_crowd: np.ndarray,
+  pred_class: np.ndarray,
+  num_classes: int,
+):
   """pq_image_stats from the [n+1, m+1] pair-count table (row / column 0 = void)."""
   k = num_classes
   m = pred_class.size
@@ -85,8 +95,7 @@ def stats_from_counts(counts: np.ndarray, gt_class: np.ndarray, gt_is_crowd: np.
   inter = counts[1:, 1:]
   pred_void = counts[0, 1:]
 
-  eligible = ((gt_class[:, None] == pred_class[None, :]) & ~gt_is_crowd[:, None]
-              & (inter > 0))
+  eligible = (gt_class[:, None] == pred_class[None, :]) & ~gt_is_crowd[:, None] & (inter > 0)
   union = pred_area[None, :] + gt_area[:, None] - inter - pred_void[None, :]
   iou = np.where(eligible, inter / np.maximum(union, 1), 0.0)
   matched = eligible & (iou > 0.5)  # IoU > 0.5 makes matches unique in both directions.
@@ -112,9 +121,14 @@ def stats_from_counts(counts: np.ndarray, gt_class: np.ndarray, gt_is_crowd: np.
   return iou_sum, tp.astype(np.int64), fp.astype(np.int64), fn.astype(np.int64)
 
 
-def pq_from_stats(iou_sum: np.ndarray, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray,
-                  is_thing: np.ndarray, class_names: Sequence[str] | None = None
-                  ) -> dict[str, float]:
+def pq_from_stats(
+  iou_sum: np.ndarray,
+  tp: np.ndarray,
+  fp: np.ndarray,
+  fn: np.ndarray,
+  is_thing: np.ndarray,
+  class_names: Sequence[str] | None = None,
+) -> dict[str, float]:
   """PQ / SQ / RQ for all, things ("_th"), stuff ("_st") and per class ("PQ/<name>")."""
   iou_sum = np.asarray(iou_sum, np.float64)
   tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
@@ -152,7 +166,7 @@ def _perfect_hash(seg_ids: np.ndarray, max_bits: int = 11) -> tuple[int, int] | 
   rng = np.random.default_rng(x.size)
   for bits in range(max(log_n + 2, 2 * log_n - 3), max_bits + 1):
     for _ in range(32):
-      a = int(rng.integers(0, 2 ** 31)) * 2 + 1
+      a = int(rng.integers(0, 2**31)) * 2 + 1
       h = ((x * np.uint64(a)) & np.uint64(0xFFFFFFFF)) >> np.uint64(32 - bits)
       if np.unique(h).size == x.size:
         return a, bits
@@ -165,10 +179,16 @@ def _hash_map(ids: np.ndarray, a: int, bits: int) -> np.ndarray:
   return h
 
 
-def pq_image_stats_from_ids(gt_ids: np.ndarray, gt_seg_ids: np.ndarray,
-                            gt_class: np.ndarray, gt_is_crowd: np.ndarray,
-                            pred_ids: np.ndarray, pred_seg_ids: np.ndarray,
-                            pred_class: np.ndarray, num_classes: int):
+def pq_image_stats_from_ids(
+  gt_ids: np.ndarray,
+  gt_seg_ids: np.ndarray,
+  gt_class: np.ndarray,
+  gt_is_crowd: np.ndarray,
+  pred_ids: np.ndarray,
+  pred_seg_ids: np.ndarray,
+  pred_class: np.ndarray,
+  num_classes: int,
+):
   """pq_image_stats straight from COCO panoptic id maps (the file-scoring fast path).
 
   gt_ids / pred_ids: uint32 [h, w] segment ids, 0 = void (rgb2id of the PNGs);
@@ -178,15 +198,16 @@ def pq_image_stats_from_ids(gt_ids: np.ndarray, gt_seg_ids: np.ndarray,
   table is read out of that. PNG ids missing from the JSON are rejected: pixels in unlisted
   buckets, or a per-side checksum (sum of ids mod 2^32) that disagrees, raise ValueError.
   """
-  gt_class, gt_is_crowd, pred_class = _check_tables(gt_class, gt_is_crowd, pred_class,
-                                                    num_classes)
+  gt_class, gt_is_crowd, pred_class = _check_tables(gt_class, gt_is_crowd, pred_class, num_classes)
   gt_ids, pred_ids = np.asarray(gt_ids, np.uint32), np.asarray(pred_ids, np.uint32)
   if gt_ids.shape != pred_ids.shape:
     raise ValueError(f"gt map {gt_ids.shape} and prediction map {pred_ids.shape} differ")
-  listed = [np.concatenate([[0], np.asarray(ids, np.int64).reshape(-1)])
-            for ids in (gt_seg_ids, pred_seg_ids)]
+  listed = [
+    np.concatenate([[0], np.asarray(ids, np.int64).reshape(-1)])
+    for ids in (gt_seg_ids, pred_seg_ids)
+  ]
   for name, ids in zip(("gt", "prediction"), listed):
-    if np.unique(ids).size != ids.size or ids.max() >= 2 ** 24:
+    if np.unique(ids).size != ids.size or ids.max() >= 2**24:
       raise ValueError(f"{name} segment ids must be distinct, non-zero and < 2^24")
   hashes = [_perfect_hash(ids) for ids in listed]
   if None in hashes:  # many segments: the pair table would not be small; map rows instead
@@ -201,8 +222,11 @@ def pq_image_stats_from_ids(gt_ids: np.ndarray, gt_seg_ids: np.ndarray,
   (ga, gbits), (pa, pbits) = hashes
   g_listed, p_listed = listed
   g_buckets, p_buckets = (
-      (((ids.astype(np.uint64) * np.uint64(a)) & np.uint64(0xFFFFFFFF))
-       >> np.uint64(32 - bits)).astype(np.intp) for ids, (a, bits) in zip(listed, hashes))
+    (
+      ((ids.astype(np.uint64) * np.uint64(a)) & np.uint64(0xFFFFFFFF)) >> np.uint64(32 - bits)
+    ).astype(np.intp)
+    for ids, (a, bits) in zip(listed, hashes)
+  )
 
   pair = _hash_map(gt_ids, ga, gbits)  # uint32: gbits + pbits <= 22 bits
   pair <<= np.uint32(pbits)
@@ -212,10 +236,9 @@ def pq_image_stats_from_ids(gt_ids: np.ndarray, gt_seg_ids: np.ndarray,
   counts = table[np.ix_(g_buckets, p_buckets)]
   if counts.sum() != gt_ids.size:
     raise ValueError("segment ids in the PNG are missing from the JSON")
-  for ids, lst, area in ((gt_ids, g_listed, counts.sum(1)),
-                         (pred_ids, p_listed, counts.sum(0))):
+  for ids, lst, area in ((gt_ids, g_listed, counts.sum(1)), (pred_ids, p_listed, counts.sum(0))):
     # Checksum mod 2^32: an unlisted id hashed into a listed id's bucket changes it.
-    if int(ids.sum(dtype=np.uint32)) != int(np.dot(area, lst)) % 2 ** 32:
+    if int(ids.sum(dtype=np.uint32)) != int(np.dot(area, lst)) % 2**32:
       raise ValueError("segment ids in the PNG are missing from the JSON")
   return stats_from_counts(counts, gt_class, gt_is_crowd, pred_class, num_classes)
 
@@ -258,8 +281,7 @@ class PanopticEvaluator(evaluators.Evaluator):
     del image_id  # PQ sums over images; ids only matter for exports.
     gt_map, gt_cls, gt_crowd = _segments(ground_truth)
     pred_map, pred_cls, _ = _segments(prediction)
-    self._accumulate(pq_image_stats(gt_map, gt_cls, gt_crowd, pred_map, pred_cls,
-                                    self.num_classes))
+    self._accumulate(pq_image_stats(gt_map, gt_cls, gt_crowd, pred_map, pred_cls, self.num_classes))
 
   def add_id_maps(self, prediction: tuple, ground_truth: tuple):
     """`add` for COCO panoptic id maps: each side (ids uint32 [h, w] with 0 = void,
@@ -267,9 +289,18 @@ class PanopticEvaluator(evaluators.Evaluator):
     the prediction's is_crowd is not used."""
     pred_ids, pred_seg_ids, pred_class = prediction[:3]
     gt_ids, gt_seg_ids, gt_class, gt_is_crowd = ground_truth
-    self._accumulate(pq_image_stats_from_ids(gt_ids, gt_seg_ids, gt_class, gt_is_crowd,
-                                             pred_ids, pred_seg_ids, pred_class,
-                                             self.num_classes))
+    self._accumulate(
+      pq_image_stats_from_ids(
+        gt_ids,
+        gt_seg_ids,
+        gt_class,
+        gt_is_crowd,
+        pred_ids,
+        pred_seg_ids,
+        pred_class,
+        self.num_classes,
+      )
+    )
 
   def _accumulate(self, stats):
     iou, tp, fp, fn = stats
@@ -280,8 +311,13 @@ class PanopticEvaluator(evaluators.Evaluator):
     self.num_images += 1
 
   def state(self):
-    return {"iou": self._iou.copy(), "tp": self._tp.copy(), "fp": self._fp.copy(),
-            "fn": self._fn.copy(), "num_images": np.int64(self.num_images)}
+    return {
+      "iou": self._iou.copy(),
+      "tp": self._tp.copy(),
+      "fp": self._fp.copy(),
+      "fn": self._fn.copy(),
+      "num_images": np.int64(self.num_images),
+    }
 
   def accumulate_state(self, state):
     self._iou += state["iou"]
@@ -291,5 +327,4 @@ class PanopticEvaluator(evaluators.Evaluator):
     self.num_images += int(state["num_images"])
 
   def result(self):
-    return pq_from_stats(self._iou, self._tp, self._fp, self._fn, self.is_thing,
-                         self.class_names)
+    return pq_from_stats(self._iou, self._tp, self._fp, self._fn, self.is_thing, self.class_names)

@@ -64,10 +64,10 @@ def metrics_from_confusion(conf: np.ndarray, class_names=None) -> dict[str, floa
   iou[present] = tp[present] / union[present]
   total = pos_gt.sum()
   out = {
-      "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
-      "fwIoU": float((iou[present] * pos_gt[present] / total).sum()) if total else float("nan"),
-      "mACC": float(acc[present].mean()) if present.any() else float("nan"),
-      "pACC": float(tp.sum() / total) if total else float("nan"),
+    "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
+    "fwIoU": float((iou[present] * pos_gt[present] / total).sum()) if total else float("nan"),
+    "mACC": float(acc[present].mean()) if present.any() else float("nan"),
+    "pACC": float(tp.sum() / total) if total else float("nan"),
   }
   names = class_names if class_names is not None else [str(c) for c in range(k)]
   for c, name in enumerate(names):
@@ -91,8 +91,9 @@ class SemanticEvaluator(evaluators.Evaluator):
 
   def add(self, image_id, prediction, ground_truth):
     del image_id
-    self._conf += confusion_matrix(_class_map(ground_truth), _class_map(prediction),
-                                   self.num_classes)
+    self._conf += confusion_matrix(
+      _class_map(ground_truth), _class_map(prediction), self.num_classes
+    )
 
   def state(self):
     return {"confusion": self._conf.copy()}

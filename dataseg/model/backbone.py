@@ -23,17 +23,44 @@ from dataseg.model import layers
 
 FROZEN_COLLECTION = "frozen"
 CONV_AXES = layers.CONV_AXES
-LOGICAL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out", "embed", "mlp",
-                "heads_kv", "norm", "pos_h", "pos_w")
+LOGICAL_AXES = (
+  "conv_h",
+  "conv_w",
+  "conv_in",
+  "conv_out",
+  "embed",
+  "mlp",
+  "heads_kv",
+  "norm",
+  "pos_h",
+  "pos_w",
+)
 
 
-def _conv(features, kernel, strides=1, *, name, dtype, use_bias=False,
-          padding=None, kernel_init=layers.KAIMING_FAN_OUT):
+def _conv(
+  features,
+  kernel,
+  strides=1,
+  *,
+  name,
+  dtype,
+  use_bias=False,
+  padding=None,
+  kernel_init=layers.KAIMING_FAN_OUT,
+):
   """torchvision-style conv: symmetric explicit padding k//2 (not 'SAME'), no bias."""
   if padding is None:
     padding = [(kernel // 2, kernel // 2)] * 2
-  return layers.conv(features, kernel, strides, dtype=dtype, use_bias=use_bias,
-                     padding=padding, kernel_init=kernel_init, name=name)
+  return layers.conv(
+    features,
+    kernel,
+    strides,
+    dtype=dtype,
+    use_bias=use_bias,
+    padding=padding,
+    kernel_init=kernel_init,
+    name=name,
+  )
 
 
 class FrozenBatchNorm(nn.Module):
@@ -42,6 +69,7 @@ class FrozenBatchNorm(nn.Module):
   `y = (x - mean) / sqrt(var + eps) * scale + bias`, folded into one affine map.
   All four vectors are in the FROZEN_COLLECTION collection (not 'params').
   """
+
   eps: float = 1e-5  # torchvision's BatchNorm2d default.
   dtype: Any = jnp.float32
 
@@ -51,15 +79,15 @@ class FrozenBatchNorm(nn.Module):
 
     def stat(name, fill):
       init = nn.with_logical_partitioning(
-          lambda shape: jnp.full(shape, fill, jnp.float32), ("norm",))
+        lambda shape: jnp.full(shape, fill, jnp.float32), ("norm",)
+      )
       return self.variable(FROZEN_COLLECTION, name, init, (c,)).value
 
     scale, bias = stat("scale", 1.0), stat("bias", 0.0)
     mean, var = stat("mean", 0.0), stat("var", 1.0)
     mult = scale * jax.lax.rsqrt(var + self.eps)
     shift = bias - mean * mult
-    return x.astype(self.dtype) * mult.astype(self.dtype) + shift.astype(
-        self.dtype)
+    return x.astype(self.dtype) * mult.astype(self.dtype) + shift.astype(self.dtype)
 
 
 def _norm(kind, name, dtype):
@@ -72,6 +100,7 @@ def _norm(kind, name, dtype):
 
 class BasicBlock(nn.Module):
   """ResNet-18/34 block: two 3x3 convs."""
+
   features: int
   strides: int = 1
   norm: str = "frozen_bn"
@@ -82,17 +111,16 @@ class BasicBlock(nn.Module):
   def __call__(self, x):
     conv = lambda *a, **k: _conv(*a, dtype=self.dtype, **k)
     norm = lambda name: _norm(self.norm, name, self.dtype)
-    y = nn.relu(norm("bn1")(conv(self.features, 3, self.strides,
-                                 name="conv1")(x)))
+    y = nn.relu(norm("bn1")(conv(self.features, 3, self.strides, name="conv1")(x)))
     y = norm("bn2")(conv(self.features, 3, name="conv2")(y))
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = norm("downsample_bn")(
-          conv(self.features, 1, self.strides, name="downsample_conv")(x))
+      x = norm("downsample_bn")(conv(self.features, 1, self.strides, name="downsample_conv")(x))
     return nn.relu(y + x)
 
 
 class Bottleneck(nn.Module):
   """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv (torchvision)."""
+
   features: int
   strides: int = 1
   norm: str = "frozen_bn"
@@ -105,20 +133,18 @@ class Bottleneck(nn.Module):
     norm = lambda name: _norm(self.norm, name, self.dtype)
     out = self.features * self.expansion
     y = nn.relu(norm("bn1")(conv(self.features, 1, name="conv1")(x)))
-    y = nn.relu(norm("bn2")(conv(self.features, 3, self.strides,
-                                 name="conv2")(y)))
+    y = nn.relu(norm("bn2")(conv(self.features, 3, self.strides, name="conv2")(y)))
     y = norm("bn3")(conv(out, 1, name="conv3")(y))
     if self.strides != 1 or x.shape[-1] != out:
-      x = norm("downsample_bn")(
-          conv(out, 1, self.strides, name="downsample_conv")(x))
+      x = norm("downsample_bn")(conv(out, 1, self.strides, name="downsample_conv")(x))
     return nn.relu(y + x)
 
 
 RESNET_LAYERS = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
+  18: (BasicBlock, (2, 2, 2, 2)),
+  34: (BasicBlock, (3, 4, 6, 3)),
+  50: (Bottleneck, (3, 4, 6, 3)),
+  101: (Bottleneck, (3, 4, 23, 3)),
 }
 
 
@@ -130,6 +156,7 @@ class ResNet(nn.Module):
   Channels of stride4..32: width * (1, 2, 4, 8) * expansion (64..512 for R18,
   256..2048 for R50).
   """
+
   depth: int = 50
   norm: str = "frozen_bn"
   dtype: Any = jnp.float32
@@ -144,16 +171,20 @@ class ResNet(nn.Module):
     block_cls, layers = RESNET_LAYERS[self.depth]
     if self.remat:
       block_cls = nn.remat(block_cls)
-    x = _conv(self.width, 7, 2, name="conv1", dtype=self.dtype)(
-        images.astype(self.dtype))
+    x = _conv(self.width, 7, 2, name="conv1", dtype=self.dtype)(images.astype(self.dtype))
     x = nn.relu(_norm(self.norm, "bn1", self.dtype)(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     self.sow("intermediates", "stem", x)  # Kept only if that collection is mutable.
     out = {}
     for s, n in enumerate(layers):
       for b in range(n):
-        x = block_cls(self.width * 2**s, 2 if (s > 0 and b == 0) else 1,
-                      self.norm, self.dtype, name=f"layer{s + 1}_{b}")(x)
+        x = block_cls(
+          self.width * 2**s,
+          2 if (s > 0 and b == 0) else 1,
+          self.norm,
+          self.dtype,
+          name=f"layer{s + 1}_{b}",
+        )(x)
       out[f"stride{4 * 2**s}"] = x
     return out
 
@@ -170,9 +201,11 @@ def torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 
   def cubic(t):
     t = np.abs(t)
-    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a,
-                             0.0))
+    return np.where(
+      t <= 1,
+      ((a + 2) * t - (a + 3)) * t * t + 1,
+      np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
+    )
 
   src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
   base = np.floor(src).astype(int)
@@ -210,6 +243,7 @@ class ViTBlock(nn.Module):
   Names follow timm: norm1, qkv, proj, norm2, fc1, fc2. The qkv kernel's output
   axis is ordered (q|k|v, head, head_dim), as timm's `qkv.weight` rows.
   """
+
   width: int
   heads: int
   mlp: int
@@ -243,6 +277,7 @@ class ViTBlock(nn.Module):
 
 class _PyramidLevel(nn.Module):
   """One output of ViTDet's simple feature pyramid (detectron2 SimpleFeaturePyramid)."""
+
   scale: float
   width: int
   out_dim: int
@@ -251,10 +286,16 @@ class _PyramidLevel(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, gh, gw, width] at stride `patch`
     deconv = lambda n, name: nn.ConvTranspose(
-        n, (2, 2), (2, 2), padding="VALID", dtype=self.dtype,
-        param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(layers.KAIMING_FAN_OUT, CONV_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+      n,
+      (2, 2),
+      (2, 2),
+      padding="VALID",
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(layers.KAIMING_FAN_OUT, CONV_AXES),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+    )
     if self.scale == 4:
       x = deconv(self.width // 2, "deconv1")(x)
       x = layers.layer_norm(dtype=self.dtype, eps=1e-6, name="deconv_norm")(x)
@@ -285,6 +326,7 @@ class ViTDet(nn.Module):
   Names: patch_embed, pos_embed, blocks_{i}/(timm names), simfp_{4,8,16,32}/...
   The pyramid (`simfp_*`) has no pre-trained counterpart.
   """
+
   patch: int = 16
   width: int = 768
   depth: int = 12
@@ -304,30 +346,48 @@ class ViTDet(nn.Module):
     del train  # No dropout / drop-path.
     if self.patch != 16:
       raise ValueError("ViTDet's pyramid (x4, x2, x1, x0.5) assumes patch=16.")
-    x = _conv(self.width, self.patch, self.patch, name="patch_embed",
-              dtype=self.dtype, use_bias=True, padding="VALID",
-              kernel_init=layers.XAVIER)(images.astype(self.dtype))
+    x = _conv(
+      self.width,
+      self.patch,
+      self.patch,
+      name="patch_embed",
+      dtype=self.dtype,
+      use_bias=True,
+      padding="VALID",
+      kernel_init=layers.XAVIER,
+    )(images.astype(self.dtype))
     _, gh, gw, _ = x.shape
     g = self.pretrain_grid
     pos = self.param(
-        "pos_embed",
-        nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                     ("pos_h", "pos_w", "embed")),
-        (g, g, self.width), jnp.float32)
+      "pos_embed",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("pos_h", "pos_w", "embed")),
+      (g, g, self.width),
+      jnp.float32,
+    )
     if (gh, gw) != (g, g):
-      pos = jnp.einsum("hi,wj,ijc->hwc", torch_bicubic_matrix(g, gh),
-                       torch_bicubic_matrix(g, gw), pos)
+      pos = jnp.einsum(
+        "hi,wj,ijc->hwc", torch_bicubic_matrix(g, gh), torch_bicubic_matrix(g, gw), pos
+      )
     x = x + pos.astype(self.dtype)
     block_cls = nn.remat(ViTBlock) if self.remat else ViTBlock
     for i in range(self.depth):
       window = 0 if i in tuple(self.global_blocks) else self.window
-      x = block_cls(self.width, self.heads, self.mlp, window, self.dtype,
-                    self.ln_eps, self.gelu_approximate, name=f"blocks_{i}")(x)
+      x = block_cls(
+        self.width,
+        self.heads,
+        self.mlp,
+        window,
+        self.dtype,
+        self.ln_eps,
+        self.gelu_approximate,
+        name=f"blocks_{i}",
+      )(x)
     return {
-        f"stride{int(self.patch / s)}": _PyramidLevel(
-            s, self.width, self.out_dim, self.dtype,
-            name=f"simfp_{int(self.patch / s)}")(x)
-        for s in (4, 2, 1, 0.5)}
+      f"stride{int(self.patch / s)}": _PyramidLevel(
+        s, self.width, self.out_dim, self.dtype, name=f"simfp_{int(self.patch / s)}"
+      )(x)
+      for s in (4, 2, 1, 0.5)
+    }
 
 
 BACKBONES = {"resnet": ResNet, "vitdet": ViTDet}
@@ -341,8 +401,7 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   not a module field: dataseg/model/weights.py reads it.
   """
   if config.name not in BACKBONES:
-    raise ValueError(f"Unknown backbone {config.name!r}; "
-                     f"allowed: {sorted(BACKBONES)}")
+    raise ValueError(f"Unknown backbone {config.name!r}; allowed: {sorted(BACKBONES)}")
   cls = BACKBONES[config.name]
   allowed = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   kwargs = dict(config.to_dict() if hasattr(config, "to_dict") else config)
@@ -352,8 +411,7 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   kwargs.pop("pretrained", None)
   unknown = set(kwargs) - allowed
   if unknown:
-    raise ValueError(f"Unknown {config.name} fields {sorted(unknown)}; "
-                     f"allowed: {sorted(allowed)}")
+    raise ValueError(f"Unknown {config.name} fields {sorted(unknown)}; allowed: {sorted(allowed)}")
   if "dtype" in kwargs:
     kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   if "global_blocks" in kwargs:

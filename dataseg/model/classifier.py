@@ -37,6 +37,7 @@ class TextClassifier(nn.Module):
   The last logit (index V) is background. Output is float32: the cosine logits are
   computed in float32 whatever the compute dtype (they are scaled by up to 100).
   """
+
   text_dim: int = 512
   logit_scale_init: float = 1 / 0.07
   logit_scale_max: float = 100.0
@@ -46,27 +47,30 @@ class TextClassifier(nn.Module):
   def __call__(self, queries, text_embeddings, vocab_valid):
     b = queries.shape[0]
     if text_embeddings.ndim == 2:
-      text_embeddings = jnp.broadcast_to(
-          text_embeddings[None], (b,) + text_embeddings.shape)
+      text_embeddings = jnp.broadcast_to(text_embeddings[None], (b,) + text_embeddings.shape)
     if vocab_valid.ndim == 1:
       vocab_valid = jnp.broadcast_to(vocab_valid[None], (b,) + vocab_valid.shape)
     if text_embeddings.shape[-1] != self.text_dim:
-      raise ValueError(f"text embeddings have width {text_embeddings.shape[-1]},"
-                       f" the classifier expects text_dim={self.text_dim}.")
-    emb = layers.dense(self.text_dim, ("embed", "text"), dtype=self.dtype,
-                       name="proj")(queries)
+      raise ValueError(
+        f"text embeddings have width {text_embeddings.shape[-1]},"
+        f" the classifier expects text_dim={self.text_dim}."
+      )
+    emb = layers.dense(self.text_dim, ("embed", "text"), dtype=self.dtype, name="proj")(queries)
     emb = l2_normalize(emb)  # [B, Q, D]
     background = self.param(
-        "background", nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("text",)), (self.text_dim,))
+      "background",
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ("text",)),
+      (self.text_dim,),
+    )
     log_scale = self.param(
-        "log_logit_scale", nn.with_logical_partitioning(
-            nn.initializers.constant(math.log(self.logit_scale_init)), ()), ())
+      "log_logit_scale",
+      nn.with_logical_partitioning(nn.initializers.constant(math.log(self.logit_scale_init)), ()),
+      (),
+    )
     text = l2_normalize(text_embeddings)  # [B, V, D]
     sim = jnp.einsum("bqd,bvd->bqv", emb, text)
     sim_bg = jnp.einsum("bqd,d->bq", emb, l2_normalize(background))
     scale = jnp.exp(jnp.minimum(log_scale, math.log(self.logit_scale_max)))
     logits = scale * jnp.concatenate([sim, sim_bg[..., None]], -1)
-    valid = jnp.concatenate(
-        [vocab_valid.astype(bool), jnp.ones((b, 1), bool)], -1)  # [B, V + 1]
+    valid = jnp.concatenate([vocab_valid.astype(bool), jnp.ones((b, 1), bool)], -1)  # [B, V + 1]
     return jnp.where(valid[:, None, :], logits, PAD_LOGIT)

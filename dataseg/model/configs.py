@@ -32,13 +32,15 @@ def _base() -> ml_collections.ConfigDict:
   c.remat = False  # nn.remat on backbone / pixel-decoder / decoder layers.
   c.pixel_mean = IMAGENET_MEAN
   c.pixel_std = IMAGENET_STD
-  c.pixel_decoder = ml_collections.ConfigDict(dict(
-      name="msdeform", dim=256, layers=6, heads=8, points=4, ffn=1024))
-  c.decoder = ml_collections.ConfigDict(dict(
-      num_queries=100, layers=9, heads=8, ffn=2048, dim=256, dropout=0.0,
-      pre_norm=False))
-  c.classifier = ml_collections.ConfigDict(dict(
-      text_dim=512, logit_scale_init=1 / 0.07, logit_scale_max=100.0))
+  c.pixel_decoder = ml_collections.ConfigDict(
+    dict(name="msdeform", dim=256, layers=6, heads=8, points=4, ffn=1024)
+  )
+  c.decoder = ml_collections.ConfigDict(
+    dict(num_queries=100, layers=9, heads=8, ffn=2048, dim=256, dropout=0.0, pre_norm=False)
+  )
+  c.classifier = ml_collections.ConfigDict(
+    dict(text_dim=512, logit_scale_init=1 / 0.07, logit_scale_max=100.0)
+  )
   # [ours] Auxiliary per-pixel text classifier on the mask features (outputs
   # 'pixel_logits'; trained by loss.pixel_class_weight, as MaX-DeepLab's and
   # kMaX-DeepLab's auxiliary semantic head). Off in Mask2Former's configs.
@@ -47,20 +49,40 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def _resnet(c, depth: int, width: int = 64, norm: str = "frozen_bn"):
-  c.backbone = ml_collections.ConfigDict(dict(
-      name="resnet", depth=depth, norm=norm, width=width, pretrained="",
-      dtype=c.get_ref("dtype"), remat=c.get_ref("remat")))
+  c.backbone = ml_collections.ConfigDict(
+    dict(
+      name="resnet",
+      depth=depth,
+      norm=norm,
+      width=width,
+      pretrained="",
+      dtype=c.get_ref("dtype"),
+      remat=c.get_ref("remat"),
+    )
+  )
   return c
 
 
 def _vitdet(c, width, depth, heads, global_blocks):
   # ViTDet (Li et al. 2022): MAE-pretrained plain ViT at 224 px (14x14 position
   # table), 14x14 window attention, 4 evenly spaced global blocks, simple pyramid.
-  c.backbone = ml_collections.ConfigDict(dict(
-      name="vitdet", patch=16, width=width, depth=depth, heads=heads,
-      mlp=4 * width, window=14, global_blocks=global_blocks, pretrain_grid=14,
-      out_dim=256, pretrained="", dtype=c.get_ref("dtype"),
-      remat=c.get_ref("remat")))
+  c.backbone = ml_collections.ConfigDict(
+    dict(
+      name="vitdet",
+      patch=16,
+      width=width,
+      depth=depth,
+      heads=heads,
+      mlp=4 * width,
+      window=14,
+      global_blocks=global_blocks,
+      pretrain_grid=14,
+      out_dim=256,
+      pretrained="",
+      dtype=c.get_ref("dtype"),
+      remat=c.get_ref("remat"),
+    )
+  )
   return c
 
 
@@ -79,11 +101,12 @@ def _tiny(c):
   # Width 32, not 16: GroupNorm(32) needs >= 32 channels, and a from-scratch
   # CPU run trains far better with GN than with identity "frozen" BN.
   _resnet(c, depth=18, width=32, norm="gn")
-  c.pixel_decoder = ml_collections.ConfigDict(dict(
-      name="fpn", dim=64, layers=0, heads=4, points=4, ffn=128))
-  c.decoder = ml_collections.ConfigDict(dict(
-      num_queries=16, layers=3, heads=4, ffn=128, dim=64, dropout=0.0,
-      pre_norm=False))
+  c.pixel_decoder = ml_collections.ConfigDict(
+    dict(name="fpn", dim=64, layers=0, heads=4, points=4, ffn=128)
+  )
+  c.decoder = ml_collections.ConfigDict(
+    dict(num_queries=16, layers=3, heads=4, ffn=128, dim=64, dropout=0.0, pre_norm=False)
+  )
   return c
 
 
@@ -95,6 +118,7 @@ class Pretrained:
   `source` / `url` / `original` feed the conversion command that the start-up error
   prints (dataseg/model/weights.py) when the file is missing.
   """
+
   file: str
   source: str  # --from of `python -m dataseg.model.weights`.
   original: str  # the published file's name.
@@ -105,29 +129,37 @@ class Pretrained:
 # [ours] Mask2Former's R50 starts from torchvision's ImageNet-1k ResNet-50 (detectron2's
 # R-50.pkl is a conversion of it); ViTDet starts from MAE's ImageNet-1k ViT-B/L.
 PRETRAINED = {
-    "r50": Pretrained(
-        "weights/resnet50_imagenet_torchvision.safetensors", "torchvision",
-        "resnet50-0676ba61.pth",
-        "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-        "torchvision ImageNet-1k ResNet-50 (IMAGENET1K_V1)"),
-    "vitdet_b": Pretrained(
-        "weights/vit_base_mae.safetensors", "mae", "mae_pretrain_vit_base.pth",
-        "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
-        "MAE ImageNet-1k ViT-B/16 (ViTDet's initialisation)"),
-    "vitdet_l": Pretrained(
-        "weights/vit_large_mae.safetensors", "mae", "mae_pretrain_vit_large.pth",
-        "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
-        "MAE ImageNet-1k ViT-L/16 (ViTDet's initialisation)"),
+  "r50": Pretrained(
+    "weights/resnet50_imagenet_torchvision.safetensors",
+    "torchvision",
+    "resnet50-0676ba61.pth",
+    "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "torchvision ImageNet-1k ResNet-50 (IMAGENET1K_V1)",
+  ),
+  "vitdet_b": Pretrained(
+    "weights/vit_base_mae.safetensors",
+    "mae",
+    "mae_pretrain_vit_base.pth",
+    "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+    "MAE ImageNet-1k ViT-B/16 (ViTDet's initialisation)",
+  ),
+  "vitdet_l": Pretrained(
+    "weights/vit_large_mae.safetensors",
+    "mae",
+    "mae_pretrain_vit_large.pth",
+    "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
+    "MAE ImageNet-1k ViT-L/16 (ViTDet's initialisation)",
+  ),
 }
 
 
 _BUILDERS = {
-    "r18": lambda c: _resnet(c, 18),
-    "r50": lambda c: _resnet(c, 50),
-    "r101": lambda c: _resnet(c, 101),
-    "vitdet_b": _vitdet_b,
-    "vitdet_l": _vitdet_l,
-    "tiny": _tiny,
+  "r18": lambda c: _resnet(c, 18),
+  "r50": lambda c: _resnet(c, 50),
+  "r101": lambda c: _resnet(c, 101),
+  "vitdet_b": _vitdet_b,
+  "vitdet_l": _vitdet_l,
+  "tiny": _tiny,
 }
 NAMES = tuple(_BUILDERS)
 

@@ -37,12 +37,27 @@ from dataseg.model import classifier as classifier_lib
 from dataseg.model import pixel_decoder as pixel_decoder_lib
 from dataseg.model import transformer_decoder as decoder_lib
 
-LOGICAL_AXES: tuple[str, ...] = tuple(dict.fromkeys((
-    "embed", "mlp", "heads", "kv", "conv_h", "conv_w", "conv_in", "conv_out",
-    "norm", "queries", "levels", "text") + tuple(backbone_lib.LOGICAL_AXES)))
+LOGICAL_AXES: tuple[str, ...] = tuple(
+  dict.fromkeys(
+    (
+      "embed",
+      "mlp",
+      "heads",
+      "kv",
+      "conv_h",
+      "conv_w",
+      "conv_in",
+      "conv_out",
+      "norm",
+      "queries",
+      "levels",
+      "text",
+    )
+    + tuple(backbone_lib.LOGICAL_AXES)
+  )
+)
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-           "float16": jnp.float16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def compute_dtype(config) -> Any:
@@ -51,29 +66,40 @@ def compute_dtype(config) -> Any:
 
 class DaTaSeg(nn.Module):
   """The universal segmentation model. `config`: `configs.model_config(...)`."""
+
   config: ml_collections.ConfigDict
 
   def setup(self):
     cfg = self.config
     dtype = compute_dtype(cfg)
     self.backbone = backbone_lib.build_backbone(cfg.backbone)
-    self.pixel_decoder = pixel_decoder_lib.build_pixel_decoder(
-        cfg.pixel_decoder, dtype, cfg.remat)
+    self.pixel_decoder = pixel_decoder_lib.build_pixel_decoder(cfg.pixel_decoder, dtype, cfg.remat)
     d = cfg.decoder
     self.decoder = decoder_lib.MaskedTransformerDecoder(
-        num_queries=d.num_queries, layers=d.layers, heads=d.heads, ffn=d.ffn,
-        dim=d.dim, dropout=d.dropout, pre_norm=d.pre_norm,
-        text_dim=cfg.classifier.text_dim,
-        logit_scale_init=cfg.classifier.logit_scale_init,
-        logit_scale_max=cfg.classifier.logit_scale_max,
-        dtype=dtype, remat=cfg.remat)
+      num_queries=d.num_queries,
+      layers=d.layers,
+      heads=d.heads,
+      ffn=d.ffn,
+      dim=d.dim,
+      dropout=d.dropout,
+      pre_norm=d.pre_norm,
+      text_dim=cfg.classifier.text_dim,
+      logit_scale_init=cfg.classifier.logit_scale_init,
+      logit_scale_max=cfg.classifier.logit_scale_max,
+      dtype=dtype,
+      remat=cfg.remat,
+    )
     if cfg.get("pixel_head", False):
       self.pixel_classifier = classifier_lib.TextClassifier(
-          cfg.classifier.text_dim, cfg.classifier.logit_scale_init,
-          cfg.classifier.logit_scale_max, dtype)
+        cfg.classifier.text_dim,
+        cfg.classifier.logit_scale_init,
+        cfg.classifier.logit_scale_max,
+        dtype,
+      )
 
-  def __call__(self, images, text_embeddings, vocab_valid, *,
-               train: bool = False) -> dict[str, jnp.ndarray]:
+  def __call__(
+    self, images, text_embeddings, vocab_valid, *, train: bool = False
+  ) -> dict[str, jnp.ndarray]:
     """Mask proposals and their class logits for every decoder layer.
 
     Args:
@@ -102,13 +128,17 @@ class DaTaSeg(nn.Module):
     features = self.backbone(x, train=train)
     memory, mask_features = self.pixel_decoder(features, train=train)
     class_logits, mask_logits = self.decoder(
-        memory, mask_features, text_embeddings, vocab_valid, train=train)
-    out = {"class_logits": class_logits.astype(jnp.float32),
-           "mask_logits": mask_logits.astype(jnp.float32)}
+      memory, mask_features, text_embeddings, vocab_valid, train=train
+    )
+    out = {
+      "class_logits": class_logits.astype(jnp.float32),
+      "mask_logits": mask_logits.astype(jnp.float32),
+    }
     if cfg.get("pixel_head", False):
       b, h4, w4, c = mask_features.shape
-      pixels = self.pixel_classifier(mask_features.reshape(b, h4 * w4, c),
-                                     text_embeddings, vocab_valid)
+      pixels = self.pixel_classifier(
+        mask_features.reshape(b, h4 * w4, c), text_embeddings, vocab_valid
+      )
       out["pixel_logits"] = pixels.reshape(b, h4, w4, -1).astype(jnp.float32)
     return out
 

@@ -21,48 +21,85 @@ _zeros = nn.initializers.zeros
 _ones = nn.initializers.ones
 
 
-def dense(features: int, axes: tuple[str, str], *, dtype: Dtype = jnp.float32,
-          kernel_init=XAVIER, bias_init=_zeros, use_bias: bool = True,
-          name: str | None = None) -> nn.Dense:
+def dense(
+  features: int,
+  axes: tuple[str, str],
+  *,
+  dtype: Dtype = jnp.float32,
+  kernel_init=XAVIER,
+  bias_init=_zeros,
+  use_bias: bool = True,
+  name: str | None = None,
+) -> nn.Dense:
   """nn.Dense with fp32 params, `dtype` compute and logical axis names."""
   return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)),
-      name=name)
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+    bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)),
+    name=name,
+  )
 
 
-def conv(features: int, kernel: int, strides: int = 1, *, dtype: Dtype = jnp.float32,
-         use_bias: bool = True, padding: Any = "SAME", kernel_init=XAVIER,
-         name: str | None = None) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int,
+  strides: int = 1,
+  *,
+  dtype: Dtype = jnp.float32,
+  use_bias: bool = True,
+  padding: Any = "SAME",
+  kernel_init=XAVIER,
+  name: str | None = None,
+) -> nn.Conv:
   """NHWC conv (default 'SAME' padding), annotated [conv_h, conv_w, conv_in, conv_out]."""
   return nn.Conv(
-      features, (kernel, kernel), (strides, strides), padding=padding,
-      use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(kernel_init, CONV_AXES),
-      bias_init=nn.with_logical_partitioning(_zeros, ("conv_out",)),
-      name=name)
+    features,
+    (kernel, kernel),
+    (strides, strides),
+    padding=padding,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(kernel_init, CONV_AXES),
+    bias_init=nn.with_logical_partitioning(_zeros, ("conv_out",)),
+    name=name,
+  )
 
 
-def layer_norm(*, dtype: Dtype = jnp.float32, eps: float = 1e-5,
-               name: str | None = None) -> nn.LayerNorm:
+def layer_norm(
+  *, dtype: Dtype = jnp.float32, eps: float = 1e-5, name: str | None = None
+) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(_ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(_zeros, ("norm",)), name=name)
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    scale_init=nn.with_logical_partitioning(_ones, ("norm",)),
+    bias_init=nn.with_logical_partitioning(_zeros, ("norm",)),
+    name=name,
+  )
 
 
-def group_norm(groups: int = 32, *, dtype: Dtype = jnp.float32,
-               name: str | None = None) -> nn.GroupNorm:
+def group_norm(
+  groups: int = 32, *, dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.GroupNorm:
   """GroupNorm: batch-independent, so it behaves the same under any sharding."""
   return nn.GroupNorm(
-      num_groups=groups, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(_ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(_zeros, ("norm",)), name=name)
+    num_groups=groups,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    scale_init=nn.with_logical_partitioning(_ones, ("norm",)),
+    bias_init=nn.with_logical_partitioning(_zeros, ("norm",)),
+    name=name,
+  )
 
 
-def position_embedding_sine(height: int, width: int, dim: int,
-                            temperature: float = 10000.0) -> jnp.ndarray:
+def position_embedding_sine(
+  height: int, width: int, dim: int, temperature: float = 10000.0
+) -> jnp.ndarray:
   """Mask2Former's `PositionEmbeddingSine(dim // 2, normalize=True)` -> [H, W, dim].
 
   Computed from static shapes (no padding mask, as in Mask2Former), so it is a
@@ -76,8 +113,7 @@ def position_embedding_sine(height: int, width: int, dim: int,
 
   def enc(v):  # [n] -> [n, npf], interleaved sin/cos as in the torch code.
     p = v[:, None] / dim_t
-    return np.stack([np.sin(p[:, 0::2]), np.cos(p[:, 1::2])], -1).reshape(
-        len(v), npf)
+    return np.stack([np.sin(p[:, 0::2]), np.cos(p[:, 1::2])], -1).reshape(len(v), npf)
 
   py = np.broadcast_to(enc(y)[:, None, :], (height, width, npf))
   px = np.broadcast_to(enc(x)[None, :, :], (height, width, npf))

@@ -35,10 +35,12 @@ _zeros = nn.initializers.zeros
 # ---------------------------------------------------------------------------
 
 
-def ms_deform_attn_core(value: jnp.ndarray,
-                        spatial_shapes: Sequence[tuple[int, int]],
-                        sampling_locations: jnp.ndarray,
-                        attention_weights: jnp.ndarray) -> jnp.ndarray:
+def ms_deform_attn_core(
+  value: jnp.ndarray,
+  spatial_shapes: Sequence[tuple[int, int]],
+  sampling_locations: jnp.ndarray,
+  attention_weights: jnp.ndarray,
+) -> jnp.ndarray:
   """Pure-JAX `ms_deform_attn_core_pytorch`.
 
   Args:
@@ -73,8 +75,9 @@ def ms_deform_attn_core(value: jnp.ndarray,
     for dx, wx in ((0, 1 - fx), (1, fx)):
       xi, yi = x0 + dx, y0 + dy
       inside = (xi >= 0) & (xi <= ws - 1) & (yi >= 0) & (yi <= hs - 1)
-      idxs.append(starts + (jnp.clip(yi, 0, hs - 1) * ws
-                            + jnp.clip(xi, 0, ws - 1)).astype(jnp.int32))
+      idxs.append(
+        starts + (jnp.clip(yi, 0, hs - 1) * ws + jnp.clip(xi, 0, ws - 1)).astype(jnp.int32)
+      )
       wgts.append(jnp.where(inside, wx * wy, 0.0) * attn)
   k = num_levels * p * 4
   s = v.shape[2]
@@ -86,14 +89,16 @@ def ms_deform_attn_core(value: jnp.ndarray,
   # The weighted sum as a batched contraction, not sum(g * wgt): XLA:CPU fused the
   # gather into that reduction in forward-only programs (inference) and ran it ~8x
   # slower (1.1 s vs 0.13 s per layer at 512x512, most of the model's inference time).
-  out = jnp.einsum("bmlk,bmlkd->bmld", wgt, g.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)  # [B, M, Lq, D], f32 sums.
+  out = jnp.einsum(
+    "bmlk,bmlkd->bmld", wgt, g.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+  )  # [B, M, Lq, D], f32 sums.
   return out.transpose(0, 2, 1, 3).reshape(b, lq, m * d).astype(value.dtype)
 
 
 def _sampling_offset_bias(heads: int, levels: int, points: int):
   """Deformable DETR's init: head h looks along direction 2*pi*h/heads, point k
   at distance k+1 (in pixels of each level)."""
+
   def init(key, shape, dtype=jnp.float32):
     del key
     thetas = np.arange(heads, dtype=np.float32) * (2.0 * math.pi / heads)
@@ -102,11 +107,13 @@ def _sampling_offset_bias(heads: int, levels: int, points: int):
     grid = np.tile(grid[:, None, None, :], (1, levels, points, 1))
     grid = grid * np.arange(1, points + 1, dtype=np.float32)[None, None, :, None]
     return jnp.asarray(grid.reshape(shape), dtype)
+
   return init
 
 
 class MSDeformAttn(nn.Module):
   """Multi-scale deformable attention (Zhu et al. 2021), Mask2Former settings."""
+
   dim: int = 256
   heads: int = 8
   levels: int = 3
@@ -119,32 +126,36 @@ class MSDeformAttn(nn.Module):
     value_in [B, S, C]; spatial_shapes static ((h, w), ...) -> [B, Lq, C]."""
     b, lq, _ = query.shape
     m, nl, p = self.heads, self.levels, self.points
-    value = layers.dense(self.dim, ("embed", "heads"), dtype=self.dtype,
-                  name="value_proj")(value_in)
+    value = layers.dense(self.dim, ("embed", "heads"), dtype=self.dtype, name="value_proj")(
+      value_in
+    )
     value = value.reshape(b, value.shape[1], m, self.dim // m)
     n_off = m * nl * p * 2
     offsets = nn.Dense(
-        n_off, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(_zeros, ("embed", "kv")),
-        bias_init=nn.with_logical_partitioning(
-            _sampling_offset_bias(m, nl, p), ("kv",)),
-        name="sampling_offsets")(query)
+      n_off,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(_zeros, ("embed", "kv")),
+      bias_init=nn.with_logical_partitioning(_sampling_offset_bias(m, nl, p), ("kv",)),
+      name="sampling_offsets",
+    )(query)
     offsets = offsets.astype(jnp.float32).reshape(b, lq, m, nl, p, 2)
-    logits = layers.dense(m * nl * p, ("embed", "kv"), dtype=self.dtype,
-                   kernel_init=_zeros, name="attention_weights")(query)
-    weights = jax.nn.softmax(
-        logits.astype(jnp.float32).reshape(b, lq, m, nl * p), -1)
+    logits = layers.dense(
+      m * nl * p, ("embed", "kv"), dtype=self.dtype, kernel_init=_zeros, name="attention_weights"
+    )(query)
+    weights = jax.nn.softmax(logits.astype(jnp.float32).reshape(b, lq, m, nl * p), -1)
     weights = weights.reshape(b, lq, m, nl, p)
     normalizer = jnp.asarray([(w, h) for h, w in spatial_shapes], jnp.float32)
-    loc = (reference_points[:, :, None, :, None, :]
-           + offsets / normalizer[None, None, None, :, None, :])
+    loc = (
+      reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    )
     out = ms_deform_attn_core(value, spatial_shapes, loc, weights)
-    return layers.dense(self.dim, ("heads", "embed"), dtype=self.dtype,
-                 name="output_proj")(out)
+    return layers.dense(self.dim, ("heads", "embed"), dtype=self.dtype, name="output_proj")(out)
 
 
 class MSDeformEncoderLayer(nn.Module):
   """Post-norm encoder layer: deformable self-attention + FFN."""
+
   dim: int = 256
   heads: int = 8
   levels: int = 3
@@ -155,14 +166,12 @@ class MSDeformEncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, src, pos, reference_points):
-    attn = MSDeformAttn(self.dim, self.heads, self.levels, self.points,
-                        self.dtype, name="self_attn")(
-                            src + pos, reference_points, src,
-                            self.spatial_shapes)
+    attn = MSDeformAttn(
+      self.dim, self.heads, self.levels, self.points, self.dtype, name="self_attn"
+    )(src + pos, reference_points, src, self.spatial_shapes)
     src = layers.layer_norm(dtype=self.dtype, name="norm1")(src + attn)
     y = layers.dense(self.ffn, ("embed", "mlp"), dtype=self.dtype, name="linear1")(src)
-    y = layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype,
-              name="linear2")(nn.relu(y))
+    y = layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="linear2")(nn.relu(y))
     return layers.layer_norm(dtype=self.dtype, name="norm2")(src + y)
 
 
@@ -174,30 +183,29 @@ def _reference_points(spatial_shapes) -> jnp.ndarray:
   """
   refs = []
   for h, w in spatial_shapes:
-    y, x = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w,
-                       indexing="ij")
+    y, x = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
     refs.append(np.stack([x.reshape(-1), y.reshape(-1)], -1))
   return jnp.asarray(np.concatenate(refs, 0), jnp.float32)
 
 
 class _FPNFuse(nn.Module):
   """Top-down fusion to the finer levels: lateral 1x1+GN, add upsampled, 3x3+GN+ReLU."""
+
   dim: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, coarse, lateral_in):
-    lat = layers.conv(self.dim, 1, dtype=self.dtype, use_bias=False,
-               name="lateral")(lateral_in)
+    lat = layers.conv(self.dim, 1, dtype=self.dtype, use_bias=False, name="lateral")(lateral_in)
     lat = layers.group_norm(dtype=self.dtype, name="lateral_norm")(lat)
-    y = lat + layers.resize_bilinear(coarse, lat.shape[1], lat.shape[2]).astype(
-        lat.dtype)
+    y = lat + layers.resize_bilinear(coarse, lat.shape[1], lat.shape[2]).astype(lat.dtype)
     y = layers.conv(self.dim, 3, dtype=self.dtype, use_bias=False, name="output")(y)
     return nn.relu(layers.group_norm(dtype=self.dtype, name="output_norm")(y))
 
 
 class MSDeformPixelDecoder(nn.Module):
   """Mask2Former's MSDeformAttnPixelDecoder (encoder over strides 8/16/32)."""
+
   dim: int = 256
   layers: int = 6
   heads: int = 8
@@ -212,12 +220,15 @@ class MSDeformPixelDecoder(nn.Module):
     names = ("stride32", "stride16", "stride8")  # coarse -> fine.
     nl = len(names)
     level_embed = self.param(
-        "level_embed", nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("levels", "embed")), (nl, self.dim))
+      "level_embed",
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ("levels", "embed")),
+      (nl, self.dim),
+    )
     srcs, poss, shapes = [], [], []
     for i, n in enumerate(names):
       x = layers.conv(self.dim, 1, dtype=self.dtype, name=f"input_proj_{i}")(
-          features[n].astype(self.dtype))
+        features[n].astype(self.dtype)
+      )
       x = layers.group_norm(dtype=self.dtype, name=f"input_norm_{i}")(x)
       b, h, w, c = x.shape
       shapes.append((h, w))
@@ -227,27 +238,30 @@ class MSDeformPixelDecoder(nn.Module):
     src = jnp.concatenate(srcs, 1)
     pos = jnp.concatenate(poss, 1).astype(self.dtype)
     shapes = tuple(shapes)
-    ref = jnp.broadcast_to(_reference_points(shapes)[None, :, None, :],
-                           (src.shape[0], src.shape[1], nl, 2))
+    ref = jnp.broadcast_to(
+      _reference_points(shapes)[None, :, None, :], (src.shape[0], src.shape[1], nl, 2)
+    )
     layer_cls = MSDeformEncoderLayer
     if self.remat:
       layer_cls = nn.remat(layer_cls)
     for i in range(self.layers):
-      src = layer_cls(self.dim, self.heads, nl, self.points, self.ffn, shapes,
-                      self.dtype, name=f"encoder_{i}")(src, pos, ref)
+      src = layer_cls(
+        self.dim, self.heads, nl, self.points, self.ffn, shapes, self.dtype, name=f"encoder_{i}"
+      )(src, pos, ref)
     memory, start = [], 0
     for h, w in shapes:
-      memory.append(src[:, start:start + h * w].reshape(-1, h, w, self.dim))
+      memory.append(src[:, start : start + h * w].reshape(-1, h, w, self.dim))
       start += h * w
     y = _FPNFuse(self.dim, self.dtype, name="fpn_stride4")(
-        memory[-1], features["stride4"].astype(self.dtype))
-    mask_features = layers.conv(self.dim, 1, dtype=self.dtype,
-                         name="mask_features")(y)
+      memory[-1], features["stride4"].astype(self.dtype)
+    )
+    mask_features = layers.conv(self.dim, 1, dtype=self.dtype, name="mask_features")(y)
     return memory, mask_features
 
 
 class FPNPixelDecoder(nn.Module):
   """Light top-down FPN (Mask2Former's BasePixelDecoder) for CPU runs."""
+
   dim: int = 64
   dtype: Dtype = jnp.float32
 
@@ -255,28 +269,35 @@ class FPNPixelDecoder(nn.Module):
   def __call__(self, features: dict[str, jnp.ndarray], train: bool = False):
     del train
     y = layers.conv(self.dim, 3, dtype=self.dtype, use_bias=False, name="output_32")(
-        features["stride32"].astype(self.dtype))
+      features["stride32"].astype(self.dtype)
+    )
     y = nn.relu(layers.group_norm(dtype=self.dtype, name="output_norm_32")(y))
     memory = [y]
     for s in (16, 8, 4):
       y = _FPNFuse(self.dim, self.dtype, name=f"fpn_stride{s}")(
-          y, features[f"stride{s}"].astype(self.dtype))
+        y, features[f"stride{s}"].astype(self.dtype)
+      )
       if s != 4:
         memory.append(y)
-    mask_features = layers.conv(self.dim, 1, dtype=self.dtype,
-                         name="mask_features")(y)
+    mask_features = layers.conv(self.dim, 1, dtype=self.dtype, name="mask_features")(y)
     return memory, mask_features
 
 
-def build_pixel_decoder(config, dtype: Dtype, remat: bool = False,
-                        name: str | None = None) -> nn.Module:
+def build_pixel_decoder(
+  config, dtype: Dtype, remat: bool = False, name: str | None = None
+) -> nn.Module:
   """`config`: the model's `pixel_decoder` sub-config."""
   if config.name == "msdeform":
     return MSDeformPixelDecoder(
-        dim=config.dim, layers=config.layers, heads=config.heads,
-        points=config.points, ffn=config.ffn, dtype=dtype, remat=remat,
-        name=name)
+      dim=config.dim,
+      layers=config.layers,
+      heads=config.heads,
+      points=config.points,
+      ffn=config.ffn,
+      dtype=dtype,
+      remat=remat,
+      name=name,
+    )
   if config.name == "fpn":
     return FPNPixelDecoder(dim=config.dim, dtype=dtype, name=name)
-  raise ValueError(f"Unknown pixel decoder {config.name!r}; "
-                   "expected 'msdeform' or 'fpn'.")
+  raise ValueError(f"Unknown pixel decoder {config.name!r}; expected 'msdeform' or 'fpn'.")

@@ -25,8 +25,7 @@ from dataseg.model import layers
 Dtype = Any
 
 
-def attention_mask_from_logits(mask_logits: jnp.ndarray,
-                               size: tuple[int, int]) -> jnp.ndarray:
+def attention_mask_from_logits(mask_logits: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
   """Where each query may attend at the next layer's scale.
 
   Args:
@@ -45,8 +44,9 @@ def attention_mask_from_logits(mask_logits: jnp.ndarray,
   return attend | empty
 
 
-def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                     attend: jnp.ndarray | None) -> jnp.ndarray:
+def masked_attention(
+  q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attend: jnp.ndarray | None
+) -> jnp.ndarray:
   """q [B, T, N, D], k/v [B, S, N, D], attend bool [B, T, S] or None -> [B, T, N, D].
 
   Rows of `attend` must each have at least one True (see
@@ -58,6 +58,7 @@ def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
 
 class MultiHeadAttention(nn.Module):
   """torch.nn.MultiheadAttention's parameters (q/k/v/out projections, biases)."""
+
   dim: int
   heads: int
   dtype: Dtype = jnp.float32
@@ -65,18 +66,19 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, query, key, value, attend=None):
     def proj(x, name):
-      y = layers.dense(self.dim, ("embed", "heads"), dtype=self.dtype,
-                       name=name)(x)
+      y = layers.dense(self.dim, ("embed", "heads"), dtype=self.dtype, name=name)(x)
       return y.reshape(y.shape[:-1] + (self.heads, self.dim // self.heads))
-    out = masked_attention(proj(query, "q_proj"), proj(key, "k_proj"),
-                           proj(value, "v_proj"), attend)
+
+    out = masked_attention(
+      proj(query, "q_proj"), proj(key, "k_proj"), proj(value, "v_proj"), attend
+    )
     out = out.reshape(out.shape[:-2] + (self.dim,))
-    return layers.dense(self.dim, ("heads", "embed"), dtype=self.dtype,
-                        name="out_proj")(out)
+    return layers.dense(self.dim, ("heads", "embed"), dtype=self.dtype, name="out_proj")(out)
 
 
 class DecoderLayer(nn.Module):
   """Masked cross-attention -> self-attention -> FFN (post-norm by default)."""
+
   dim: int = 256
   heads: int = 8
   ffn: int = 2048
@@ -97,21 +99,18 @@ class DecoderLayer(nn.Module):
       return norm(x + drop(fn(x)))
 
     def cross(x):
-      return MultiHeadAttention(self.dim, self.heads, self.dtype,
-                                name="cross_attn")(x + query_pos, memory + pos,
-                                                   memory, attend)
+      return MultiHeadAttention(self.dim, self.heads, self.dtype, name="cross_attn")(
+        x + query_pos, memory + pos, memory, attend
+      )
 
     def self_attn(x):
       q = x + query_pos
-      return MultiHeadAttention(self.dim, self.heads, self.dtype,
-                                name="self_attn")(q, q, x)
+      return MultiHeadAttention(self.dim, self.heads, self.dtype, name="self_attn")(q, q, x)
 
     def ffn(x):
-      y = layers.dense(self.ffn, ("embed", "mlp"), dtype=self.dtype,
-                       name="linear1")(x)
+      y = layers.dense(self.ffn, ("embed", "mlp"), dtype=self.dtype, name="linear1")(x)
       y = drop(nn.relu(y))
-      return layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype,
-                          name="linear2")(y)
+      return layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="linear2")(y)
 
     tgt = block(tgt, cross, "cross_norm")
     tgt = block(tgt, self_attn, "self_norm")
@@ -120,6 +119,7 @@ class DecoderLayer(nn.Module):
 
 class PredictionHead(nn.Module):
   """Shared by all layers: LayerNorm -> (text-classifier logits, mask logits)."""
+
   dim: int
   text_dim: int
   logit_scale_init: float
@@ -130,21 +130,20 @@ class PredictionHead(nn.Module):
   def __call__(self, queries, mask_features, text_embeddings, vocab_valid):
     x = layers.layer_norm(dtype=self.dtype, name="decoder_norm")(queries)
     class_logits = classifier_lib.TextClassifier(
-        self.text_dim, self.logit_scale_init, self.logit_scale_max, self.dtype,
-        name="classifier")(x, text_embeddings, vocab_valid)
+      self.text_dim, self.logit_scale_init, self.logit_scale_max, self.dtype, name="classifier"
+    )(x, text_embeddings, vocab_valid)
     e = x
     for i in range(3):
-      e = layers.dense(self.dim, ("embed", "mlp"), dtype=self.dtype,
-                       name=f"mask_embed_{i}")(e)
+      e = layers.dense(self.dim, ("embed", "mlp"), dtype=self.dtype, name=f"mask_embed_{i}")(e)
       if i < 2:
         e = nn.relu(e)
-    mask_logits = jnp.einsum("bqc,bhwc->bqhw", e,
-                             mask_features.astype(self.dtype))
+    mask_logits = jnp.einsum("bqc,bhwc->bqhw", e, mask_features.astype(self.dtype))
     return class_logits, mask_logits.astype(jnp.float32)
 
 
 class MaskedTransformerDecoder(nn.Module):
   """See module docstring. `config`-free fields so it can be tested alone."""
+
   num_queries: int = 100
   layers: int = 9
   heads: int = 8
@@ -159,13 +158,21 @@ class MaskedTransformerDecoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, memory: Sequence[jnp.ndarray], mask_features, text_embeddings,
-               vocab_valid, train: bool = False):
+  def __call__(
+    self,
+    memory: Sequence[jnp.ndarray],
+    mask_features,
+    text_embeddings,
+    vocab_valid,
+    train: bool = False,
+  ):
     nl = len(memory)
     b = mask_features.shape[0]
     level_embed = self.param(
-        "level_embed", nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("levels", "embed")), (nl, self.dim))
+      "level_embed",
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ("levels", "embed")),
+      (nl, self.dim),
+    )
     srcs, poss, sizes = [], [], []
     for i, x in enumerate(memory):
       _, h, w, c = x.shape
@@ -177,25 +184,38 @@ class MaskedTransformerDecoder(nn.Module):
       pos = layers.position_embedding_sine(h, w, self.dim).reshape(1, h * w, -1)
       poss.append(pos.astype(self.dtype))
     emb_init = nn.initializers.normal(1.0)
-    query_feat = self.param("query_feat", nn.with_logical_partitioning(
-        emb_init, ("queries", "embed")), (self.num_queries, self.dim))
-    query_pos = self.param("query_pos", nn.with_logical_partitioning(
-        emb_init, ("queries", "embed")), (self.num_queries, self.dim))
-    tgt = jnp.broadcast_to(query_feat.astype(self.dtype)[None],
-                           (b, self.num_queries, self.dim))
+    query_feat = self.param(
+      "query_feat",
+      nn.with_logical_partitioning(emb_init, ("queries", "embed")),
+      (self.num_queries, self.dim),
+    )
+    query_pos = self.param(
+      "query_pos",
+      nn.with_logical_partitioning(emb_init, ("queries", "embed")),
+      (self.num_queries, self.dim),
+    )
+    tgt = jnp.broadcast_to(query_feat.astype(self.dtype)[None], (b, self.num_queries, self.dim))
     qpos = jnp.broadcast_to(query_pos.astype(self.dtype)[None], tgt.shape)
 
-    head = PredictionHead(self.dim, self.text_dim, self.logit_scale_init,
-                          self.logit_scale_max, self.dtype, name="head")
+    head = PredictionHead(
+      self.dim, self.text_dim, self.logit_scale_init, self.logit_scale_max, self.dtype, name="head"
+    )
     cls, msk = head(tgt, mask_features, text_embeddings, vocab_valid)
     all_cls, all_msk = [cls], [msk]
     layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
     for i in range(self.layers):
       lvl = i % nl
       attend = attention_mask_from_logits(msk, sizes[lvl])
-      tgt = layer_cls(self.dim, self.heads, self.ffn, self.dropout,
-                      self.pre_norm, not train, self.dtype,
-                      name=f"layer_{i}")(tgt, qpos, srcs[lvl], poss[lvl], attend)
+      tgt = layer_cls(
+        self.dim,
+        self.heads,
+        self.ffn,
+        self.dropout,
+        self.pre_norm,
+        not train,
+        self.dtype,
+        name=f"layer_{i}",
+      )(tgt, qpos, srcs[lvl], poss[lvl], attend)
       cls, msk = head(tgt, mask_features, text_embeddings, vocab_valid)
       all_cls.append(cls)
       all_msk.append(msk)

@@ -20,8 +20,7 @@ def class_cost(probs: jax.Array, target_class: jax.Array) -> jax.Array:
   return -jnp.take(probs, idx, axis=1)
 
 
-def sigmoid_bce_cost(logits: jax.Array, targets: jax.Array,
-                     weights: jax.Array) -> jax.Array:
+def sigmoid_bce_cost(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
   """Mean over points of BCE-with-logits of every proposal against every target.
 
   Args:
@@ -40,7 +39,7 @@ def sigmoid_bce_cost(logits: jax.Array, targets: jax.Array,
   neg = pos + logits
   t = targets.astype(logits.dtype)
   w = weights.astype(logits.dtype)
-  return (pos @ (w * t).T + neg @ (w * (1. - t)).T) / k
+  return (pos @ (w * t).T + neg @ (w * (1.0 - t)).T) / k
 
 
 def dice_cost(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
@@ -51,20 +50,21 @@ def dice_cost(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.
   p = jax.nn.sigmoid(logits)
   t = targets.astype(p.dtype)
   w = weights.astype(p.dtype)
-  numerator = 2. * (p @ (w * t).T)
+  numerator = 2.0 * (p @ (w * t).T)
   denominator = p @ w.T + jnp.sum(w * t, axis=-1)[None, :]
-  return 1. - (numerator + 1.) / (denominator + 1.)
+  return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 
 def projection_dice(pred: jax.Array, target: jax.Array, eps: float = 1e-5) -> jax.Array:
   """BoxInst's dice_coefficient loss 1 - 2 sum(x y) / (sum x^2 + sum y^2 + eps), last axis."""
   inter = jnp.sum(pred * target, axis=-1)
   union = jnp.sum(pred * pred, axis=-1) + jnp.sum(target * target, axis=-1) + eps
-  return 1. - 2. * inter / union
+  return 1.0 - 2.0 * inter / union
 
 
-def projection_cost(pred_y: jax.Array, pred_x: jax.Array, box_y: jax.Array,
-                    box_x: jax.Array, eps: float = 1e-5) -> jax.Array:
+def projection_cost(
+  pred_y: jax.Array, pred_x: jax.Array, box_y: jax.Array, box_x: jax.Array, eps: float = 1e-5
+) -> jax.Array:
   """BoxInst projection term for every (proposal, box) pair.
 
   Args:
@@ -77,8 +77,10 @@ def projection_cost(pred_y: jax.Array, pred_x: jax.Array, box_y: jax.Array,
   Returns:
     [Q, T] dice(pred_y, box_y) + dice(pred_x, box_x).
   """
+
   def dice(p, t):
     inter = p @ t.T
     union = jnp.sum(p * p, -1)[:, None] + jnp.sum(t * t, -1)[None, :] + eps
-    return 1. - 2. * inter / union
+    return 1.0 - 2.0 * inter / union
+
   return dice(pred_y, box_y) + dice(pred_x, box_x)

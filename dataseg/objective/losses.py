@@ -46,7 +46,7 @@ from dataseg.objective import costs
 from dataseg.objective import merge as merge_lib
 from dataseg.objective import points as points_lib
 
-TERMS = ('loss_class', 'loss_mask_bce', 'loss_dice', 'loss_projection', 'loss_pairwise')
+TERMS = ("loss_class", "loss_mask_bce", "loss_dice", "loss_projection", "loss_pairwise")
 
 
 def straight_through_clip(x: jax.Array, lo: float, hi: float) -> jax.Array:
@@ -62,20 +62,19 @@ def sigmoid_bce_loss(logits, targets, weights):
 
 def prob_bce_loss(probs, targets, weights, eps):
   """[N, K] -> [N]: BCE of probabilities clipped (straight-through) to [eps, 1 - eps]."""
-  p = straight_through_clip(probs, eps, 1. - eps)
-  bce = -(targets * jnp.log(p) + (1. - targets) * jnp.log(1. - p))
+  p = straight_through_clip(probs, eps, 1.0 - eps)
+  bce = -(targets * jnp.log(p) + (1.0 - targets) * jnp.log(1.0 - p))
   return jnp.sum(weights * bce, -1) / probs.shape[-1]
 
 
 def dice_loss(probs, targets, weights):
   """[N, K] -> [N]: Mask2Former dice 1 - (2 sum p t + 1) / (sum p + sum t + 1), kept points."""
-  num = 2. * jnp.sum(weights * probs * targets, -1)
+  num = 2.0 * jnp.sum(weights * probs * targets, -1)
   den = jnp.sum(weights * probs, -1) + jnp.sum(weights * targets, -1)
-  return 1. - (num + 1.) / (den + 1.)
+  return 1.0 - (num + 1.0) / (den + 1.0)
 
 
-def class_loss(class_logits, query_class, vocab_valid, background_weight,
-               query_weight=None):
+def class_loss(class_logits, query_class, vocab_valid, background_weight, query_weight=None):
   """Weighted softmax CE. [Q, V+1], [Q] -> (sum_q w_q ce_q, sum_q w_q).
 
   w_q = background_weight for background targets, else 1, times `query_weight` [Q]
@@ -83,7 +82,7 @@ def class_loss(class_logits, query_class, vocab_valid, background_weight,
   """
   logp = jax.nn.log_softmax(merge_lib.mask_vocab(class_logits, vocab_valid), -1)
   ce = -jnp.take_along_axis(logp, query_class[:, None], axis=-1)[:, 0]
-  w = jnp.where(query_class == class_logits.shape[-1] - 1, background_weight, 1.)
+  w = jnp.where(query_class == class_logits.shape[-1] - 1, background_weight, 1.0)
   if query_weight is not None:
     w = w * query_weight
   return jnp.sum(w * ce), jnp.sum(w)
@@ -92,21 +91,30 @@ def class_loss(class_logits, query_class, vocab_valid, background_weight,
 def rgb_to_lab(rgb: jax.Array) -> jax.Array:
   """sRGB in [0, 1] [..., 3] -> CIE Lab (D65), as skimage.color.rgb2lab."""
   lin = jnp.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-  m = jnp.array([[0.412453, 0.357580, 0.180423],
-                 [0.212671, 0.715160, 0.072169],
-                 [0.019334, 0.119193, 0.950227]], jnp.float32)
-  xyz = lin @ m.T / jnp.array([0.95047, 1., 1.08883], jnp.float32)
-  f = jnp.where(xyz > 0.008856, jnp.cbrt(xyz), 7.787 * xyz + 16. / 116.)
-  l = 116. * f[..., 1] - 16.
-  a = 500. * (f[..., 0] - f[..., 1])
-  b = 200. * (f[..., 1] - f[..., 2])
+  m = jnp.array(
+    [
+      [0.412453, 0.357580, 0.180423],
+      [0.212671, 0.715160, 0.072169],
+      [0.019334, 0.119193, 0.950227],
+    ],
+    jnp.float32,
+  )
+  xyz = lin @ m.T / jnp.array([0.95047, 1.0, 1.08883], jnp.float32)
+  f = jnp.where(xyz > 0.008856, jnp.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+  l = 116.0 * f[..., 1] - 16.0
+  a = 500.0 * (f[..., 0] - f[..., 1])
+  b = 200.0 * (f[..., 1] - f[..., 2])
   return jnp.stack([l, a, b], -1)
 
 
 def neighbour_offsets(size: int = 3, dilation: int = 2):
   r = size // 2
-  return [(dy * dilation, dx * dilation) for dy in range(-r, r + 1)
-          for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+  return [
+    (dy * dilation, dx * dilation)
+    for dy in range(-r, r + 1)
+    for dx in range(-r, r + 1)
+    if (dy, dx) != (0, 0)
+  ]
 
 
 def shift(x: jax.Array, oy: int, ox: int):
@@ -115,18 +123,17 @@ def shift(x: jax.Array, oy: int, ox: int):
   pad = [(0, 0)] * (x.ndim - 2) + [(max(-oy, 0), max(oy, 0)), (max(-ox, 0), max(ox, 0))]
   xp = jnp.pad(x, pad)
   y0, x0 = max(oy, 0), max(ox, 0)
-  return jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, y0, y0 + h, axis=-2), x0, x0 + w,
-                              axis=-1)
+  return jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, y0, y0 + h, axis=-2), x0, x0 + w, axis=-1)
 
 
 def downsample_image(image: jax.Array, mask_hw: tuple) -> jax.Array:
   """[H, W, 3] uint8 -> [h, w, 3] float in [0, 1], mean over each stride block."""
   hh, ww = image.shape[:2]
   h, w = mask_hw
-  x = image.astype(jnp.float32) / 255.
+  x = image.astype(jnp.float32) / 255.0
   if hh % h == 0 and ww % w == 0:
     return x.reshape(h, hh // h, w, ww // w, 3).mean((1, 3))
-  return jax.image.resize(x, (h, w, 3), 'linear', antialias=True)
+  return jax.image.resize(x, (h, w, 3), "linear", antialias=True)
 
 
 def color_similarity(image, cell_valid, size=3, dilation=2):
@@ -156,11 +163,12 @@ def pairwise_log_same(mask_logits, size=3, dilation=2):
 
 class Rows(NamedTuple):
   """The image's supervised target masks, compacted into P static rows (slot order)."""
-  slot: jax.Array      # [P] int32 target slot of the row.
-  query: jax.Array     # [P] int32 proposal matched to it (one-to-one rows), else 0.
+
+  slot: jax.Array  # [P] int32 target slot of the row.
+  query: jax.Array  # [P] int32 proposal matched to it (one-to-one rows), else 0.
   one_to_one: jax.Array  # [P] bool: the row is a matched proposal's logits.
-  valid: jax.Array     # [P] bool: the row is supervised (else padding).
-  dropped: jax.Array   # scalar: supervised targets beyond the P rows (not supervised).
+  valid: jax.Array  # [P] bool: the row is supervised (else padding).
+  dropped: jax.Array  # scalar: supervised targets beyond the P rows (not supervised).
 
 
 def supervised_rows(targets, matched, num_rows: int) -> Rows:
@@ -173,20 +181,28 @@ def supervised_rows(targets, matched, num_rows: int) -> Rows:
   slot order; targets beyond `num_rows` are dropped and counted.
   """
   s, q = targets.cls.shape[0], matched.shape[0]
-  query_of_slot = jnp.full((s,), -1, jnp.int32).at[jnp.where(matched >= 0, matched, s)].set(
-      jnp.arange(q, dtype=jnp.int32), mode='drop')
+  query_of_slot = (
+    jnp.full((s,), -1, jnp.int32)
+    .at[jnp.where(matched >= 0, matched, s)]
+    .set(jnp.arange(q, dtype=jnp.int32), mode="drop")
+  )
   one = targets.one_to_one & (query_of_slot >= 0)
   supervised = one | targets.merged
   slot = jnp.argsort(~supervised, stable=True)[:num_rows].astype(jnp.int32)
   valid = jnp.take(supervised, slot)
-  return Rows(slot, jnp.maximum(jnp.take(query_of_slot, slot), 0), jnp.take(one, slot),
-              valid, (jnp.sum(supervised) - jnp.sum(valid)).astype(jnp.float32))
+  return Rows(
+    slot,
+    jnp.maximum(jnp.take(query_of_slot, slot), 0),
+    jnp.take(one, slot),
+    valid,
+    (jnp.sum(supervised) - jnp.sum(valid)).astype(jnp.float32),
+  )
 
 
 def num_rows(config, num_queries: int, num_slots: int, task: str) -> int:
   """Static P: at most `max_mask_targets` (0: all slots), at most the possible targets."""
   cap = config.max_mask_targets or num_slots
-  if task in ('instance', 'boxes'):  # one-to-one only: at most one row per proposal.
+  if task in ("instance", "boxes"):  # one-to-one only: at most one row per proposal.
     cap = min(cap, num_queries)
   return max(1, min(cap, num_slots))
 
@@ -207,7 +223,7 @@ def mask_sums(maps, rows: Rows, img, targets, coords, config, has_merged=True):
   Returns:
     (sum of BCE, sum of dice) over the valid rows.
   """
-  values = points_lib.point_sample(maps, coords)                     # [P, K]
+  values = points_lib.point_sample(maps, coords)  # [P, K]
   labels = merge_lib.point_labels(img, coords, config)
   tmask, tweight = merge_lib.slot_masks(labels, targets, rows.slot)
   bce = sigmoid_bce_loss(values, tmask, tweight)
@@ -215,8 +231,7 @@ def mask_sums(maps, rows: Rows, img, targets, coords, config, has_merged=True):
   if has_merged:
     one = rows.one_to_one
     bce = jnp.where(one, bce, prob_bce_loss(values, tmask, tweight, config.merged_prob_eps))
-    dice = jnp.where(one, dice, dice_loss(straight_through_clip(values, 0., 1.), tmask,
-                                          tweight))
+    dice = jnp.where(one, dice, dice_loss(straight_through_clip(values, 0.0, 1.0), tmask, tweight))
   valid = rows.valid.astype(jnp.float32)
   return jnp.sum(valid * bce), jnp.sum(valid * dice)
 
@@ -224,45 +239,47 @@ def mask_sums(maps, rows: Rows, img, targets, coords, config, has_merged=True):
 def box_sums(mask_logits, matched, img, config, image_hw):
   """BoxInst sums of matched proposals: projection dice, pairwise loss and edge count."""
   mask_hw = mask_logits.shape[1:]
-  cell_valid = merge_lib.mask_grid_valid(img['valid'], mask_hw)
-  box_y, box_x = merge_lib.box_projections(img['seg_box'], image_hw, mask_hw)
+  cell_valid = merge_lib.mask_grid_valid(img["valid"], mask_hw)
+  box_y, box_x = merge_lib.box_projections(img["seg_box"], image_hw, mask_hw)
   slot = jnp.maximum(matched, 0)
   is_matched = (matched >= 0).astype(jnp.float32)
   pred_y, pred_x = merge_lib.predicted_projections(mask_logits, cell_valid)
-  proj = (costs.projection_dice(pred_y, box_y[slot])
-          + costs.projection_dice(pred_x, box_x[slot]))
+  proj = costs.projection_dice(pred_y, box_y[slot]) + costs.projection_dice(pred_x, box_x[slot])
   proj = jnp.sum(is_matched * proj)
   pair = pair_w = jnp.zeros((), jnp.float32)
   if config.box.pairwise_weight:
     size, dil = config.box.pairwise_size, config.box.pairwise_dilation
-    sim = color_similarity(img['image'], cell_valid, size, dil)      # [E, h, w]
+    sim = color_similarity(img["image"], cell_valid, size, dil)  # [E, h, w]
     edge = (sim >= config.box.pairwise_color_threshold).astype(jnp.float32)
-    inside = box_y[slot][:, :, None] * box_x[slot][:, None, :]      # [Q, h, w]
+    inside = box_y[slot][:, :, None] * box_x[slot][:, None, :]  # [Q, h, w]
     w = edge[None] * (inside * is_matched[:, None, None])[:, None]  # [Q, E, h, w]
     pair = jnp.sum(w * pairwise_log_same(mask_logits, size, dil))
     pair_w = jnp.sum(w)
   return proj, pair, pair_w
 
 
-def _image_sums(task, class_logits, mask_logits, img, targets, vocab_valid, rng,
-                config, image_hw):
+def _image_sums(task, class_logits, mask_logits, img, targets, vocab_valid, rng, config, image_hw):
   """Unnormalised loss sums of one image and one decoder layer."""
   rng_match, rng_points = jax.random.split(rng)
-  asg = merge_lib.assign(task, class_logits, mask_logits, img, targets, vocab_valid,
-                         rng_match, config, image_hw)
+  asg = merge_lib.assign(
+    task, class_logits, mask_logits, img, targets, vocab_valid, rng_match, config, image_hw
+  )
   zero = jnp.zeros((), jnp.float32)
   out = dict(bce=zero, dice=zero, proj=zero, pair=zero, pair_w=zero)
-  out['ce'], out['ce_w'] = class_loss(class_logits, asg.query_class, vocab_valid,
-                                      config.background_weight, asg.class_weight)
-  rows = supervised_rows(targets, asg.matched,
-                         num_rows(config, mask_logits.shape[0], targets.cls.shape[0], task))
-  out['dropped'] = rows.dropped
-  maps = jnp.take(mask_logits, rows.query, axis=0)                     # [P, h, w]
-  if task == 'boxes':
-    out['proj'], out['pair'], out['pair_w'] = box_sums(
-        maps, jnp.where(rows.valid, rows.slot, -1), img, config, image_hw)
+  out["ce"], out["ce_w"] = class_loss(
+    class_logits, asg.query_class, vocab_valid, config.background_weight, asg.class_weight
+  )
+  rows = supervised_rows(
+    targets, asg.matched, num_rows(config, mask_logits.shape[0], targets.cls.shape[0], task)
+  )
+  out["dropped"] = rows.dropped
+  maps = jnp.take(mask_logits, rows.query, axis=0)  # [P, h, w]
+  if task == "boxes":
+    out["proj"], out["pair"], out["pair_w"] = box_sums(
+      maps, jnp.where(rows.valid, rows.slot, -1), img, config, image_hw
+    )
     return out, asg
-  has_merged = task in ('semantic', 'panoptic') and config.semantic_merge == 'soft_merge'
+  has_merged = task in ("semantic", "panoptic") and config.semantic_merge == "soft_merge"
   uncertainty, flags = points_lib.logit_uncertainty, None
   if has_merged:
     probs = merge_lib.class_probs(class_logits, vocab_valid)
@@ -271,11 +288,17 @@ def _image_sums(task, class_logits, mask_logits, img, targets, vocab_valid, rng,
     uncertainty, flags = points_lib.logit_or_prob_uncertainty, rows.one_to_one
   # The padding rows (not valid, after the valid ones) are not sampled (num_valid).
   coords = points_lib.importance_points(
-      rng_points, maps, num_points=config.num_points, oversample=config.oversample,
-      importance_ratio=config.importance_ratio, uncertainty_fn=uncertainty,
-      row_flags=flags, selection=config.point_selection,
-      num_valid=jnp.sum(rows.valid))  # [P, K, 2]
-  out['bce'], out['dice'] = mask_sums(maps, rows, img, targets, coords, config, has_merged)
+    rng_points,
+    maps,
+    num_points=config.num_points,
+    oversample=config.oversample,
+    importance_ratio=config.importance_ratio,
+    uncertainty_fn=uncertainty,
+    row_flags=flags,
+    selection=config.point_selection,
+    num_valid=jnp.sum(rows.valid),
+  )  # [P, K, 2]
+  out["bce"], out["dice"] = mask_sums(maps, rows, img, targets, coords, config, has_merged)
   return out, asg
 
 
@@ -291,27 +314,27 @@ def pixel_class_sums(pixel_logits, img, vocab_valid, config):
   a large stuff region, as in the query class loss.
   """
   h, w = pixel_logits.shape[:2]
-  yy, xx = jnp.meshgrid((jnp.arange(h) + .5) / h, (jnp.arange(w) + .5) / w, indexing='ij')
+  yy, xx = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing="ij")
   coords = jnp.stack([yy, xx], -1).reshape(-1, 2)
   labels = merge_lib.point_labels(img, coords, config)
   keep = ((labels.cls >= 0) & (labels.merged_weight > 0)).astype(jnp.float32)
   logits = merge_lib.mask_vocab(pixel_logits.reshape(h * w, -1), vocab_valid)
   logp = jax.nn.log_softmax(logits, -1)
   ce = -jnp.take_along_axis(logp, jnp.maximum(labels.cls, 0)[:, None], axis=-1)[:, 0]
-  if config.pixel_class_balance == 'segment':
-    num_slots = img['seg_class'].shape[0]
+  if config.pixel_class_balance == "segment":
+    num_slots = img["seg_class"].shape[0]
     seg = jnp.clip(labels.seg, 0, num_slots - 1)
     count = jax.ops.segment_sum(keep, seg, num_segments=num_slots)
-    keep = keep / jnp.maximum(jnp.take(count, seg), 1.)
-  elif config.pixel_class_balance != 'pixel':
-    raise ValueError(f'unknown pixel_class_balance {config.pixel_class_balance!r}; '
-                     "allowed: 'pixel', 'segment'")
+    keep = keep / jnp.maximum(jnp.take(count, seg), 1.0)
+  elif config.pixel_class_balance != "pixel":
+    raise ValueError(
+      f"unknown pixel_class_balance {config.pixel_class_balance!r}; allowed: 'pixel', 'segment'"
+    )
   return jnp.sum(keep * ce), jnp.sum(keep)
 
 
 def _batch_dict(batch):
-  keys = ('image', 'valid', 'segment_map', 'seg_class', 'seg_box', 'seg_is_crowd',
-          'seg_valid')
+  keys = ("image", "valid", "segment_map", "seg_class", "seg_box", "seg_is_crowd", "seg_valid")
   return {key: jnp.asarray(batch[key]) for key in keys}
 
 
@@ -319,16 +342,29 @@ def count_targets(batch, *, task, is_thing_vocab, config):
   """Number of target segments of the (global, under jit) batch and dropped boxes."""
   img = _batch_dict(batch)
   build = functools.partial(
-      merge_lib.build_targets, task=task, is_thing_vocab=jnp.asarray(is_thing_vocab),
-      semantic_merge=config.semantic_merge,
-      drop_zero_area_boxes=config.box.drop_zero_area_boxes)
+    merge_lib.build_targets,
+    task=task,
+    is_thing_vocab=jnp.asarray(is_thing_vocab),
+    semantic_merge=config.semantic_merge,
+    drop_zero_area_boxes=config.box.drop_zero_area_boxes,
+  )
   targets = jax.vmap(build)(img)
   num = jnp.sum(targets.one_to_one) + jnp.sum(targets.merged)
   return num.astype(jnp.float32), jnp.sum(targets.dropped).astype(jnp.float32), targets
 
 
-def compute_loss(outputs, batch, *, task: str, vocab_valid, is_thing_vocab, config,
-                 rng, step=0, num_targets_global=None):
+def compute_loss(
+  outputs,
+  batch,
+  *,
+  task: str,
+  vocab_valid,
+  is_thing_vocab,
+  config,
+  rng,
+  step=0,
+  num_targets_global=None,
+):
   """Total training loss and metrics for one batch of one task.
 
   Args:
@@ -350,30 +386,33 @@ def compute_loss(outputs, batch, *, task: str, vocab_valid, is_thing_vocab, conf
     'num_targets', 'dropped_zero_area_boxes', 'dropped_mask_targets' (last layer, over the
     batch: targets beyond config.max_mask_targets, counted in the normaliser).
   """
-  class_logits = jnp.asarray(outputs['class_logits'], jnp.float32)
-  mask_logits = jnp.asarray(outputs['mask_logits'], jnp.float32)
+  class_logits = jnp.asarray(outputs["class_logits"], jnp.float32)
+  mask_logits = jnp.asarray(outputs["mask_logits"], jnp.float32)
   num_layers, bsz = class_logits.shape[:2]
   vocab_valid = jnp.asarray(vocab_valid, bool)
   img = _batch_dict(batch)
-  image_hw = tuple(img['segment_map'].shape[1:3])
+  image_hw = tuple(img["segment_map"].shape[1:3])
   num_targets, dropped, targets = count_targets(
-      batch, task=task, is_thing_vocab=is_thing_vocab, config=config)
+    batch, task=task, is_thing_vocab=is_thing_vocab, config=config
+  )
   if num_targets_global is not None:
     num_targets = jnp.asarray(num_targets_global, jnp.float32)
-  norm = jnp.maximum(num_targets, 1.)
-  example_valid = jnp.asarray(batch.get('example_valid', jnp.ones((bsz,), bool)),
-                              jnp.float32)
+  norm = jnp.maximum(num_targets, 1.0)
+  example_valid = jnp.asarray(batch.get("example_valid", jnp.ones((bsz,), bool)), jnp.float32)
   if config.box.pairwise_warmup_steps > 0:
-    warmup = jnp.minimum(jnp.asarray(step, jnp.float32) / config.box.pairwise_warmup_steps,
-                         1.)
+    warmup = jnp.minimum(jnp.asarray(step, jnp.float32) / config.box.pairwise_warmup_steps, 1.0)
   else:
-    warmup = jnp.float32(1.)
-  weights = dict(loss_class=config.class_weight, loss_mask_bce=config.mask_bce_weight,
-                 loss_dice=config.dice_weight,
-                 loss_projection=config.box.projection_weight,
-                 loss_pairwise=config.box.pairwise_weight * warmup)
-  one_image = functools.partial(_image_sums, task, vocab_valid=vocab_valid,
-                                config=config, image_hw=image_hw)
+    warmup = jnp.float32(1.0)
+  weights = dict(
+    loss_class=config.class_weight,
+    loss_mask_bce=config.mask_bce_weight,
+    loss_dice=config.dice_weight,
+    loss_projection=config.box.projection_weight,
+    loss_pairwise=config.box.pairwise_weight * warmup,
+  )
+  one_image = functools.partial(
+    _image_sums, task, vocab_valid=vocab_valid, config=config, image_hw=image_hw
+  )
   per_image = jax.vmap(lambda c, m, i, t, r: one_image(c, m, i, t, rng=r))
   if not config.deep_supervision:
     class_logits, mask_logits = class_logits[-1:], mask_logits[-1:]
@@ -384,36 +423,37 @@ def compute_loss(outputs, batch, *, task: str, vocab_valid, is_thing_vocab, conf
     layer_class, layer_mask, layer = args
     rngs = jax.random.split(jax.random.fold_in(rng, layer), bsz)
     sums, _ = per_image(layer_class, layer_mask, img, targets, rngs)
-    ce_w = jnp.sum(example_valid * sums['ce_w'])
-    ce = jnp.sum(example_valid * sums['ce'])
-    if config.class_normalization == 'weighted_mean':
+    ce_w = jnp.sum(example_valid * sums["ce_w"])
+    ce = jnp.sum(example_valid * sums["ce"])
+    if config.class_normalization == "weighted_mean":
       loss_class = ce / jnp.maximum(ce_w, 1e-6)
-    elif config.class_normalization == 'num_targets':
+    elif config.class_normalization == "num_targets":
       loss_class = ce / norm
     else:
-      raise ValueError(f'unknown class_normalization {config.class_normalization!r}')
+      raise ValueError(f"unknown class_normalization {config.class_normalization!r}")
     return dict(
-        dropped=jnp.sum(sums['dropped']),
-        loss_class=loss_class,
-        loss_mask_bce=jnp.sum(sums['bce']) / norm,
-        loss_dice=jnp.sum(sums['dice']) / norm,
-        loss_projection=jnp.sum(sums['proj']) / norm,
-        loss_pairwise=jnp.sum(sums['pair']) / jnp.maximum(jnp.sum(sums['pair_w']), 1.))
+      dropped=jnp.sum(sums["dropped"]),
+      loss_class=loss_class,
+      loss_mask_bce=jnp.sum(sums["bce"]) / norm,
+      loss_dice=jnp.sum(sums["dice"]) / norm,
+      loss_projection=jnp.sum(sums["proj"]) / norm,
+      loss_pairwise=jnp.sum(sums["pair"]) / jnp.maximum(jnp.sum(sums["pair_w"]), 1.0),
+    )
 
   per_layer = jax.lax.map(layer_terms, (class_logits, mask_logits, layer_ids))
   total = sum(weights[name] * jnp.sum(per_layer[name]) for name in TERMS)
   metrics = {name: jnp.sum(per_layer[name]) for name in TERMS}
   last = {name: per_layer[name][-1] for name in TERMS}
-  metrics.update({f'last/{name}': value for name, value in last.items()})
-  metrics['num_targets'] = num_targets
-  metrics['dropped_zero_area_boxes'] = dropped
-  metrics['dropped_mask_targets'] = per_layer['dropped'][-1]
-  if config.pixel_class_weight and 'pixel_logits' in outputs and task != 'boxes':
-    ce, n = jax.vmap(functools.partial(pixel_class_sums, vocab_valid=vocab_valid,
-                                       config=config))(
-        jnp.asarray(outputs['pixel_logits'], jnp.float32), img)
-    pixel = jnp.sum(example_valid * ce) / jnp.maximum(jnp.sum(example_valid * n), 1.)
+  metrics.update({f"last/{name}": value for name, value in last.items()})
+  metrics["num_targets"] = num_targets
+  metrics["dropped_zero_area_boxes"] = dropped
+  metrics["dropped_mask_targets"] = per_layer["dropped"][-1]
+  if config.pixel_class_weight and "pixel_logits" in outputs and task != "boxes":
+    ce, n = jax.vmap(functools.partial(pixel_class_sums, vocab_valid=vocab_valid, config=config))(
+      jnp.asarray(outputs["pixel_logits"], jnp.float32), img
+    )
+    pixel = jnp.sum(example_valid * ce) / jnp.maximum(jnp.sum(example_valid * n), 1.0)
     total = total + config.pixel_class_weight * pixel
-    metrics['loss_pixel_class'] = pixel
-  metrics['total_loss'] = total
+    metrics["loss_pixel_class"] = pixel
+  metrics["total_loss"] = total
   return total, metrics

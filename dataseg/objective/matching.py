@@ -68,8 +68,7 @@ def _sanitize(cost: jax.Array, valid_cols: jax.Array) -> jax.Array:
   clip = float(jnp.finfo(dtype).max) / (8 * (n + m + 1))
   finite = jnp.isfinite(cost)
   counted = finite & valid_cols[None, :]
-  max_abs = jnp.max(jnp.where(counted, jnp.minimum(jnp.abs(cost), clip), 0.0),
-                    initial=0.0)
+  max_abs = jnp.max(jnp.where(counted, jnp.minimum(jnp.abs(cost), clip), 0.0), initial=0.0)
   # Exceeds the total of any finite assignment of min(n, m) pairs.
   forbidden = jnp.minimum(2.0 * (max_abs + 1.0) * (min(n, m) + 1), clip)
   cost = jnp.clip(cost, -clip, clip)
@@ -108,15 +107,14 @@ def _tight_rounds(masked, row_valid, u, v, row4col, col4row, max_rounds=8):
     todo = row_valid & (col4row < 0)
     reduced = masked - u[:, None] - v[None, :]
     min_reduced = jnp.min(reduced, axis=1)
-    cand = ((reduced == min_reduced[:, None]) & (row4col < 0)[None, :]
-            & todo[:, None])
+    cand = (reduced == min_reduced[:, None]) & (row4col < 0)[None, :] & todo[:, None]
     rotation = (cols[None, :] - rows[:, None] * 7919 - t * 31) % c
     pick = jnp.argmax(jnp.where(cand, c - rotation, 0), axis=1)
     pick = pick.astype(jnp.int32)
     has = jnp.any(cand, axis=1)
     claim = jnp.full((c,), r, jnp.int32).at[pick].min(jnp.where(has, rows, r))
     won = has & (claim[pick] == rows)
-    row4col = row4col.at[jnp.where(won, pick, c)].set(rows, mode='drop')
+    row4col = row4col.at[jnp.where(won, pick, c)].set(rows, mode="drop")
     col4row = jnp.where(won, pick, col4row)
     u = jnp.where(won, u + min_reduced, u)
     return t + 1, jnp.any(won), u, row4col, col4row
@@ -125,8 +123,8 @@ def _tight_rounds(masked, row_valid, u, v, row4col, col4row, max_rounds=8):
     return (a[0] < max_rounds) & a[1]
 
   _, _, u, row4col, col4row = jax.lax.while_loop(
-      cond, body, (jnp.array(0, jnp.int32), jnp.array(True), u, row4col,
-                   col4row))
+    cond, body, (jnp.array(0, jnp.int32), jnp.array(True), u, row4col, col4row)
+  )
   return u, row4col, col4row
 
 
@@ -141,10 +139,10 @@ def _path_columns(path, col4row, sink, cur, num_steps):
     [2 ** num_steps] int32 column indices (the root repeats at the end).
   """
   row = path
-  parent = jnp.where(row == cur, jnp.arange(path.shape[0], dtype=jnp.int32),
-                     col4row[jnp.maximum(row, 0)])
-  parent = jnp.where(row < 0, jnp.arange(path.shape[0], dtype=jnp.int32),
-                     parent)
+  parent = jnp.where(
+    row == cur, jnp.arange(path.shape[0], dtype=jnp.int32), col4row[jnp.maximum(row, 0)]
+  )
+  parent = jnp.where(row < 0, jnp.arange(path.shape[0], dtype=jnp.int32), parent)
   chain = sink[None]
   for _ in range(num_steps):
     chain = jnp.concatenate([chain, parent[chain]])
@@ -152,8 +150,7 @@ def _path_columns(path, col4row, sink, cur, num_steps):
   return chain
 
 
-def _solve_rows(cost: jax.Array, row_valid: jax.Array,
-                col_valid: jax.Array) -> jax.Array:
+def _solve_rows(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array) -> jax.Array:
   """Crouse's shortest augmenting path on a [R, C] problem.
 
   Args:
@@ -176,8 +173,7 @@ def _solve_rows(cost: jax.Array, row_valid: jax.Array,
   v = jnp.zeros((c,), dtype)
   row4col = jnp.full((c,), -1, jnp.int32)
   col4row = jnp.full((r,), -1, jnp.int32)
-  u, row4col, col4row = _tight_rounds(masked, row_valid, u, v, row4col,
-                                      col4row)
+  u, row4col, col4row = _tight_rounds(masked, row_valid, u, v, row4col, col4row)
 
   todo = row_valid & (col4row < 0)
   order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
@@ -187,40 +183,50 @@ def _solve_rows(cost: jax.Array, row_valid: jax.Array,
     cur = order[k]
 
     def search_cond(s):
-      return s['sink'] == -1
+      return s["sink"] == -1
 
     def search_body(s):
-      i = s['i']
-      sr = s['sr'].at[i].set(True)
-      reduced = s['min_val'] + cost[i] - u[i] - v
-      better = ~s['sc'] & (reduced < s['spc'])
-      path = jnp.where(better, i, s['path'])
-      spc = jnp.where(better, reduced, s['spc'])
-      remaining_spc = jnp.where(s['sc'], inf, spc)
+      i = s["i"]
+      sr = s["sr"].at[i].set(True)
+      reduced = s["min_val"] + cost[i] - u[i] - v
+      better = ~s["sc"] & (reduced < s["spc"])
+      path = jnp.where(better, i, s["path"])
+      spc = jnp.where(better, reduced, s["spc"])
+      remaining_spc = jnp.where(s["sc"], inf, spc)
       low = jnp.min(remaining_spc)
       cand = remaining_spc == low
       free_cand = cand & (row4col < 0)
-      j = jnp.where(jnp.any(free_cand), jnp.argmax(free_cand),
-                    jnp.argmax(cand)).astype(jnp.int32)
+      j = jnp.where(jnp.any(free_cand), jnp.argmax(free_cand), jnp.argmax(cand)).astype(jnp.int32)
       owner = row4col[j]
       # low == inf only if no column is left (an infeasible problem, excluded
       # by the caller); stop with sink = -2 rather than loop forever.
       sink = jnp.where(low == inf, -2, jnp.where(owner < 0, j, -1))
-      return dict(i=jnp.maximum(owner, 0), min_val=low, sink=sink, spc=spc,
-                  path=path, sr=sr, sc=s['sc'].at[j].set(True))
+      return dict(
+        i=jnp.maximum(owner, 0),
+        min_val=low,
+        sink=sink,
+        spc=spc,
+        path=path,
+        sr=sr,
+        sc=s["sc"].at[j].set(True),
+      )
 
-    init = dict(i=cur, min_val=jnp.zeros((), dtype),
-                sink=jnp.array(-1, jnp.int32),
-                spc=jnp.full((c,), inf, dtype),
-                path=jnp.full((c,), -1, jnp.int32),
-                sr=jnp.zeros((r,), bool), sc=~col_valid)
+    init = dict(
+      i=cur,
+      min_val=jnp.zeros((), dtype),
+      sink=jnp.array(-1, jnp.int32),
+      spc=jnp.full((c,), inf, dtype),
+      path=jnp.full((c,), -1, jnp.int32),
+      sr=jnp.zeros((r,), bool),
+      sc=~col_valid,
+    )
     s = jax.lax.while_loop(search_cond, search_body, init)
-    ok = s['sink'] >= 0
-    min_val, spc, path = s['min_val'], s['spc'], s['path']
-    visited_cols = s['sc'] & col_valid
+    ok = s["sink"] >= 0
+    min_val, spc, path = s["min_val"], s["spc"], s["path"]
+    visited_cols = s["sc"] & col_valid
 
     # Dual update, as in scipy (uses col4row before the path is flipped).
-    others = s['sr'] & (rows != cur)
+    others = s["sr"] & (rows != cur)
     du = jnp.where(others, min_val - spc[jnp.maximum(col4row, 0)], 0.0)
     du = du.at[cur].set(min_val)
     dv = jnp.where(visited_cols, min_val - spc, 0.0)
@@ -228,12 +234,11 @@ def _solve_rows(cost: jax.Array, row_valid: jax.Array,
     v = jnp.where(ok, v - dv, v)
 
     # Flip the path: each column on it goes to the row that reached it.
-    on_path = _path_columns(path, col4row, jnp.maximum(s['sink'], 0), cur,
-                            num_doublings)
+    on_path = _path_columns(path, col4row, jnp.maximum(s["sink"], 0), cur, num_doublings)
     on_path = jnp.where(ok, on_path, c)  # Out of range: dropped.
     new_rows = path[jnp.minimum(on_path, c - 1)]
-    row4col = row4col.at[on_path].set(new_rows, mode='drop')
-    col4row = col4row.at[jnp.where(ok, new_rows, r)].set(on_path, mode='drop')
+    row4col = row4col.at[on_path].set(new_rows, mode="drop")
+    col4row = col4row.at[jnp.where(ok, new_rows, r)].set(on_path, mode="drop")
     return u, v, row4col, col4row
 
   def outer_cond(a):
@@ -244,13 +249,12 @@ def _solve_rows(cost: jax.Array, row_valid: jax.Array,
     return (k + 1,) + augment_row(k, u, v, row4col, col4row)
 
   *_, col4row = jax.lax.while_loop(
-      outer_cond, outer_body, (jnp.array(0, num_todo.dtype), u, v, row4col,
-                               col4row))
+    outer_cond, outer_body, (jnp.array(0, num_todo.dtype), u, v, row4col, col4row)
+  )
   return jnp.where(row_valid, col4row, -1).astype(jnp.int32)
 
 
-def _solve_steps(cost: jax.Array, row_valid: jax.Array,
-                      col_valid: jax.Array) -> jax.Array:
+def _solve_steps(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array) -> jax.Array:
   """As `_solve_rows`, with one while loop whose iterations are Dijkstra steps.
 
   Finishing a row (dual update, flip, start of the next row) happens inside
@@ -274,8 +278,7 @@ def _solve_steps(cost: jax.Array, row_valid: jax.Array,
   v = jnp.zeros((c,), dtype)
   row4col = jnp.full((c,), -1, jnp.int32)
   col4row = jnp.full((r,), -1, jnp.int32)
-  u, row4col, col4row = _tight_rounds(masked, row_valid, u, v, row4col,
-                                      col4row)
+  u, row4col, col4row = _tight_rounds(masked, row_valid, u, v, row4col, col4row)
   todo = row_valid & (col4row < 0)
   order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
   num_todo = jnp.sum(todo).astype(jnp.int32)
@@ -285,33 +288,38 @@ def _solve_steps(cost: jax.Array, row_valid: jax.Array,
 
   def fresh(k):
     cur = order[jnp.minimum(k, r - 1)]
-    return dict(k=k, cur=cur, i=cur, min_val=jnp.zeros((), dtype),
-                spc=jnp.full((c,), inf, dtype),
-                path=jnp.full((c,), -1, jnp.int32),
-                sr=jnp.zeros((r,), bool), sc=~col_valid,
-                chains=jnp.zeros((c, c), bool), chain=jnp.zeros((c,), bool))
+    return dict(
+      k=k,
+      cur=cur,
+      i=cur,
+      min_val=jnp.zeros((), dtype),
+      spc=jnp.full((c,), inf, dtype),
+      path=jnp.full((c,), -1, jnp.int32),
+      sr=jnp.zeros((r,), bool),
+      sc=~col_valid,
+      chains=jnp.zeros((c, c), bool),
+      chain=jnp.zeros((c,), bool),
+    )
 
   def cond(s):
-    return s['k'] < num_todo
+    return s["k"] < num_todo
 
   def body(s):
-    u, v, row4col, col4row = s['u'], s['v'], s['row4col'], s['col4row']
-    i, cur = s['i'], s['cur']
-    sr = s['sr'].at[i].set(True)
-    reduced = s['min_val'] + cost[i] - u[i] - v
-    better = ~s['sc'] & (reduced < s['spc'])
-    path = jnp.where(better, i, s['path'])
-    spc = jnp.where(better, reduced, s['spc'])
-    remaining_spc = jnp.where(s['sc'], inf, spc)
+    u, v, row4col, col4row = s["u"], s["v"], s["row4col"], s["col4row"]
+    i, cur = s["i"], s["cur"]
+    sr = s["sr"].at[i].set(True)
+    reduced = s["min_val"] + cost[i] - u[i] - v
+    better = ~s["sc"] & (reduced < s["spc"])
+    path = jnp.where(better, i, s["path"])
+    spc = jnp.where(better, reduced, s["spc"])
+    remaining_spc = jnp.where(s["sc"], inf, spc)
     low = jnp.min(remaining_spc)
     cand = remaining_spc == low
     free_cand = cand & (row4col < 0)
-    j = jnp.where(jnp.any(free_cand), jnp.argmax(free_cand),
-                  jnp.argmax(cand)).astype(jnp.int32)
+    j = jnp.where(jnp.any(free_cand), jnp.argmax(free_cand), jnp.argmax(cand)).astype(jnp.int32)
     owner = row4col[j]
-    sc = s['sc'].at[j].set(True)
-    chains = jnp.where(better[:, None], s['chain'][None, :] | eye,
-                       s['chains'])
+    sc = s["sc"].at[j].set(True)
+    chains = jnp.where(better[:, None], s["chain"][None, :] | eye, s["chains"])
     # low == inf only for an infeasible problem (excluded by the caller):
     # give the row up rather than loop forever.
     give_up = low == inf
@@ -323,34 +331,44 @@ def _solve_steps(cost: jax.Array, row_valid: jax.Array,
       du = du.at[cur].set(low)
       dv = jnp.where(sc & col_valid, low - spc, 0.0)
       on_path = chains[j]
-      return dict(fresh(s['k'] + 1), u=u + du, v=v - dv,
-                  row4col=jnp.where(on_path, path, row4col),
-                  col4row=col4row.at[jnp.where(on_path, path, r)].set(
-                      cols, mode='drop'))
+      return dict(
+        fresh(s["k"] + 1),
+        u=u + du,
+        v=v - dv,
+        row4col=jnp.where(on_path, path, row4col),
+        col4row=col4row.at[jnp.where(on_path, path, r)].set(cols, mode="drop"),
+      )
 
     def step(_):
-      return dict(s, i=jnp.maximum(owner, 0), min_val=low, spc=spc,
-                  path=path, sr=sr, sc=sc, chains=chains, chain=chains[j])
+      return dict(
+        s,
+        i=jnp.maximum(owner, 0),
+        min_val=low,
+        spc=spc,
+        path=path,
+        sr=sr,
+        sc=sc,
+        chains=chains,
+        chain=chains[j],
+      )
 
     def skip(_):
-      return dict(fresh(s['k'] + 1), u=u, v=v, row4col=row4col,
-                  col4row=col4row)
+      return dict(fresh(s["k"] + 1), u=u, v=v, row4col=row4col, col4row=col4row)
 
     branch = jnp.where(give_up, 2, jnp.where(found, 0, 1))
     return jax.lax.switch(branch, (finish, step, skip), None)
 
-  init = dict(fresh(jnp.array(0, jnp.int32)), u=u, v=v, row4col=row4col,
-              col4row=col4row)
+  init = dict(fresh(jnp.array(0, jnp.int32)), u=u, v=v, row4col=row4col, col4row=col4row)
   s = jax.lax.while_loop(cond, body, init)
-  return jnp.where(row_valid, s['col4row'], -1).astype(jnp.int32)
+  return jnp.where(row_valid, s["col4row"], -1).astype(jnp.int32)
 
 
-SOLVERS = {'rows': _solve_rows, 'steps': _solve_steps}
+SOLVERS = {"rows": _solve_rows, "steps": _solve_steps}
 
 
 def _pick_solver(solver: str):
-  if solver == 'auto':
-    solver = 'rows' if jax.default_backend() == 'cpu' else 'steps'
+  if solver == "auto":
+    solver = "rows" if jax.default_backend() == "cpu" else "steps"
   return SOLVERS[solver]
 
 
@@ -358,13 +376,16 @@ def _invert(target_to_query: jax.Array, num_queries: int) -> jax.Array:
   """[M] query per target (-1 none) -> [N] target per query (-1 none)."""
   m = target_to_query.shape[0]
   index = jnp.where(target_to_query >= 0, target_to_query, num_queries)
-  return jnp.full((num_queries,), UNMATCHED, jnp.int32).at[index].set(
-      jnp.arange(m, dtype=jnp.int32), mode='drop')
+  return (
+    jnp.full((num_queries,), UNMATCHED, jnp.int32)
+    .at[index]
+    .set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+  )
 
 
-def linear_sum_assignment(cost: jax.Array,
-                          valid_cols: Optional[jax.Array] = None,
-                          solver: str = 'auto') -> jax.Array:
+def linear_sum_assignment(
+  cost: jax.Array, valid_cols: Optional[jax.Array] = None, solver: str = "auto"
+) -> jax.Array:
   """Exact minimum-cost matching of queries (rows) to targets (columns).
 
   Same optimum as `scipy.optimize.linear_sum_assignment(cost[:, valid_cols])`:
@@ -405,25 +426,22 @@ def linear_sum_assignment(cost: jax.Array,
     return targets_as_rows()
   # More target slots than queries: which side is smaller depends on how many
   # targets are real.
-  return jax.lax.cond(jnp.sum(valid_cols) <= n, targets_as_rows,
-                      queries_as_rows)
+  return jax.lax.cond(jnp.sum(valid_cols) <= n, targets_as_rows, queries_as_rows)
 
 
 def batched_linear_sum_assignment(
-    cost: jax.Array, valid_cols: Optional[jax.Array] = None,
-    solver: str = 'auto') -> jax.Array:
+  cost: jax.Array, valid_cols: Optional[jax.Array] = None, solver: str = "auto"
+) -> jax.Array:
   """`linear_sum_assignment` over a batch: [B, N, M], [B, M] -> [B, N]."""
   if valid_cols is None:
     valid_cols = jnp.ones((cost.shape[0], cost.shape[2]), bool)
-  return jax.vmap(functools.partial(linear_sum_assignment, solver=solver))(
-      cost, valid_cols)
+  return jax.vmap(functools.partial(linear_sum_assignment, solver=solver))(cost, valid_cols)
 
 
 def _scipy_host(cost: np.ndarray, valid_cols: np.ndarray) -> np.ndarray:
   """Host side of the 'scipy' matcher; any leading batch dimensions."""
   cost = np.asarray(cost)
-  valid_cols = np.broadcast_to(np.asarray(valid_cols, bool),
-                               cost.shape[:-2] + cost.shape[-1:])
+  valid_cols = np.broadcast_to(np.asarray(valid_cols, bool), cost.shape[:-2] + cost.shape[-1:])
   lead = cost.shape[:-2]
   n, m = cost.shape[-2:]
   flat_cost = cost.reshape((-1, n, m))
@@ -431,14 +449,14 @@ def _scipy_host(cost: np.ndarray, valid_cols: np.ndarray) -> np.ndarray:
   out = np.full((flat_cost.shape[0], n), UNMATCHED, np.int32)
   for b in range(flat_cost.shape[0]):
     cols = np.flatnonzero(flat_valid[b])
-    rows_idx, cols_idx = scipy.optimize.linear_sum_assignment(
-        flat_cost[b][:, cols])
+    rows_idx, cols_idx = scipy.optimize.linear_sum_assignment(flat_cost[b][:, cols])
     out[b, rows_idx] = cols[cols_idx]
   return out.reshape(lead + (n,))
 
 
 def scipy_linear_sum_assignment(
-    cost: jax.Array, valid_cols: Optional[jax.Array] = None) -> jax.Array:
+  cost: jax.Array, valid_cols: Optional[jax.Array] = None
+) -> jax.Array:
   """Scipy's solver through `jax.pure_callback`; same contract as the JAX one.
 
   Kept as the reference and as a config alternative: it leaves jit via a host
@@ -454,15 +472,19 @@ def scipy_linear_sum_assignment(
   batch = jnp.broadcast_shapes(cost.shape[:-2], valid_cols.shape[:-1])
   cost = jnp.broadcast_to(cost, batch + (n, m))
   valid_cols = jnp.broadcast_to(valid_cols, batch + (m,))
-  cost = jnp.vectorize(_sanitize, signature='(n,m),(m)->(n,m)')(
-      cost, valid_cols)
+  cost = jnp.vectorize(_sanitize, signature="(n,m),(m)->(n,m)")(cost, valid_cols)
   return jax.pure_callback(
-      _scipy_host, jax.ShapeDtypeStruct(batch + (n,), jnp.int32), cost,
-      valid_cols, vmap_method='broadcast_all')
+    _scipy_host,
+    jax.ShapeDtypeStruct(batch + (n,), jnp.int32),
+    cost,
+    valid_cols,
+    vmap_method="broadcast_all",
+  )
 
 
-def match(cost: jax.Array, valid_cols: Optional[jax.Array] = None,
-          method: str = 'jax', solver: str = 'auto') -> jax.Array:
+def match(
+  cost: jax.Array, valid_cols: Optional[jax.Array] = None, method: str = "jax", solver: str = "auto"
+) -> jax.Array:
   """Query -> target matching, [..., N, M], [..., M] -> [..., N] int32.
 
   Args:
@@ -474,10 +496,10 @@ def match(cost: jax.Array, valid_cols: Optional[jax.Array] = None,
   Returns:
     [..., N] target index per query, UNMATCHED (-1) where none.
   """
-  if method == 'scipy':
+  if method == "scipy":
     return scipy_linear_sum_assignment(cost, valid_cols)
-  if method != 'jax':
-    raise ValueError(f'Unknown matching method {method!r}.')
+  if method != "jax":
+    raise ValueError(f"Unknown matching method {method!r}.")
   lead = cost.shape[:-2]
   n, m = cost.shape[-2:]
   if valid_cols is None:

@@ -41,26 +41,27 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dataseg.objective import costs
-from dataseg.objective import matching
+from dataseg.objective import costs, matching
 from dataseg.objective import points as points_lib
 
-TASKS = ('panoptic', 'semantic', 'instance', 'boxes')
+TASKS = ("panoptic", "semantic", "instance", "boxes")
 NEG = -1e9  # finite 'minus infinity' for padded vocabulary logits.
 
 
 class Targets(NamedTuple):
   """Per-image target slots, all [S]."""
-  cls: jax.Array        # int32 class id (clipped to >= 0).
+
+  cls: jax.Array  # int32 class id (clipped to >= 0).
   one_to_one: jax.Array  # bool: matched one-to-one (instance / thing / box / per-class).
-  merged: jax.Array     # bool: supervised through the merged map M_cls (soft_merge).
-  union: jax.Array      # bool: the target mask is the union of its class's segments.
-  dropped: jax.Array    # bool: zero-area box dropped before the loss.
+  merged: jax.Array  # bool: supervised through the merged map M_cls (soft_merge).
+  union: jax.Array  # bool: the target mask is the union of its class's segments.
+  dropped: jax.Array  # bool: zero-area box dropped before the loss.
 
 
 class Assignment(NamedTuple):
   """Result of MERGE for one image and one decoder layer."""
-  matched: jax.Array      # [Q] int32 slot matched one-to-one, or -1.
+
+  matched: jax.Array  # [Q] int32 slot matched one-to-one, or -1.
   query_class: jax.Array  # [Q] int32 class target of each proposal; V = background.
   # [Q] float multiplier of each proposal's class-loss weight (1 unless merge-assigned;
   # the background weight is applied on top by losses.class_loss).
@@ -80,41 +81,46 @@ def box_area_positive(seg_box: jax.Array) -> jax.Array:
   return (seg_box[:, 2] > seg_box[:, 0]) & (seg_box[:, 3] > seg_box[:, 1])
 
 
-def build_targets(img: dict, task: str, is_thing_vocab: jax.Array,
-                  semantic_merge: str = 'soft_merge',
-                  drop_zero_area_boxes: bool = True) -> Targets:
+def build_targets(
+  img: dict,
+  task: str,
+  is_thing_vocab: jax.Array,
+  semantic_merge: str = "soft_merge",
+  drop_zero_area_boxes: bool = True,
+) -> Targets:
   """Target slots of one image for `task` (see module docstring)."""
   if task not in TASKS:
-    raise ValueError(f'unknown task {task!r}')
-  if semantic_merge not in ('soft_merge', 'hungarian_merged'):
-    raise ValueError(f'unknown semantic_merge {semantic_merge!r}')
-  seg_class = img['seg_class']
-  eligible = img['seg_valid'] & ~img['seg_is_crowd'] & (seg_class >= 0)
+    raise ValueError(f"unknown task {task!r}")
+  if semantic_merge not in ("soft_merge", "hungarian_merged"):
+    raise ValueError(f"unknown semantic_merge {semantic_merge!r}")
+  seg_class = img["seg_class"]
+  eligible = img["seg_valid"] & ~img["seg_is_crowd"] & (seg_class >= 0)
   cls = jnp.maximum(seg_class, 0).astype(jnp.int32)
   thing = jnp.take(is_thing_vocab, cls)
   false = jnp.zeros_like(eligible)
   dropped = false
-  if task == 'instance':
+  if task == "instance":
     o2o, per_class = eligible, false
-  elif task == 'boxes':
+  elif task == "boxes":
     if drop_zero_area_boxes:
-      dropped = eligible & ~box_area_positive(img['seg_box'])
+      dropped = eligible & ~box_area_positive(img["seg_box"])
     o2o, per_class = eligible & ~dropped, false
-  elif task == 'semantic':
+  elif task == "semantic":
     o2o, per_class = false, _first_of_class(cls, eligible)
   else:  # panoptic
     o2o, per_class = eligible & thing, _first_of_class(cls, eligible & ~thing)
-  if semantic_merge == 'hungarian_merged':
+  if semantic_merge == "hungarian_merged":
     return Targets(cls, o2o | per_class, false, per_class, dropped)
   return Targets(cls, o2o, per_class, per_class, dropped)
 
 
 class PointLabels(NamedTuple):
   """What the compact targets say at sampled points (any leading shape [...])."""
-  seg: jax.Array       # int32 segment slot, -1 void.
-  cls: jax.Array       # int32 class, -1 void.
+
+  seg: jax.Array  # int32 segment slot, -1 void.
+  cls: jax.Array  # int32 class, -1 void.
   instance_weight: jax.Array  # float 0/1: kept by one-to-one (single segment) masks.
-  merged_weight: jax.Array    # float 0/1: kept by per-class (union) masks.
+  merged_weight: jax.Array  # float 0/1: kept by per-class (union) masks.
 
 
 def point_labels(img: dict, coords: jax.Array, config) -> PointLabels:
@@ -125,14 +131,14 @@ def point_labels(img: dict, coords: jax.Array, config) -> PointLabels:
   has no known class) and for instance masks (config.ignore_void_in_instances, False by
   default because instance data marks everything that is not an instance as void).
   """
-  seg = points_lib.nearest_lookup(img['segment_map'], coords).astype(jnp.int32)
+  seg = points_lib.nearest_lookup(img["segment_map"], coords).astype(jnp.int32)
   known = seg >= 0
   safe = jnp.maximum(seg, 0)
-  cls = jnp.where(known, jnp.take(img['seg_class'], safe), -1)
-  crowd = known & jnp.take(img['seg_is_crowd'], safe)
+  cls = jnp.where(known, jnp.take(img["seg_class"], safe), -1)
+  crowd = known & jnp.take(img["seg_is_crowd"], safe)
   keep = ~crowd
   if config.ignore_padding:
-    keep &= points_lib.nearest_lookup(img['valid'], coords)
+    keep &= points_lib.nearest_lookup(img["valid"], coords)
   inst = keep & known if config.ignore_void_in_instances else keep
   merged = keep & known if config.ignore_void_in_merged else keep
   return PointLabels(seg, cls, inst.astype(jnp.float32), merged.astype(jnp.float32))
@@ -178,7 +184,7 @@ def merged_masks(probs: jax.Array, mask_logits: jax.Array, cls: jax.Array) -> ja
     [T, h, w] merged (unclipped; may exceed 1) probability maps.
   """
   weights = jnp.take(probs, cls, axis=1)  # [Q, T]
-  return jnp.einsum('qt,qhw->thw', weights, jax.nn.sigmoid(mask_logits))
+  return jnp.einsum("qt,qhw->thw", weights, jax.nn.sigmoid(mask_logits))
 
 
 def box_projections(seg_box: jax.Array, image_hw: tuple, mask_hw: tuple):
@@ -187,10 +193,12 @@ def box_projections(seg_box: jax.Array, image_hw: tuple, mask_hw: tuple):
   A mask cell j (stride s = H / h) is covered when [j s, (j + 1) s) meets [y0, y1) with
   positive length, so every positive-area box covers at least one cell.
   """
+
   def cover(lo, hi, size, n):
     s = size / n
     j = jnp.arange(n, dtype=jnp.float32)
-    return ((j[None] * s < hi[:, None]) & ((j[None] + 1.) * s > lo[:, None]))
+    return (j[None] * s < hi[:, None]) & ((j[None] + 1.0) * s > lo[:, None])
+
   box_y = cover(seg_box[:, 0], seg_box[:, 2], image_hw[0], mask_hw[0])
   box_x = cover(seg_box[:, 1], seg_box[:, 3], image_hw[1], mask_hw[1])
   return box_y.astype(jnp.float32), box_x.astype(jnp.float32)
@@ -201,7 +209,7 @@ def mask_grid_valid(valid: jax.Array, mask_hw: tuple) -> jax.Array:
   h, w = mask_hw
   ys = (jnp.arange(h) + 0.5) / h
   xs = (jnp.arange(w) + 0.5) / w
-  coords = jnp.stack(jnp.meshgrid(ys, xs, indexing='ij'), -1)
+  coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), -1)
   return points_lib.nearest_lookup(valid, coords).astype(jnp.float32)
 
 
@@ -211,8 +219,9 @@ def predicted_projections(mask_logits: jax.Array, cell_valid: jax.Array):
   return jnp.max(p, axis=2), jnp.max(p, axis=1)
 
 
-def soft_class_targets(probs, point_probs, targets, tmask, tweight, candidates,
-                       fg_fraction, min_points):
+def soft_class_targets(
+  probs, point_probs, targets, tmask, tweight, candidates, fg_fraction, min_points
+):
   """Class target of each proposal under soft_merge ('contributes most').
 
   Contribution of proposal i to the merged mask of target t (class c_t), counted where
@@ -233,20 +242,23 @@ def soft_class_targets(probs, point_probs, targets, tmask, tweight, candidates,
     proposal given a merged class, else -1, contrib [Q] float C_it* (0 where slot < 0)).
   """
   background = probs.shape[-1] - 1
-  inside = point_probs @ (tweight * tmask).T        # [Q, T]
-  mass = point_probs @ tweight.T                    # [Q, T]
+  inside = point_probs @ (tweight * tmask).T  # [Q, T]
+  mass = point_probs @ tweight.T  # [Q, T]
   contrib = jnp.take(probs, targets.cls, axis=1) * inside
-  contrib = jnp.where(targets.merged[None], contrib, -1.)
+  contrib = jnp.where(targets.merged[None], contrib, -1.0)
   best = jnp.argmax(contrib, axis=1)
   take = lambda a: jnp.take_along_axis(a, best[:, None], axis=1)[:, 0]
-  ok = (candidates & jnp.any(targets.merged) & (take(mass) >= min_points)
-        & (take(inside) >= fg_fraction * take(mass)))
+  ok = (
+    candidates
+    & jnp.any(targets.merged)
+    & (take(mass) >= min_points)
+    & (take(inside) >= fg_fraction * take(mass))
+  )
   cls = jnp.where(ok, jnp.take(targets.cls, best), background).astype(jnp.int32)
-  return (cls, jnp.where(ok, best, -1).astype(jnp.int32),
-          jnp.where(ok, take(contrib), 0.))
+  return (cls, jnp.where(ok, best, -1).astype(jnp.int32), jnp.where(ok, take(contrib), 0.0))
 
 
-WEIGHTINGS = ('split', 'no_object', 'top', 'full')
+WEIGHTINGS = ("split", "no_object", "top", "full")
 
 
 def merge_class_weights(cls, slot, contrib, background, mode, no_object_weight):
@@ -266,29 +278,39 @@ def merge_class_weights(cls, slot, contrib, background, mode, no_object_weight):
     losses.class_loss).
   """
   if mode not in WEIGHTINGS:
-    raise ValueError(f'unknown merge_class_weighting {mode!r}; allowed: {WEIGHTINGS}')
+    raise ValueError(f"unknown merge_class_weighting {mode!r}; allowed: {WEIGHTINGS}")
   assigned = slot >= 0
   same = assigned[:, None] & assigned[None, :] & (slot[:, None] == slot[None, :])  # [Q, Q]
   ones = jnp.ones(cls.shape, jnp.float32)
-  if mode == 'full':
+  if mode == "full":
     return cls, ones
-  if mode == 'no_object':
-    return cls, jnp.where(assigned, no_object_weight, 1.).astype(jnp.float32)
-  if mode == 'split':
+  if mode == "no_object":
+    return cls, jnp.where(assigned, no_object_weight, 1.0).astype(jnp.float32)
+  if mode == "split":
     count = jnp.sum(same, axis=1).astype(jnp.float32)
-    return cls, jnp.where(assigned, 1. / jnp.maximum(count, 1.), 1.).astype(jnp.float32)
+    return cls, jnp.where(assigned, 1.0 / jnp.maximum(count, 1.0), 1.0).astype(jnp.float32)
   # 'top': the highest contribution of its slot keeps the class (lowest index on ties).
   q = cls.shape[0]
   idx = jnp.arange(q)
-  beats = same & ((contrib[None, :] > contrib[:, None])
-                  | ((contrib[None, :] == contrib[:, None]) & (idx[None, :] < idx[:, None])))
+  beats = same & (
+    (contrib[None, :] > contrib[:, None])
+    | ((contrib[None, :] == contrib[:, None]) & (idx[None, :] < idx[:, None]))
+  )
   top = assigned & ~jnp.any(beats, axis=1)
   return jnp.where(assigned & ~top, background, cls).astype(jnp.int32), ones
 
 
-def assign(task: str, class_logits: jax.Array, mask_logits: jax.Array, img: dict,
-           targets: Targets, vocab_valid: jax.Array, rng: jax.Array, config,
-           image_hw: tuple) -> Assignment:
+def assign(
+  task: str,
+  class_logits: jax.Array,
+  mask_logits: jax.Array,
+  img: dict,
+  targets: Targets,
+  vocab_valid: jax.Array,
+  rng: jax.Array,
+  config,
+  image_hw: tuple,
+) -> Assignment:
   """MERGE for one image and one layer: matching and class targets of every proposal.
 
   Args:
@@ -310,10 +332,10 @@ def assign(task: str, class_logits: jax.Array, mask_logits: jax.Array, img: dict
   background = probs.shape[-1] - 1
   num_slots = targets.cls.shape[0]
   cost = config.class_weight * costs.class_cost(probs, targets.cls)
-  if task == 'boxes':
+  if task == "boxes":
     mask_hw = mask_logits.shape[1:]
-    box_y, box_x = box_projections(img['seg_box'], image_hw, mask_hw)
-    pred_y, pred_x = predicted_projections(mask_logits, mask_grid_valid(img['valid'], mask_hw))
+    box_y, box_x = box_projections(img["seg_box"], image_hw, mask_hw)
+    pred_y, pred_x = predicted_projections(mask_logits, mask_grid_valid(img["valid"], mask_hw))
     cost += config.box.projection_weight * costs.projection_cost(pred_y, pred_x, box_y, box_x)
   else:
     coords = points_lib.uniform_points(rng, (config.num_points,))
@@ -322,20 +344,28 @@ def assign(task: str, class_logits: jax.Array, mask_logits: jax.Array, img: dict
     point_logits = points_lib.point_sample(mask_logits, coords)  # [Q, K]
     cost += config.mask_bce_weight * costs.sigmoid_bce_cost(point_logits, tmask, tweight)
     cost += config.dice_weight * costs.dice_cost(point_logits, tmask, tweight)
-  cost = jnp.where(targets.one_to_one[None], cost, 0.)
-  cost = jnp.nan_to_num(cost, nan=0., posinf=1e4, neginf=-1e4)
+  cost = jnp.where(targets.one_to_one[None], cost, 0.0)
+  cost = jnp.nan_to_num(cost, nan=0.0, posinf=1e4, neginf=-1e4)
   matched = matching.match(cost, targets.one_to_one, method=config.matcher)
   matched = jnp.where(jnp.any(targets.one_to_one), matched, -1).astype(jnp.int32)
   is_matched = matched >= 0
-  query_class = jnp.where(is_matched, jnp.take(targets.cls, jnp.maximum(matched, 0)),
-                          background).astype(jnp.int32)
+  query_class = jnp.where(
+    is_matched, jnp.take(targets.cls, jnp.maximum(matched, 0)), background
+  ).astype(jnp.int32)
   weight = jnp.ones(query_class.shape, jnp.float32)
-  if task in ('semantic', 'panoptic') and config.semantic_merge == 'soft_merge':
+  if task in ("semantic", "panoptic") and config.semantic_merge == "soft_merge":
     soft, slot, contrib = soft_class_targets(
-        probs, jax.nn.sigmoid(point_logits), targets, tmask, tweight, ~is_matched,
-        config.merge_fg_fraction, config.merge_min_points)
-    soft, weight = merge_class_weights(soft, slot, contrib, background,
-                                       config.merge_class_weighting,
-                                       config.background_weight)
+      probs,
+      jax.nn.sigmoid(point_logits),
+      targets,
+      tmask,
+      tweight,
+      ~is_matched,
+      config.merge_fg_fraction,
+      config.merge_min_points,
+    )
+    soft, weight = merge_class_weights(
+      soft, slot, contrib, background, config.merge_class_weighting, config.background_weight
+    )
     query_class = jnp.where(is_matched, query_class, soft)
   return Assignment(matched, query_class, weight)

@@ -33,8 +33,7 @@ def _unfused(arrays, source):
   on the uint32 values below it: corner indices, and the bits of non-negative floats
   (a float division would not do: XLA rewrites x / scalar as x * (1 / scalar)).
   """
-  bits = jax.lax.bitcast_convert_type(source.reshape(-1)[:1].astype(jnp.float32),
-                                      jnp.uint32)[0]
+  bits = jax.lax.bitcast_convert_type(source.reshape(-1)[:1].astype(jnp.float32), jnp.uint32)[0]
   big = bits | jnp.uint32(0x80000000)
 
   def once(a):
@@ -42,6 +41,7 @@ def _unfused(arrays, source):
       return a % big
     as_bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32) % big
     return jax.lax.bitcast_convert_type(as_bits, jnp.float32).astype(a.dtype)
+
   return tuple(once(a) for a in arrays)
 
 
@@ -73,8 +73,8 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
   n, h, w = maps.shape
   hp, wp = h + 3, w + 3
   padded = jnp.pad(maps, ((0, 0), (1, 2), (1, 2)))
-  py = jnp.clip(coords[..., 0] * h - 0.5, -1., h)  # beyond: all four corners are zeros.
-  px = jnp.clip(coords[..., 1] * w - 0.5, -1., w)
+  py = jnp.clip(coords[..., 0] * h - 0.5, -1.0, h)  # beyond: all four corners are zeros.
+  px = jnp.clip(coords[..., 1] * w - 0.5, -1.0, w)
   y0 = jnp.floor(py)
   x0 = jnp.floor(px)
   wy1 = py - y0
@@ -86,9 +86,9 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
     base, wy1, wx1 = base[None], wy1[None], wx1[None]
   idx = jnp.arange(n, dtype=jnp.uint32)[:, None] * jnp.uint32(hp * wp) + base
   take = lambda i: flat.at[i].get(mode="promise_in_bounds")
-  top = take(idx) * (1. - wx1) + take(idx + 1) * wx1
-  bottom = take(idx + wp) * (1. - wx1) + take(idx + wp + 1) * wx1
-  return top * (1. - wy1) + bottom * wy1
+  top = take(idx) * (1.0 - wx1) + take(idx + 1) * wx1
+  bottom = take(idx + wp) * (1.0 - wx1) + take(idx + wp + 1) * wx1
+  return top * (1.0 - wy1) + bottom * wy1
 
 
 def nearest_lookup(grid: jax.Array, coords: jax.Array) -> jax.Array:
@@ -128,7 +128,7 @@ def uniform_points(rng: jax.Array, shape: tuple, offset=0) -> jax.Array:
     counter = counter + jnp.asarray(offset).astype(jnp.uint32)
   h = counter * jnp.uint32(0x9E3779B9) + seed[0]
   h = _mix32(_mix32(h) ^ seed[1])
-  u = (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+  u = (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
   return u.reshape(*shape, 2)
 
 
@@ -262,12 +262,14 @@ def logit_or_prob_uncertainty(values: jax.Array, is_logit: jax.Array) -> jax.Arr
 
   For importance_points' `row_flags` (rows of logits and of merged probabilities).
   """
-  return jnp.where(is_logit[:, None], logit_uncertainty(values),
-                   prob_uncertainty(jnp.clip(values, 0., 1.)))
+  return jnp.where(
+    is_logit[:, None], logit_uncertainty(values), prob_uncertainty(jnp.clip(values, 0.0, 1.0))
+  )
 
 
-def _sample_rows(rng, maps, row0, num_points, oversample, importance_ratio, uncertainty_fn,
-                 row_flags, selection):
+def _sample_rows(
+  rng, maps, row0, num_points, oversample, importance_ratio, uncertainty_fn, row_flags, selection
+):
   """importance_points of rows row0.. of the whole draw (maps: those rows)."""
   n = maps.shape[0]
   num_sampled = int(num_points * oversample)
@@ -286,16 +288,16 @@ def _sample_rows(rng, maps, row0, num_points, oversample, importance_ratio, unce
 
 
 def importance_points(
-    rng: jax.Array,
-    maps: jax.Array,
-    num_points: int,
-    oversample: float = 3.0,
-    importance_ratio: float = 0.75,
-    uncertainty_fn: Callable[..., jax.Array] = logit_uncertainty,
-    selection: str = "",
-    row_flags=None,
-    num_valid=None,
-    chunk: int = ROW_CHUNK,
+  rng: jax.Array,
+  maps: jax.Array,
+  num_points: int,
+  oversample: float = 3.0,
+  importance_ratio: float = 0.75,
+  uncertainty_fn: Callable[..., jax.Array] = logit_uncertainty,
+  selection: str = "",
+  row_flags=None,
+  num_valid=None,
+  chunk: int = ROW_CHUNK,
 ) -> jax.Array:
   """detectron2's get_uncertain_point_coords_with_randomness, per map.
 
@@ -326,22 +328,26 @@ def importance_points(
   selection = selection or SELECTION
   if selection not in SELECT:
     raise ValueError(f"unknown selection {selection!r}; allowed: {', '.join(SELECT)}")
-  sample = functools.partial(_sample_rows, rng, num_points=num_points,
-                             oversample=oversample, importance_ratio=importance_ratio,
-                             uncertainty_fn=uncertainty_fn, selection=selection)
+  sample = functools.partial(
+    _sample_rows,
+    rng,
+    num_points=num_points,
+    oversample=oversample,
+    importance_ratio=importance_ratio,
+    uncertainty_fn=uncertainty_fn,
+    selection=selection,
+  )
   if num_valid is None:
     return sample(maps, 0, row_flags=row_flags)
   n = maps.shape[0]
   chunk = max(1, min(chunk, n))
-  num_chunks = jnp.minimum((jnp.asarray(num_valid, jnp.int32) + chunk - 1) // chunk,
-                           -(-n // chunk))
+  num_chunks = jnp.minimum((jnp.asarray(num_valid, jnp.int32) + chunk - 1) // chunk, -(-n // chunk))
 
   def body(carry):
     i, out = carry
     row0 = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before.
     rows = jax.lax.dynamic_slice_in_dim(maps, row0, chunk)
-    flags = (None if row_flags is None
-             else jax.lax.dynamic_slice_in_dim(row_flags, row0, chunk))
+    flags = None if row_flags is None else jax.lax.dynamic_slice_in_dim(row_flags, row0, chunk)
     pts = sample(rows, row0, row_flags=flags)
     return i + 1, jax.lax.dynamic_update_slice_in_dim(out, pts, row0, 0)
 

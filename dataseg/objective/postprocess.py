@@ -45,17 +45,18 @@ def pixel_ensemble(class_logits, mask_logits, pixel_logits, vocab_valid, alpha):
   b, _, v1 = class_logits.shape
   vocab_valid = jnp.broadcast_to(jnp.asarray(vocab_valid, bool), (b, v1 - 1))
   keep = jnp.concatenate([vocab_valid, jnp.ones(vocab_valid.shape[:1] + (1,), bool)], -1)
-  probs = jax.nn.softmax(jnp.where(keep[:, None], class_logits, NEG), -1)   # [B, Q, V+1]
-  pix = jax.nn.softmax(jnp.where(keep[:, None, None, :-1], pixel_logits[..., :-1], NEG),
-                       -1)                                                   # [B, h, w, V]
+  probs = jax.nn.softmax(jnp.where(keep[:, None], class_logits, NEG), -1)  # [B, Q, V+1]
+  pix = jax.nn.softmax(
+    jnp.where(keep[:, None, None, :-1], pixel_logits[..., :-1], NEG), -1
+  )  # [B, h, w, V]
   m = jax.nn.sigmoid(mask_logits)
-  p_pix = jnp.einsum('bqhw,bhwc->bqc', m, pix) / jnp.maximum(
-      jnp.sum(m, (-2, -1))[..., None], 1e-6)
-  fg = probs[..., :-1] / jnp.maximum(1. - probs[..., -1:], 1e-12)
-  log_fg = ((1. - alpha) * jnp.log(jnp.maximum(fg, 1e-30))
-            + alpha * jnp.log(jnp.maximum(p_pix, 1e-30)))
+  p_pix = jnp.einsum("bqhw,bhwc->bqc", m, pix) / jnp.maximum(jnp.sum(m, (-2, -1))[..., None], 1e-6)
+  fg = probs[..., :-1] / jnp.maximum(1.0 - probs[..., -1:], 1e-12)
+  log_fg = (1.0 - alpha) * jnp.log(jnp.maximum(fg, 1e-30)) + alpha * jnp.log(
+    jnp.maximum(p_pix, 1e-30)
+  )
   log_fg = jnp.where(keep[:, None, :-1], log_fg, NEG)
-  fg = jax.nn.softmax(log_fg, -1) * (1. - probs[..., -1:])
+  fg = jax.nn.softmax(log_fg, -1) * (1.0 - probs[..., -1:])
   fused = jnp.concatenate([fg, probs[..., -1:]], -1)
   return jnp.where(keep[:, None], jnp.log(jnp.maximum(fused, 1e-30)), NEG)
 
@@ -63,13 +64,20 @@ def pixel_ensemble(class_logits, mask_logits, pixel_logits, vocab_valid, alpha):
 def semantic_inference(class_logits, mask_logits, vocab_valid):
   """[Q, V+1], [Q, h, w], [V] -> [h, w] int32 class map (argmax of merged class maps)."""
   probs = class_probs(class_logits, vocab_valid)[:, :-1]
-  sem = jnp.einsum('qc,qhw->chw', probs, jax.nn.sigmoid(mask_logits))
-  sem = jnp.where(jnp.asarray(vocab_valid, bool)[:, None, None], sem, -1.)
+  sem = jnp.einsum("qc,qhw->chw", probs, jax.nn.sigmoid(mask_logits))
+  sem = jnp.where(jnp.asarray(vocab_valid, bool)[:, None, None], sem, -1.0)
   return jnp.argmax(sem, axis=0).astype(jnp.int32)
 
 
-def panoptic_inference(class_logits, mask_logits, vocab_valid, is_thing_vocab,
-                       score_threshold=0.8, overlap_threshold=0.8, mask_threshold=0.5):
+def panoptic_inference(
+  class_logits,
+  mask_logits,
+  vocab_valid,
+  is_thing_vocab,
+  score_threshold=0.8,
+  overlap_threshold=0.8,
+  mask_threshold=0.5,
+):
   """Mask2Former's panoptic_inference at fixed shapes.
 
   Args:
@@ -87,29 +95,38 @@ def panoptic_inference(class_logits, mask_logits, vocab_valid, is_thing_vocab,
   labels = jnp.argmax(probs, -1).astype(jnp.int32)
   keep = (labels != background) & (scores > score_threshold)
   masks = jax.nn.sigmoid(mask_logits)
-  prob_masks = jnp.where(keep[:, None, None], scores[:, None, None] * masks, -1.)
-  ids = jnp.argmax(prob_masks, axis=0)                            # [h, w]
+  prob_masks = jnp.where(keep[:, None, None], scores[:, None, None] * masks, -1.0)
+  ids = jnp.argmax(prob_masks, axis=0)  # [h, w]
   any_keep = jnp.any(keep)
-  won = (ids[None] == jnp.arange(q)[:, None, None]) & any_keep    # [Q, h, w]
+  won = (ids[None] == jnp.arange(q)[:, None, None]) & any_keep  # [Q, h, w]
   own = masks >= mask_threshold
   mask_area = jnp.sum(won, (1, 2))
   orig_area = jnp.sum(own, (1, 2))
   painted = jnp.sum(won & own, (1, 2))
-  ok = (keep & (mask_area > 0) & (orig_area > 0) & (painted > 0)
-        & (mask_area >= overlap_threshold * orig_area))
+  ok = (
+    keep
+    & (mask_area > 0)
+    & (orig_area > 0)
+    & (painted > 0)
+    & (mask_area >= overlap_threshold * orig_area)
+  )
   safe_labels = jnp.minimum(labels, background - 1)
   thing = jnp.take(jnp.asarray(is_thing_vocab, bool), safe_labels)
   stuff_ok = ok & ~thing
-  same = (stuff_ok[:, None] & stuff_ok[None, :]
-          & (labels[:, None] == labels[None, :]))                 # [Q, Q]
-  first = jnp.argmax(same, axis=1)                                # lowest same-class stuff
+  same = stuff_ok[:, None] & stuff_ok[None, :] & (labels[:, None] == labels[None, :])  # [Q, Q]
+  first = jnp.argmax(same, axis=1)  # lowest same-class stuff
   leader = jnp.where(stuff_ok, first, jnp.arange(q)).astype(jnp.int32)
   pix_ok = jnp.take(ok, ids) & jnp.take_along_axis(own, ids[None], 0)[0] & any_keep
   segment_map = jnp.where(pix_ok, jnp.take(leader, ids), -1).astype(jnp.int32)
   seg_valid = ok & (leader == jnp.arange(q))
   seg_class = jnp.where(seg_valid, labels, -1).astype(jnp.int32)
-  return (segment_map, seg_class, seg_valid & thing,
-          jnp.where(seg_valid, scores, 0.).astype(jnp.float32), seg_valid)
+  return (
+    segment_map,
+    seg_class,
+    seg_valid & thing,
+    jnp.where(seg_valid, scores, 0.0).astype(jnp.float32),
+    seg_valid,
+  )
 
 
 def instance_inference(class_logits, mask_logits, vocab_valid, is_thing_vocab, top_k=100):
@@ -127,23 +144,22 @@ def instance_inference(class_logits, mask_logits, vocab_valid, is_thing_vocab, t
   v = v1 - 1
   probs = class_probs(class_logits, vocab_valid)[:, :-1]
   allowed = jnp.asarray(vocab_valid, bool) & jnp.asarray(is_thing_vocab, bool)
-  flat = jnp.where(allowed[None], probs, -1.).reshape(-1)
+  flat = jnp.where(allowed[None], probs, -1.0).reshape(-1)
   k = min(top_k, q * v)
   top, idx = jax.lax.top_k(flat, k)
   query, cls = idx // v, idx % v
-  valid = top >= 0.
+  valid = top >= 0.0
   logits = mask_logits[query]
-  masks = logits > 0.
+  masks = logits > 0.0
   mprob = jax.nn.sigmoid(logits)
   mask_score = jnp.sum(mprob * masks, (1, 2)) / (jnp.sum(masks, (1, 2)) + 1e-6)
-  scores = jnp.where(valid, top * mask_score, 0.).astype(jnp.float32)
+  scores = jnp.where(valid, top * mask_score, 0.0).astype(jnp.float32)
   return masks & valid[:, None, None], jnp.where(valid, cls, -1).astype(jnp.int32), scores
 
 
 def valid_extent(valid: jax.Array) -> jax.Array:
   """[H, W] bool -> [2] int32 (height, width) of the top-left valid region."""
-  return jnp.stack([jnp.sum(jnp.any(valid, 1)), jnp.sum(jnp.any(valid, 0))]).astype(
-      jnp.int32)
+  return jnp.stack([jnp.sum(jnp.any(valid, 1)), jnp.sum(jnp.any(valid, 0))]).astype(jnp.int32)
 
 
 def resize_to_image(mask_logits, image_hw, valid_hw=None, out_hw=None):
@@ -163,8 +179,14 @@ def resize_to_image(mask_logits, image_hw, valid_hw=None, out_hw=None):
   if valid_hw is None:
     valid_hw = jnp.asarray(image_hw, jnp.float32)
   stride = jnp.asarray([image_hw[0] / h, image_hw[1] / w], jnp.float32)
-  extent = jnp.asarray(valid_hw, jnp.float32) / stride          # valid region, mask cells
+  extent = jnp.asarray(valid_hw, jnp.float32) / stride  # valid region, mask cells
   scale = jnp.asarray(out_hw, jnp.float32) / extent
   return jax.image.scale_and_translate(
-      mask_logits.astype(jnp.float32), (q, *out_hw), (1, 2), scale,
-      jnp.zeros((2,), jnp.float32), method='linear', antialias=False)
+    mask_logits.astype(jnp.float32),
+    (q, *out_hw),
+    (1, 2),
+    scale,
+    jnp.zeros((2,), jnp.float32),
+    method="linear",
+    antialias=False,
+  )

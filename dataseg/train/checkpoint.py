@@ -37,14 +37,23 @@ class Checkpointer:
     self.directory = directory
     self.best_metric = best_metric
     self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+      directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+      ),
+    )
     self._best = None
     if best_metric:
       self._best = ocp.CheckpointManager(
-          f"{directory}/best", options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode="max",
-              enable_async_checkpointing=async_save, create=True))
+        f"{directory}/best",
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=1,
+          best_fn=lambda m: m[best_metric],
+          best_mode="max",
+          enable_async_checkpointing=async_save,
+          create=True,
+        ),
+      )
 
   def all_steps(self):
     return sorted(self._manager.all_steps())
@@ -52,19 +61,20 @@ class Checkpointer:
   def save(self, step, state, *, data_state, config_json, force=False):
     self._save_data_state(step, data_state)
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(config_json))
+      state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json)
+    )
     saved = self._manager.save(step, args=args, force=force)
     self._prune_data_states(step)
     return saved
 
   def _data_path(self, step):
-    return os.path.join(self.directory, "data_state",
-                        f"{step}.process{jax.process_index()}.npz")
+    return os.path.join(self.directory, "data_state", f"{step}.process{jax.process_index()}.npz")
 
   def _save_data_state(self, step, data_state):
-    flat = {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(data_state)[0]}
+    flat = {
+      jax.tree_util.keystr(p): np.asarray(v)
+      for p, v in jax.tree_util.tree_flatten_with_path(data_state)[0]
+    }
     path = self._data_path(step)
     tf.io.gfile.makedirs(os.path.dirname(path))
     buffer = io.BytesIO()
@@ -80,12 +90,16 @@ class Checkpointer:
       blob = f.read()
     with np.load(io.BytesIO(blob)) as f:
       flat = dict(f)
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(like)[0]] if like is not None else None
+    paths = (
+      [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+      if like is not None
+      else None
+    )
     if paths is None:
       return flat
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
-                                        [flat[p] for p in paths])
+    return jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(like), [flat[p] for p in paths]
+    )
 
   def _prune_data_states(self, just_saved):
     """Drops pipeline positions of checkpoints orbax no longer keeps."""
@@ -101,8 +115,11 @@ class Checkpointer:
   def save_best(self, step, state, metrics):
     if self._best is None or self.best_metric not in metrics:
       return
-    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                    metrics={self.best_metric: float(metrics[self.best_metric])})
+    self._best.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+      metrics={self.best_metric: float(metrics[self.best_metric])},
+    )
 
   def restore_latest(self, abstract_state, data_like=None):
     """(step, state, data_state) of the newest checkpoint that restores, or None.
@@ -112,17 +129,26 @@ class Checkpointer:
     """
     for step in reversed(self.all_steps()):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
         data_state = None
         if tf.io.gfile.exists(self._data_path(step)):
           data_state = self._load_data_state(step, data_like)
         return step, restored["state"], data_state
       except Exception as e:  # pylint: disable=broad-except
-        logging.error("checkpoint %s/%d failed to restore (%s: %s); trying the previous one",
-                      self.directory, step, type(e).__name__, e)
-        print(f"WARNING: checkpoint {self.directory}/{step} failed to restore "
-              f"({type(e).__name__}); falling back to the previous one", flush=True)
+        logging.error(
+          "checkpoint %s/%d failed to restore (%s: %s); trying the previous one",
+          self.directory,
+          step,
+          type(e).__name__,
+          e,
+        )
+        print(
+          f"WARNING: checkpoint {self.directory}/{step} failed to restore "
+          f"({type(e).__name__}); falling back to the previous one",
+          flush=True,
+        )
         self._set_aside(step)
     return None
 
@@ -137,8 +163,7 @@ class Checkpointer:
         print(f"WARNING: moved {path} to {aside}", flush=True)
       except (tf.errors.OpError, OSError) as e:  # GCS renames files, not folders.
         tf.io.gfile.rmtree(path)
-        print(f"WARNING: could not move {path} aside ({type(e).__name__}); deleted it",
-              flush=True)
+        print(f"WARNING: could not move {path} aside ({type(e).__name__}); deleted it", flush=True)
     self._manager.reload()
 
   def wait(self):
@@ -162,22 +187,29 @@ def restore_inference_state(directory, abstract_state, step: int | None = None):
   directory = _absolute(os.fspath(directory))
   steps = []
   if tf.io.gfile.isdir(directory):
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        create=False)) as manager:
+    with ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False)
+    ) as manager:
       steps = sorted(manager.all_steps())
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {directory}")
   if step is None:
     step = steps[-1]
   elif step not in steps:
-    raise ValueError(f"no checkpoint for step {step} under {directory}; "
-                     f"available: {', '.join(map(str, steps))}")
+    raise ValueError(
+      f"no checkpoint for step {step} under {directory}; available: {', '.join(map(str, steps))}"
+    )
   wanted = {k: v for k, v in abstract_state.items() if k in ("step", "params", "frozen", "ema")}
   restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False)) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
+  with ocp.CheckpointManager(
+    directory, options=ocp.CheckpointManagerOptions(create=False)
+  ) as manager:
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+      ),
+    )["state"]
   params = restored.get("ema", restored["params"])
   return step, dict(params=params, frozen=restored["frozen"])
 
@@ -194,12 +226,16 @@ def restore_params(directory, abstract_params):
     raise FileNotFoundError(f"config.init_from: no checkpoint under {directory}")
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   saved = restored["state"]["params"]
-  flat_saved = {jax.tree_util.keystr(p): v
-                for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-  flat_target = {jax.tree_util.keystr(p): v
-                 for p, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  flat_saved = {
+    jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]
+  }
+  flat_target = {
+    jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  }
   report = dict(
-      missing=sorted(k for k in flat_target if k not in flat_saved or
-                     flat_saved[k].shape != flat_target[k].shape),
-      unexpected=sorted(k for k in flat_saved if k not in flat_target))
+    missing=sorted(
+      k for k in flat_target if k not in flat_saved or flat_saved[k].shape != flat_target[k].shape
+    ),
+    unexpected=sorted(k for k in flat_saved if k not in flat_target),
+  )
   return step, flat_saved, report

@@ -43,6 +43,7 @@ def enable(cache_dir: str, min_compile_time_secs: float = 0.0) -> str:
     (`stats()`), cache or not.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   _listen()
   jax.config.update("jax_threefry_gpu_kernel_lowering", True)
   if not cache_dir:
@@ -67,9 +68,11 @@ def enable(cache_dir: str, min_compile_time_secs: float = 0.0) -> str:
 def _report_at_exit(path):
   out = os.environ.get(STATS_ENV_VAR)
   if out:
+
     def write():
       with open(out, "w") as f:
         json.dump(dict(stats(), cache_dir=path), f)
+
     atexit.register(write)
 
 
@@ -77,6 +80,7 @@ def _listen():
   """Sums XLA compile time (or, on a cache hit, load time) and counts cache hits."""
   global _listening
   import jax  # pylint: disable=g-import-not-at-top
+
   with _lock:
     if _listening:
       return
@@ -106,5 +110,7 @@ def stats() -> dict:
 
 def summary() -> str:
   s = stats()
-  return (f"XLA compile {s['compile_s']:.1f} s for {s['programs']} programs "
-          f"({s['cache_hits']} from the persistent compilation cache)")
+  return (
+    f"XLA compile {s['compile_s']:.1f} s for {s['programs']} programs "
+    f"({s['cache_hits']} from the persistent compilation cache)"
+  )

@@ -6,13 +6,10 @@ readers and pipelines.
 """
 
 import jax
-import numpy as np
 
 from dataseg import schema
 from input_pipeline import datasets as datasets_lib
-from input_pipeline import mixing
-from input_pipeline import pipeline
-from input_pipeline import synthetic
+from input_pipeline import mixing, pipeline, synthetic
 
 
 def default_evaluators(task):
@@ -25,8 +22,7 @@ def reader_for(entry, data_dir, split, vocab_is_thing):
   if info["source"] == "synthetic":
     builder = synthetic.builder(entry.name, data_dir)
     return (builder, split, lambda ex: synthetic.decode(ex, vocab_is_thing))
-  return datasets_lib.reader_spec(entry.name, split, data_dir, entry.reader.to_dict(),
-                                  entry.vocab)
+  return datasets_lib.reader_spec(entry.name, split, data_dir, entry.reader.to_dict(), entry.vocab)
 
 
 class TrainData:
@@ -38,29 +34,41 @@ class TrainData:
     self.weights = [config.datasets[n].weight for n in self.names]
     n_proc = jax.process_count()
     if config.batch_size % n_proc:
-      raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                       f"{n_proc} processes")
+      raise ValueError(
+        f"config.batch_size={config.batch_size} is not divisible by {n_proc} processes"
+      )
     if config.mixing == "quota":
       tasks = {config.datasets[n].task for n in self.names}
       if len(tasks) > 1:
-        raise ValueError(f"config.mixing='quota' mixes datasets inside a batch, which needs "
-                         f"one task; the config has {sorted(tasks)}")
+        raise ValueError(
+          f"config.mixing='quota' mixes datasets inside a batch, which needs "
+          f"one task; the config has {sorted(tasks)}"
+        )
       sizes = mixing.quotas(self.weights, config.batch_size // n_proc)
     else:
       sizes = [config.batch_size // n_proc] * len(self.names)
     iterators = []
     for i, (name, size) in enumerate(zip(self.names, sizes)):
       entry = config.datasets[name]
-      iterators.append(pipeline.make_iterator(
+      iterators.append(
+        pipeline.make_iterator(
           reader_for(entry, data_dir, entry.split, vocabs[name].is_thing),
-          batch_size=size, image_size=config.image_size, max_segments=config.max_segments,
-          task_id=schema.task_id(entry.task), dataset_id=i, training=True,
-          seed=config.seed + 1000 * i, on_bad_input=config.on_bad_input,
+          batch_size=size,
+          image_size=config.image_size,
+          max_segments=config.max_segments,
+          task_id=schema.task_id(entry.task),
+          dataset_id=i,
+          training=True,
+          seed=config.seed + 1000 * i,
+          on_bad_input=config.on_bad_input,
           preprocess_kwargs=dict(
-              scale_range=(config.augment.scale_min, config.augment.scale_max),
-              flip=config.augment.flip, color_jitter=config.augment.color_jitter)))
-    self.mixed = mixing.MixedIterator(iterators, self.weights, seed=config.seed,
-                                      mode=config.mixing)
+            scale_range=(config.augment.scale_min, config.augment.scale_max),
+            flip=config.augment.flip,
+            color_jitter=config.augment.color_jitter,
+          ),
+        )
+      )
+    self.mixed = mixing.MixedIterator(iterators, self.weights, seed=config.seed, mode=config.mixing)
 
   def next(self, step):
     """(dataset key, host-local batch) of `step`."""
@@ -84,10 +92,15 @@ def eval_batches(config, entry, data_dir, vocab):
   if config.max_eval_examples:
     num_batches = -(-config.max_eval_examples // (batch * n_proc))
   ds = pipeline.make_dataset(
-      reader_for(entry, data_dir, entry.eval_split, vocab.is_thing), batch_size=batch,
-      image_size=config.eval_image_size, max_segments=config.max_segments,
-      task_id=schema.task_id(entry.task), training=False, on_bad_input=config.on_bad_input,
-      num_eval_batches=num_batches)
+    reader_for(entry, data_dir, entry.eval_split, vocab.is_thing),
+    batch_size=batch,
+    image_size=config.eval_image_size,
+    max_segments=config.max_segments,
+    task_id=schema.task_id(entry.task),
+    training=False,
+    on_bad_input=config.on_bad_input,
+    num_eval_batches=num_batches,
+  )
   for b in ds.as_numpy_iterator():
     b.pop("segments_overflow", None)
     yield b

@@ -17,8 +17,7 @@ import os
 import jax
 import numpy as np
 
-from dataseg import inference
-from dataseg import visualize
+from dataseg import inference, visualize
 from dataseg.metrics import evaluators as evaluators_lib
 from dataseg.train import data as data_lib
 
@@ -32,20 +31,28 @@ def _crop(x, h, w):
 def evaluate_dataset(config, s, state, entry, vocab, data_dir, out_dir=None):
   """{metric: value} of one eval dataset entry."""
   names = tuple(entry.evaluators) or data_lib.default_evaluators(entry.task)
-  evs = {n: evaluators_lib.make_evaluator(n, class_names=list(vocab.names),
-                                          is_thing=vocab.is_thing[:len(vocab.names)])
-         for n in names}
+  evs = {
+    n: evaluators_lib.make_evaluator(
+      n, class_names=list(vocab.names), is_thing=vocab.is_thing[: len(vocab.names)]
+    )
+    for n in names
+  }
   vocab_dev = jax.device_put(vocab.arrays())
   thresholds = inference.config_thresholds(config)
   overlays = 0
   for batch in data_lib.eval_batches(config, entry, data_dir, vocab):
-    out = inference.predict(s, state, batch["image"], batch["valid"], vocab_dev, thresholds,
-                            top_k=config.loss.post.top_k)
+    out = inference.predict(
+      s, state, batch["image"], batch["valid"], vocab_dev, thresholds, top_k=config.loss.post.top_k
+    )
     for i in np.nonzero(batch["example_valid"])[0]:
       h, w = inference.valid_size(batch["valid"][i])
-      gt = dict(segment_map=_crop(batch["segment_map"][i], h, w),
-                seg_class=batch["seg_class"][i], seg_is_crowd=batch["seg_is_crowd"][i],
-                seg_valid=batch["seg_valid"][i], seg_box=batch["seg_box"][i])
+      gt = dict(
+        segment_map=_crop(batch["segment_map"][i], h, w),
+        seg_class=batch["seg_class"][i],
+        seg_is_crowd=batch["seg_is_crowd"][i],
+        seg_valid=batch["seg_valid"][i],
+        seg_box=batch["seg_box"][i],
+      )
       gt["seg_class"] = np.where(gt["seg_valid"], gt["seg_class"], -1)
       image_id = int(batch["image_id"][i])
       if "semantic" in evs:
@@ -55,19 +62,21 @@ def evaluate_dataset(config, s, state, entry, vocab, data_dir, out_dir=None):
         pred = dict(segment_map=_crop(p["segment_map"][i], h, w), seg_class=p["seg_class"][i])
         evs["panoptic"].add(image_id, pred, gt)
       keep = out["instance"]["classes"][i] >= 0
-      inst = dict(masks=_crop(out["instance"]["masks"][i][keep], h, w),
-                  classes=out["instance"]["classes"][i][keep],
-                  scores=out["instance"]["scores"][i][keep])
+      inst = dict(
+        masks=_crop(out["instance"]["masks"][i][keep], h, w),
+        classes=out["instance"]["classes"][i][keep],
+        scores=out["instance"]["scores"][i][keep],
+      )
       for n in ("instance", "box"):
         if n in evs:
           evs[n].add(image_id, inst, gt)
       if out_dir and overlays < _NUM_OVERLAYS and jax.process_index() == 0:
-        task = next(t for t in inference.TASKS if t in evs or
-                    (t == "instance" and "box" in evs))
+        task = next(t for t in inference.TASKS if t in evs or (t == "instance" and "box" in evs))
         result = inference.example_result(out, i, task, vocab.names, vocab.is_thing, (h, w))
         result["image"] = batch["image"][i][:h, :w]
-        visualize.save_png(os.path.join(out_dir, entry.name, f"{image_id}.png"),
-                           inference.overlay(result))
+        visualize.save_png(
+          os.path.join(out_dir, entry.name, f"{image_id}.png"), inference.overlay(result)
+        )
         overlays += 1
   results = {}
   for n, ev in evs.items():
@@ -83,16 +92,26 @@ def evaluate_all(config, s, state, data_dir, vocabs, out_dir=None):
   for key, entry in config.eval_datasets.items():
     vocab = vocabs[f"eval:{key}"]
     if config.classifier == "learned" and vocab.index < 0:
-      print(f"[eval] {key}: skipped (a learned classifier has no weights for unseen "
-            f"dataset {entry.name!r})", flush=True)
+      print(
+        f"[eval] {key}: skipped (a learned classifier has no weights for unseen "
+        f"dataset {entry.name!r})",
+        flush=True,
+      )
       continue
     metrics = evaluate_dataset(config, s, state, entry, vocab, data_dir, out_dir)
     results.update({f"{key}/{k}": v for k, v in metrics.items()})
   return results
 
 
-HEADLINE = ("panoptic/PQ", "panoptic/PQ_th", "panoptic/PQ_st", "semantic/mIoU",
-            "instance/AP", "instance/AP50", "box/AP")
+HEADLINE = (
+  "panoptic/PQ",
+  "panoptic/PQ_th",
+  "panoptic/PQ_st",
+  "semantic/mIoU",
+  "instance/AP",
+  "instance/AP50",
+  "box/AP",
+)
 
 
 def format_table(results):

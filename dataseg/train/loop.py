@@ -25,9 +25,8 @@ import tensorflow as tf
 from dataseg import config_lib
 from dataseg.train import checkpoint as checkpoint_lib
 from dataseg.train import data as data_lib
-from dataseg.train import eval_loop
+from dataseg.train import eval_loop, trainer
 from dataseg.train import metrics as metrics_lib
-from dataseg.train import trainer
 from dataseg.vocab import padded as padded_vocab
 from input_pipeline import synthetic
 
@@ -42,8 +41,12 @@ def _data_dir(config, workdir):
 
 def _prepare_synthetic(config, data_dir):
   """Generates the config's synthetic datasets once for all processes (see synthetic.py)."""
-  names = [e.name for group in ("datasets", "eval_datasets") for e in config[group].values()
-           if data_lib.datasets_lib.lookup(e.name)["source"] == "synthetic"]
+  names = [
+    e.name
+    for group in ("datasets", "eval_datasets")
+    for e in config[group].values()
+    if data_lib.datasets_lib.lookup(e.name)["source"] == "synthetic"
+  ]
   synthetic.prepare_shared(sorted(set(names)), data_dir)
 
 
@@ -69,8 +72,9 @@ class PreemptionSync:
       devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
       mesh = jax.sharding.Mesh(np.asarray(devices), ("p",))
       self._in = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("p"))
-      self._reduce = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec()))
+      self._reduce = jax.jit(
+        jnp.max, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      )
 
   def handler(self, signum, frame):
     del signum, frame
@@ -82,8 +86,7 @@ class PreemptionSync:
       return self.signalled
     local = np.full((jax.local_device_count(),), int(self.signalled), np.int32)
     with jax.transfer_guard("allow"):
-      flags = jax.make_array_from_process_local_data(self._in, local,
-                                                     (jax.device_count(),))
+      flags = jax.make_array_from_process_local_data(self._in, local, (jax.device_count(),))
       previous, self._pending = self._pending, self._reduce(flags)
       return previous is not None and bool(jax.device_get(previous))
 
@@ -103,8 +106,11 @@ def _restore_or_init(config, s, ckpt, data):
 def _load_init_from(config, s, state):
   """Parameters only from another run (fine-tuning / transfer), with a key report."""
   step, flat_saved, report = checkpoint_lib.restore_params(config.init_from, state["params"])
-  print(f"init_from {config.init_from} (step {step}): {len(report['missing'])} missing keys "
-        f"(kept fresh), {len(report['unexpected'])} unexpected keys (ignored)", flush=True)
+  print(
+    f"init_from {config.init_from} (step {step}): {len(report['missing'])} missing keys "
+    f"(kept fresh), {len(report['unexpected'])} unexpected keys (ignored)",
+    flush=True,
+  )
   for key in report["missing"][:20]:
     print(f"  missing: {key}")
   for key in report["unexpected"][:20]:
@@ -115,6 +121,7 @@ def _load_init_from(config, s, state):
     if key in flat_saved and key not in report["missing"]:
       return jax.device_put(np.asarray(flat_saved[key]), fresh.sharding)
     return fresh
+
   state["params"] = jax.tree_util.tree_map_with_path(take, state["params"])
   return state
 
@@ -128,15 +135,20 @@ def train_and_evaluate(config, workdir):
   _prepare_synthetic(config, data_dir)
   vocabs = padded_vocab.build_vocabularies(config, workdir)
   train_names = list(config.datasets.keys())
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.keep_checkpoints,
-                                     best_metric=config.best_metric)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    keep=config.keep_checkpoints,
+    best_metric=config.best_metric,
+  )
   # A finished, evaluated run is reused from its files: no state restore, no pipelines.
   last = (ckpt.all_steps() or [0])[-1]
   finished = os.path.join(workdir, f"eval_{last}.json")
   if last >= config.total_steps and tf.io.gfile.exists(finished):
-    print(f"Training already finished at step {last}; reusing {finished} "
-          f"(delete it to re-evaluate, or raise --config.total_steps to train on)", flush=True)
+    print(
+      f"Training already finished at step {last}; reusing {finished} "
+      f"(delete it to re-evaluate, or raise --config.total_steps to train on)",
+      flush=True,
+    )
     ckpt.close()
     with tf.io.gfile.GFile(finished) as f:
       results = json.load(f)
@@ -156,9 +168,10 @@ def train_and_evaluate(config, workdir):
   preemption = PreemptionSync()
   previous_handler = signal.signal(signal.SIGTERM, preemption.handler)
 
-  vocab_arrays = {name: jax.device_put(vocabs[name].arrays(),
-                                       trainer.sharding_lib.replicated(s.mesh))
-                  for name in train_names}
+  vocab_arrays = {
+    name: jax.device_put(vocabs[name].arrays(), trainer.sharding_lib.replicated(s.mesh))
+    for name in train_names
+  }
   steps = {}
   config_json = json.loads(config.to_json_best_effort())
   pending = None  # (step, dataset, metrics) of the previous step: checked one step late
@@ -183,9 +196,10 @@ def train_and_evaluate(config, workdir):
         save(good, force=True)
       ckpt.wait()
       raise NonFiniteLossError(
-          f"non-finite loss at step {step} on dataset {name!r} "
-          f"(task {config.datasets[name].task}); non-finite terms: {', '.join(bad)}. "
-          f"Last good parameters saved to {ckpt.directory}/{good}.")
+        f"non-finite loss at step {step} on dataset {name!r} "
+        f"(task {config.datasets[name].task}); non-finite terms: {', '.join(bad)}. "
+        f"Last good parameters saved to {ckpt.directory}/{good}."
+      )
 
   try:
     with jax.transfer_guard("disallow" if config.transfer_guard else "allow"):
@@ -256,16 +270,19 @@ def _log(writer, step, window, t_start, images):
   if mem is not None:
     scalars["train/device_memory_gib"] = mem
   writer.scalars(step, scalars)
-  losses = "  ".join(f"{name}: {np.mean([m['loss'] for m in ms]):.3f}"
-                     for name, ms in per_dataset.items())
+  losses = "  ".join(
+    f"{name}: {np.mean([m['loss'] for m in ms]):.3f}" for name, ms in per_dataset.items()
+  )
   writer.progress(step, f"loss {losses}  {scalars['train/images_per_s']:.1f} img/s")
 
 
 def _evaluate(config, s, state, workdir, data_dir, vocabs, writer, step):
-  results = eval_loop.evaluate_all(config, s, state, data_dir, vocabs,
-                                        out_dir=os.path.join(workdir, f"eval_{step}"))
-  writer.scalars(step, {f"eval/{k}": v for k, v in results.items()
-                        if np.isscalar(v) and np.isfinite(v)})
+  results = eval_loop.evaluate_all(
+    config, s, state, data_dir, vocabs, out_dir=os.path.join(workdir, f"eval_{step}")
+  )
+  writer.scalars(
+    step, {f"eval/{k}": v for k, v in results.items() if np.isscalar(v) and np.isfinite(v)}
+  )
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
       json.dump(results, f, indent=1, sort_keys=True)
@@ -281,8 +298,9 @@ def evaluate_only(config, workdir):
   _prepare_synthetic(config, data_dir)
   vocabs = padded_vocab.build_vocabularies(config, workdir)
   s = trainer.setup(config, len(config.datasets), padded_vocab.vocab_size(config, vocabs))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+  )
   restored = ckpt.restore_latest(s.abstract_state)
   if restored is None:
     if not config.init_from:

@@ -17,7 +17,6 @@ from clu import metric_writers
 
 
 class Writer:
-
   def __init__(self, workdir, total_steps):
     self.is_lead = jax.process_index() == 0
     # clu's create_default_writer, minus its etils.epath conversion of the folder (which
@@ -26,8 +25,9 @@ class Writer:
     if self.is_lead:
       writers.append(metric_writers.SummaryWriter(workdir))
     self._tb = metric_writers.MultiWriter(writers)
-    self._jsonl = (tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a")
-                   if self.is_lead else None)
+    self._jsonl = (
+      tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_lead else None
+    )
     self.total_steps = total_steps
     self._t0 = None
     self._s0 = None
@@ -53,8 +53,9 @@ class Writer:
     left = self.total_steps - step
     eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "--:--:--"
     if self.is_lead:
-      print(f"[step {step:>6d}/{self.total_steps}] {rate:6.2f} steps/s  ETA {eta}  {extra}",
-            flush=True)
+      print(
+        f"[step {step:>6d}/{self.total_steps}] {rate:6.2f} steps/s  ETA {eta}  {extra}", flush=True
+      )
     return rate
 
   def flush(self):

@@ -26,7 +26,8 @@ def schedule(opt, total_steps):
     main = optax.polynomial_schedule(lr, 0.0, opt.poly_power, decay_steps)
   elif opt.schedule == "step":
     main = optax.piecewise_constant_schedule(
-        lr, {int(b * total_steps) - warmup: opt.step_factor for b in opt.step_boundaries})
+      lr, {int(b * total_steps) - warmup: opt.step_factor for b in opt.step_boundaries}
+    )
   elif opt.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, decay_steps)
   elif opt.schedule == "constant":
@@ -45,12 +46,12 @@ def _path_names(path):
 def decay_mask(params):
   """Weight decay only on dense / conv kernels: not on norms, biases, embeddings."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: _path_names(p)[-1] == "kernel" and jnp.ndim(x) >= 2, params)
+    lambda p, x: _path_names(p)[-1] == "kernel" and jnp.ndim(x) >= 2, params
+  )
 
 
 def backbone_mask(params):
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: BACKBONE_PREFIX in _path_names(p)[0], params)
+  return jax.tree_util.tree_map_with_path(lambda p, _: BACKBONE_PREFIX in _path_names(p)[0], params)
 
 
 def backbone_multiplier(opt, pretrained_backbone=True):
@@ -70,8 +71,9 @@ def make(opt, total_steps, pretrained_backbone=True):
   parts = []
   if opt.clip_norm:
     parts.append(optax.clip_by_global_norm(opt.clip_norm))
-  parts.append(optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
-                           mask=decay_mask))
+  parts.append(
+    optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask)
+  )
   if multiplier != 1.0:
     parts.append(optax.masked(optax.scale(multiplier), backbone_mask))
   tx = optax.chain(*parts)

@@ -13,7 +13,8 @@ import re
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -27,27 +28,35 @@ def mesh_shape(mesh_config, num_devices):
     raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide "
-                       f"{num_devices} devices")
+      raise ValueError(
+        f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                     f"devices, {num_devices} available")
+    raise ValueError(
+      f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+      f"devices, {num_devices} available"
+    )
   return tuple(sizes)
 
 
 def make_mesh(mesh_config, devices=None):
   devices = devices if devices is not None else jax.devices()
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return jax.make_mesh(
+    shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def single_device_mesh(device=None) -> jax.sharding.Mesh:
   """A (1, 1, 1) mesh over one local device: every parameter replicated on it."""
   device = device or jax.local_devices()[0]
-  return jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=[device],
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return jax.make_mesh(
+    (1,) * len(MESH_AXES),
+    MESH_AXES,
+    devices=[device],
+    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+  )
 
 
 def data_parallel_mesh() -> jax.sharding.Mesh:
@@ -57,8 +66,10 @@ def data_parallel_mesh() -> jax.sharding.Mesh:
 
 def logical_rules(config_rules):
   """Config rules ('' = replicated) -> flax logical axis rules."""
-  return tuple((name, (axis or None) if not isinstance(axis, (tuple, list)) else tuple(axis))
-               for name, axis in config_rules)
+  return tuple(
+    (name, (axis or None) if not isinstance(axis, (tuple, list)) else tuple(axis))
+    for name, axis in config_rules
+  )
 
 
 def param_shardings(boxed_abstract, mesh, config_rules):
@@ -81,6 +92,7 @@ def like_params(tree, param_paths_to_sharding, mesh):
   Adam's moments have the parameters' paths as suffixes of their own; every other leaf
   (counts, scalars) is replicated.
   """
+
   def pick(path, leaf):
     keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
     for n in range(len(keys)):
@@ -88,14 +100,16 @@ def like_params(tree, param_paths_to_sharding, mesh):
       if sharding is not None and len(sharding.spec) <= np.ndim(leaf):
         return sharding
     return replicated(mesh)
+
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def path_table(tree):
   """{path tuple of str: leaf} of a tree."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
-          for path, leaf in flat}
+  return {
+    tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf for path, leaf in flat
+  }
 
 
 def _tasks_on_this_node(env):

@@ -59,13 +59,15 @@ def _init_variables(model, config, num_datasets, vocab_size, rng):
     table = jax.random.normal(vocab_rng, (num_datasets, vocab_size, text.shape[-1]))
     variables["params"] = dict(variables["params"])
     variables["params"][LEARNED_VOCAB] = nn.with_logical_partitioning(
-        lambda: table, (None, None, "text"))()
+      lambda: table, (None, None, "text")
+    )()
   return variables
 
 
 @dataclasses.dataclass(eq=False)  # hashable by identity: caches key on it.
 class Setup:
   """Everything built once per run: model, optimizer, mesh and the state's shardings."""
+
   config: Any
   model: nn.Module
   tx: optax.GradientTransformation
@@ -78,35 +80,46 @@ class Setup:
 
 def setup(config, num_datasets, vocab_size, mesh=None):
   model = dataseg_model.build_model(config.model)
-  tx, lr_fn = optimizer_lib.make(config.optimizer, config.total_steps,
-                                 pretrained_backbone=bool(weights_lib.pretrained_path(config)))
+  tx, lr_fn = optimizer_lib.make(
+    config.optimizer,
+    config.total_steps,
+    pretrained_backbone=bool(weights_lib.pretrained_path(config)),
+  )
   mesh = mesh or sharding_lib.make_mesh(config.mesh)
 
   def init_fn(rng):
     variables = nn.meta.unbox(_init_variables(model, config, num_datasets, vocab_size, rng))
     params = variables.pop("params")
-    state = dict(step=jnp.zeros((), jnp.int32), params=params, frozen=variables,
-                 opt_state=tx.init(params), rng=rng)
+    state = dict(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      frozen=variables,
+      opt_state=tx.init(params),
+      rng=rng,
+    )
     if config.optimizer.ema_decay:
       state["ema"] = params
     return state
 
   rng = jax.random.key_data(jax.random.PRNGKey(config.seed))
-  boxed = jax.eval_shape(
-      lambda r: _init_variables(model, config, num_datasets, vocab_size, r), rng)
+  boxed = jax.eval_shape(lambda r: _init_variables(model, config, num_datasets, vocab_size, r), rng)
   var_shardings = sharding_lib.param_shardings(boxed, mesh, config.sharding_rules)
   abstract = jax.eval_shape(init_fn, rng)
   param_sh = var_shardings["params"]
   table = sharding_lib.path_table(param_sh)
   rep = sharding_lib.replicated(mesh)
   shardings = dict(
-      step=rep, params=param_sh,
-      frozen={k: v for k, v in var_shardings.items() if k != "params"},
-      opt_state=sharding_lib.like_params(abstract["opt_state"], table, mesh), rng=rep)
+    step=rep,
+    params=param_sh,
+    frozen={k: v for k, v in var_shardings.items() if k != "params"},
+    opt_state=sharding_lib.like_params(abstract["opt_state"], table, mesh),
+    rng=rep,
+  )
   if "ema" in abstract:
     shardings["ema"] = param_sh
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   return Setup(config, model, tx, lr_fn, mesh, shardings, abstract, init_fn)
 
 
@@ -121,11 +134,19 @@ def init_state(s: Setup):
 
 def _loss_fn(s: Setup, task, params, frozen, batch, vocab, rng, step):
   model_params, text = model_inputs(s.config, params, vocab)
-  outputs = s.model.apply({"params": model_params, **frozen}, batch["image"], text,
-                          vocab["valid"], train=True)
+  outputs = s.model.apply(
+    {"params": model_params, **frozen}, batch["image"], text, vocab["valid"], train=True
+  )
   return losses_lib.compute_loss(
-      outputs, batch, task=task, vocab_valid=vocab["valid"],
-      is_thing_vocab=vocab["is_thing"], config=s.config.loss, rng=rng, step=step)
+    outputs,
+    batch,
+    task=task,
+    vocab_valid=vocab["valid"],
+    is_thing_vocab=vocab["is_thing"],
+    config=s.config.loss,
+    rng=rng,
+    step=step,
+  )
 
 
 def make_train_step(s: Setup, task: str):
@@ -136,10 +157,10 @@ def make_train_step(s: Setup, task: str):
 
   def step_fn(state, batch, vocab):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = jax.value_and_grad(
-        functools.partial(_loss_fn, s, task), has_aux=True)
-    (loss, metrics), grads = grad_fn(state["params"], state["frozen"], batch, vocab,
-                                     rng, state["step"])
+    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, s, task), has_aux=True)
+    (loss, metrics), grads = grad_fn(
+      state["params"], state["frozen"], batch, vocab, rng, state["step"]
+    )
     updates, opt_state = s.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.global_norm(grads)
@@ -151,35 +172,45 @@ def make_train_step(s: Setup, task: str):
     # Non-finite step: keep the last good parameters (the host loop stops on the flag).
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     new["step"] = state["step"] + 1
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=s.lr_fn(state["step"]),
-                   finite=finite)
+    metrics = dict(
+      metrics, loss=loss, grad_norm=grad_norm, lr=s.lr_fn(state["step"]), finite=finite
+    )
     return new, metrics
 
   batch_sh = sharding_lib.batch_sharding(s.mesh)
   rep = sharding_lib.replicated(s.mesh)
-  return jax.jit(step_fn, donate_argnums=(0,),
-                 in_shardings=(s.state_shardings, batch_sh, rep),
-                 out_shardings=(s.state_shardings, rep))
+  return jax.jit(
+    step_fn,
+    donate_argnums=(0,),
+    in_shardings=(s.state_shardings, batch_sh, rep),
+    out_shardings=(s.state_shardings, rep),
+  )
 
 
 def make_predict_fn(s: Setup):
   """Jitted forward pass for evaluation: final-layer class and mask logits."""
+
   def predict(state, images, vocab):
     params = state.get("ema", state["params"])
     model_params, text = model_inputs(s.config, params, vocab)
-    out = s.model.apply({"params": model_params, **state["frozen"]}, images, text,
-                        vocab["valid"], train=False)
+    out = s.model.apply(
+      {"params": model_params, **state["frozen"]}, images, text, vocab["valid"], train=False
+    )
     class_logits, mask_logits = out["class_logits"][-1], out["mask_logits"][-1]
     alpha = s.config.loss.post.get("pixel_ensemble", 0.0)
     if alpha and "pixel_logits" in out:
-      class_logits = postprocess.pixel_ensemble(class_logits, mask_logits,
-                                                out["pixel_logits"], vocab["valid"], alpha)
+      class_logits = postprocess.pixel_ensemble(
+        class_logits, mask_logits, out["pixel_logits"], vocab["valid"], alpha
+      )
     return class_logits, mask_logits
+
   return jax.jit(predict)
 
 
 def global_batch(local_batch, mesh):
   """Host-local numpy batch -> global jax.Arrays split over the mesh's batch axes."""
   sharding = sharding_lib.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }

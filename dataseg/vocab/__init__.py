@@ -40,6 +40,7 @@ class Vocabulary:
     synonyms: [V] tuples of alternative names (may be empty).
     source: where the list comes from.
   """
+
   name: str
   class_names: tuple[str, ...]
   raw_names: tuple[str, ...]
@@ -67,8 +68,9 @@ def available() -> tuple[str, ...]:
   return tuple(sorted(p.stem for p in _DIR.glob("*.json")))
 
 
-def from_categories(name: str, categories: Sequence[Mapping[str, Any]],
-                    source: str = "user") -> Vocabulary:
+def from_categories(
+  name: str, categories: Sequence[Mapping[str, Any]], source: str = "user"
+) -> Vocabulary:
   """Builds a vocabulary from a COCO `categories` list (order = contiguous ids).
 
   Entries need `id` and `name`; `isthing` defaults to 1 (COCO detection files have
@@ -79,27 +81,25 @@ def from_categories(name: str, categories: Sequence[Mapping[str, Any]],
   ids = [int(c["id"]) for c in categories]
   if len(set(ids)) != len(ids):
     raise ValueError(f"vocabulary {name!r} has duplicate category ids")
-  class_names = tuple(str(c.get("prompt_name") or c["name"]).strip()
-                      for c in categories)
+  class_names = tuple(str(c.get("prompt_name") or c["name"]).strip() for c in categories)
   return Vocabulary(
-      name=name,
-      class_names=class_names,
-      raw_names=tuple(str(c["name"]) for c in categories),
-      is_thing=np.array([bool(c.get("isthing", 1)) for c in categories],
-                        np.bool_),
-      original_ids=np.array(ids, np.int64),
-      id_to_contiguous={i: k for k, i in enumerate(ids)},
-      contiguous_to_id={k: i for k, i in enumerate(ids)},
-      synonyms=tuple(tuple(c.get("synonyms", ())) for c in categories),
-      source=source)
+    name=name,
+    class_names=class_names,
+    raw_names=tuple(str(c["name"]) for c in categories),
+    is_thing=np.array([bool(c.get("isthing", 1)) for c in categories], np.bool_),
+    original_ids=np.array(ids, np.int64),
+    id_to_contiguous={i: k for k, i in enumerate(ids)},
+    contiguous_to_id={k: i for k, i in enumerate(ids)},
+    synonyms=tuple(tuple(c.get("synonyms", ())) for c in categories),
+    source=source,
+  )
 
 
 def load(name: str) -> Vocabulary:
   """Loads the packaged vocabulary `name` (a file dataseg/vocab/<name>.json)."""
   path = _DIR / f"{name}.json"
   if "/" in name or not path.is_file():
-    raise ValueError(
-        f"unknown vocabulary {name!r}; available: {', '.join(available())}")
+    raise ValueError(f"unknown vocabulary {name!r}; available: {', '.join(available())}")
   with path.open() as f:
     data = json.load(f)
   return from_categories(name, data["categories"], source=data.get("source", ""))

@@ -22,6 +22,7 @@ PAD_MULTIPLE = 64
 @dataclasses.dataclass(frozen=True)
 class PaddedVocab:
   """One dataset's vocabulary, padded to the run's static size V."""
+
   names: tuple
   is_thing: np.ndarray  # bool [V]
   valid: np.ndarray  # bool [V]
@@ -29,8 +30,9 @@ class PaddedVocab:
   index: int  # dataset index (row of the learned vocab table)
 
   def arrays(self):
-    return dict(text=self.text, valid=self.valid, is_thing=self.is_thing,
-                index=np.int32(self.index))
+    return dict(
+      text=self.text, valid=self.valid, is_thing=self.is_thing, index=np.int32(self.index)
+    )
 
 
 def pad(names: Sequence[str], is_thing, text, size: int, index: int) -> PaddedVocab:
@@ -40,11 +42,12 @@ def pad(names: Sequence[str], is_thing, text, size: int, index: int) -> PaddedVo
     raise ValueError(f"{n} class names do not fit the padded vocabulary size {size}")
   extra = size - n
   return PaddedVocab(
-      names=tuple(names),
-      is_thing=np.pad(np.asarray(is_thing, bool), (0, extra)),
-      valid=np.arange(size) < n,
-      text=np.pad(np.asarray(text, np.float32), ((0, extra), (0, 0))),
-      index=index)
+    names=tuple(names),
+    is_thing=np.pad(np.asarray(is_thing, bool), (0, extra)),
+    valid=np.arange(size) < n,
+    text=np.pad(np.asarray(text, np.float32), ((0, extra), (0, 0))),
+    index=index,
+  )
 
 
 def entry_vocabulary(entry) -> vocab_lib.Vocabulary:
@@ -60,8 +63,10 @@ def static_size(config, sizes: Mapping[str, int]) -> int:
   """The run's padded size V: `config.vocab_size`, else the largest of `sizes` ({key: n})."""
   largest = max(sizes, key=sizes.get)
   if config.vocab_size and config.vocab_size < sizes[largest]:
-    raise ValueError(f"config.vocab_size={config.vocab_size} < largest vocabulary "
-                     f"({sizes[largest]} classes of {largest!r})")
+    raise ValueError(
+      f"config.vocab_size={config.vocab_size} < largest vocabulary "
+      f"({sizes[largest]} classes of {largest!r})"
+    )
   return config.vocab_size or sizes[largest]
 
 
@@ -88,16 +93,19 @@ def text_embeddings(config, class_names: Sequence[str], workdir) -> np.ndarray:
   if config.text.templates != "default":
     kwargs["templates"] = config.text.templates.split("|")
   cache = config.text.cache_dir or os.path.join(os.fspath(workdir), "text_cache")
-  return text_lib.class_embeddings(list(class_names), encoder=config.text.encoder,
-                                   cache_dir=cache, **kwargs)
+  return text_lib.class_embeddings(
+    list(class_names), encoder=config.text.encoder, cache_dir=cache, **kwargs
+  )
 
 
 def _entry_embeddings(config, entry, vocab, workdir) -> np.ndarray:
   if entry.text_embeddings:
     emb = np.load(entry.text_embeddings).astype(np.float32)
     if emb.shape[0] != len(vocab.class_names):
-      raise ValueError(f"{entry.text_embeddings}: {emb.shape[0]} rows for "
-                       f"{len(vocab.class_names)} classes of {vocab.name!r}")
+      raise ValueError(
+        f"{entry.text_embeddings}: {emb.shape[0]} rows for "
+        f"{len(vocab.class_names)} classes of {vocab.name!r}"
+      )
     return emb
   if config.classifier == "learned":
     return np.zeros((len(vocab.class_names), config.model.classifier.text_dim), np.float32)
@@ -116,18 +124,29 @@ def build_vocabularies(config, workdir) -> dict[str, PaddedVocab]:
   size = static_size(config, {k: len(v.class_names) for k, (v, _) in raw.items()})
   out = {}
   for key, (vocab, emb) in raw.items():
-    entry = (config.eval_datasets[key[len("eval:"):]] if key.startswith("eval:")
-             else config.datasets[key])
+    entry = (
+      config.eval_datasets[key[len("eval:") :]] if key.startswith("eval:") else config.datasets[key]
+    )
     # A learned classifier has rows only for training datasets (looked up by name).
     train_name = next((k for k in train_keys if config.datasets[k].name == entry.name), None)
-    out[key] = pad(vocab.class_names, vocab.is_thing, emb, size,
-                   train_keys.index(train_name) if train_name is not None else -1)
+    out[key] = pad(
+      vocab.class_names,
+      vocab.is_thing,
+      emb,
+      size,
+      train_keys.index(train_name) if train_name is not None else -1,
+    )
   return out
 
 
-def from_names(config, vocabs: Mapping[str, PaddedVocab], size: int,
-               class_names: Sequence[str], is_thing: Sequence[bool] | None, workdir
-               ) -> PaddedVocab:
+def from_names(
+  config,
+  vocabs: Mapping[str, PaddedVocab],
+  size: int,
+  class_names: Sequence[str],
+  is_thing: Sequence[bool] | None,
+  workdir,
+) -> PaddedVocab:
   """Any list of names as a vocabulary of a built run (`vocabs`, padded size `size`).
 
   `is_thing` defaults to the flag of the same name in `vocabs`, else True (a thing).
@@ -150,8 +169,10 @@ def from_names(config, vocabs: Mapping[str, PaddedVocab], size: int,
       if not key.startswith("eval:") and list(vocab.names) == class_names:
         index = vocab.index
     if index < 0:
-      raise ValueError("this run's classifier is 'learned' (per-dataset weights): it only "
-                       "predicts the vocabularies of its training datasets")
+      raise ValueError(
+        "this run's classifier is 'learned' (per-dataset weights): it only "
+        "predicts the vocabularies of its training datasets"
+      )
     text = np.zeros((n, config.model.classifier.text_dim), np.float32)
   else:
     text = text_embeddings(config, class_names, workdir)

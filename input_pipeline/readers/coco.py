@@ -56,8 +56,11 @@ class ImageFinder:
     self._index = None
 
   def __call__(self, file_name: str):
-    for candidate in (file_name, os.path.join(*file_name.split("/")[-2:]),
-                      os.path.basename(file_name)):
+    for candidate in (
+      file_name,
+      os.path.join(*file_name.split("/")[-2:]),
+      os.path.basename(file_name),
+    ):
       path = os.path.join(self.image_dir, candidate)
       if os.path.isfile(path):
         return path
@@ -84,8 +87,9 @@ def _records(spec, fmt, counter: BadInputCounter):
   """Parses the JSON into sorted per-image records; index-time bad input checks."""
   with open(spec["json"]) as f:
     data = json.load(f)
-  vocab = readers.vocab_from(spec, data.get("categories"),
-                             default_name=os.path.basename(spec["json"]))
+  vocab = readers.vocab_from(
+    spec, data.get("categories"), default_name=os.path.basename(spec["json"])
+  )
   cat_map = _category_map(vocab)
   offset = int(spec.get("category_id_offset", 0))
   if spec.get("check_categories") and spec.get("vocab"):
@@ -105,55 +109,95 @@ def _records(spec, fmt, counter: BadInputCounter):
     if path is None and spec.get("image_id_suffix"):
       path = finder(f"{im['id']}{spec['image_id_suffix']}")
     if path is None:
-      counter.report("missing_file", image_id=image_id, file=im["file_name"],
-                     field="images.file_name", reason="image file not found under "
-                     f"{spec['image_dir']}")
+      counter.report(
+        "missing_file",
+        image_id=image_id,
+        file=im["file_name"],
+        field="images.file_name",
+        reason=f"image file not found under {spec['image_dir']}",
+      )
       continue
     anns = by_image.get(im["id"], [])
-    rec = dict(image_id=image_id, path=path, height=int(im["height"]),
-               width=int(im["width"]), segments=[])
+    rec = dict(
+      image_id=image_id, path=path, height=int(im["height"]), width=int(im["width"]), segments=[]
+    )
     if fmt == "coco_panoptic":
       if len(anns) != 1:
-        counter.report("missing_file", image_id=image_id, file=spec["json"],
-                       field="annotations", reason=f"{len(anns)} panoptic annotations "
-                       "for this image (expected 1)")
+        counter.report(
+          "missing_file",
+          image_id=image_id,
+          file=spec["json"],
+          field="annotations",
+          reason=f"{len(anns)} panoptic annotations for this image (expected 1)",
+        )
         continue
       rec["mask_path"] = os.path.join(mask_dir, anns[0]["file_name"])
       if not os.path.isfile(rec["mask_path"]):
-        counter.report("missing_file", image_id=image_id, file=rec["mask_path"],
-                       field="annotations.file_name", reason="panoptic PNG not found")
+        counter.report(
+          "missing_file",
+          image_id=image_id,
+          file=rec["mask_path"],
+          field="annotations.file_name",
+          reason="panoptic PNG not found",
+        )
         continue
       anns = anns[0]["segments_info"]
     bad = False
     for ann in anns:
       if int(ann["category_id"]) + offset not in cat_map:
-        counter.report("unknown_category", image_id=image_id, file=spec["json"],
-                       field="category_id", reason=f"category id {ann['category_id']} "
-                       f"(+ offset {offset}) is not in vocabulary {vocab.name!r}")
+        counter.report(
+          "unknown_category",
+          image_id=image_id,
+          file=spec["json"],
+          field="category_id",
+          reason=f"category id {ann['category_id']} "
+          f"(+ offset {offset}) is not in vocabulary {vocab.name!r}",
+        )
         bad = True
         break
-      box, usable = readers.box_xywh_to_yxyx(ann.get("bbox", [0, 0, 0, 0]),
-                                             rec["height"], rec["width"])
+      box, usable = readers.box_xywh_to_yxyx(
+        ann.get("bbox", [0, 0, 0, 0]), rec["height"], rec["width"]
+      )
       if fmt != "coco_panoptic" and not usable:
-        counter.report("bad_box", image_id=image_id, file=spec["json"], field="bbox",
-                       reason=f"annotation {ann.get('id')}: box {ann.get('bbox')} has "
-                       "zero area or lies outside the image; annotation dropped")
+        counter.report(
+          "bad_box",
+          image_id=image_id,
+          file=spec["json"],
+          field="bbox",
+          reason=f"annotation {ann.get('id')}: box {ann.get('bbox')} has "
+          "zero area or lies outside the image; annotation dropped",
+        )
         continue
       if fmt == "coco_instance" and not ann.get("segmentation"):
-        counter.report("bad_box", image_id=image_id, file=spec["json"],
-                       field="segmentation", reason=f"annotation {ann.get('id')} has "
-                       "no mask in an instance file; annotation dropped")
+        counter.report(
+          "bad_box",
+          image_id=image_id,
+          file=spec["json"],
+          field="segmentation",
+          reason=f"annotation {ann.get('id')} has no mask in an instance file; annotation dropped",
+        )
         continue
       contiguous = cat_map[int(ann["category_id"]) + offset]
-      rec["segments"].append(dict(
-          id=int(ann.get("id", 0)), cls=contiguous, box=box,
+      rec["segments"].append(
+        dict(
+          id=int(ann.get("id", 0)),
+          cls=contiguous,
+          box=box,
           is_thing=bool(vocab.is_thing[contiguous]),
-          is_crowd=bool(ann.get("iscrowd", 0)), segmentation=ann.get("segmentation")))
+          is_crowd=bool(ann.get("iscrowd", 0)),
+          segmentation=ann.get("segmentation"),
+        )
+      )
     if bad:
       continue
     if not rec["segments"] and not keep_empty:
-      counter.report("no_annotations", image_id=image_id, file=path,
-                     field="annotations", reason="image has no segments")
+      counter.report(
+        "no_annotations",
+        image_id=image_id,
+        file=path,
+        field="annotations",
+        reason="image has no segments",
+      )
       continue
     records.append(rec)
   return records, vocab
@@ -171,34 +215,43 @@ def check_categories(categories, vocab, offset, path):
     if k is None:
       continue
     if _norm(c.get("name", "")) != _norm(vocab.raw_names[k]):
-      raise ValueError(f"{path}: categories: id {c['id']} is {c.get('name')!r}, but id "
-                       f"{int(c['id']) + offset} of vocabulary {vocab.name!r} is "
-                       f"{vocab.raw_names[k]!r} (category_id_offset={offset})")
+      raise ValueError(
+        f"{path}: categories: id {c['id']} is {c.get('name')!r}, but id "
+        f"{int(c['id']) + offset} of vocabulary {vocab.name!r} is "
+        f"{vocab.raw_names[k]!r} (category_id_offset={offset})"
+      )
     if "isthing" in c and bool(c["isthing"]) != bool(vocab.is_thing[k]):
-      raise ValueError(f"{path}: categories: id {c['id']} ({c.get('name')!r}) has "
-                       f"isthing={c['isthing']}, vocabulary {vocab.name!r} says "
-                       f"{int(vocab.is_thing[k])}")
+      raise ValueError(
+        f"{path}: categories: id {c['id']} ({c.get('name')!r}) has "
+        f"isthing={c['isthing']}, vocabulary {vocab.name!r} says "
+        f"{int(vocab.is_thing[k])}"
+      )
 
 
 def _table(rec):
   segs = rec["segments"]
   return dict(
-      seg_class=np.array([s["cls"] for s in segs], np.int32),
-      seg_box=np.array([s["box"] for s in segs], np.float32).reshape(-1, 4),
-      seg_is_thing=np.array([s["is_thing"] for s in segs], bool),
-      seg_is_crowd=np.array([s["is_crowd"] for s in segs], bool),
-      image_id=np.int64(rec["image_id"]))
+    seg_class=np.array([s["cls"] for s in segs], np.int32),
+    seg_box=np.array([s["box"] for s in segs], np.float32).reshape(-1, 4),
+    seg_is_thing=np.array([s["is_thing"] for s in segs], bool),
+    seg_is_crowd=np.array([s["is_crowd"] for s in segs], bool),
+    image_id=np.int64(rec["image_id"]),
+  )
 
 
 def _load_image(rec, counter):
-  image = readers.load_or_report(readers.load_rgb, rec["path"], counter, rec["image_id"],
-                                 "image")
+  image = readers.load_or_report(readers.load_rgb, rec["path"], counter, rec["image_id"], "image")
   if image is None:
     return None
   if image.shape[:2] != (rec["height"], rec["width"]):
-    counter.report("corrupt_image", image_id=rec["image_id"], file=rec["path"],
-                   field="images.height/width", reason=f"decoded size {image.shape[:2]} "
-                   f"differs from the JSON's {(rec['height'], rec['width'])}")
+    counter.report(
+      "corrupt_image",
+      image_id=rec["image_id"],
+      file=rec["path"],
+      field="images.height/width",
+      reason=f"decoded size {image.shape[:2]} "
+      f"differs from the JSON's {(rec['height'], rec['width'])}",
+    )
     return None
   return image
 
@@ -229,21 +282,31 @@ def _loader(fmt, counter):
     h, w = image.shape[:2]
     example = _table(rec)
     if fmt == "coco_panoptic":
-      rgb = readers.load_or_report(readers.load_label_png, rec["mask_path"], counter,
-                                   rec["image_id"], "panoptic PNG")
+      rgb = readers.load_or_report(
+        readers.load_label_png, rec["mask_path"], counter, rec["image_id"], "panoptic PNG"
+      )
       if rgb is None:
         return None
       if rgb.ndim != 3 or rgb.shape[:2] != (h, w):
-        counter.report("corrupt_image", image_id=rec["image_id"], file=rec["mask_path"],
-                       field="panoptic PNG", reason=f"shape {rgb.shape}, expected "
-                       f"({h}, {w}, 3)")
+        counter.report(
+          "corrupt_image",
+          image_id=rec["image_id"],
+          file=rec["mask_path"],
+          field="panoptic PNG",
+          reason=f"shape {rgb.shape}, expected ({h}, {w}, 3)",
+        )
         return None
-      seg_map, unknown = panoptic_map(rgb[..., :3], np.array(
-          [s["id"] for s in rec["segments"]], np.int64))
+      seg_map, unknown = panoptic_map(
+        rgb[..., :3], np.array([s["id"] for s in rec["segments"]], np.int64)
+      )
       if unknown.size:
-        counter.report("unannotated_segment", image_id=rec["image_id"],
-                       file=rec["mask_path"], field="segments_info",
-                       reason=f"PNG segment ids {unknown[:10].tolist()} have no entry")
+        counter.report(
+          "unannotated_segment",
+          image_id=rec["image_id"],
+          file=rec["mask_path"],
+          field="segments_info",
+          reason=f"PNG segment ids {unknown[:10].tolist()} have no entry",
+        )
         return None
     elif fmt == "coco_instance":
       seg_map = -np.ones([h, w], np.int32)
@@ -269,6 +332,7 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
   fmt = spec["format"]
   counter = counter or BadInputCounter(spec.get("on_bad_input", "skip"), fmt)
   records, vocab = _records(spec, fmt, counter)
-  ds = readers.records_dataset(records, _loader(fmt, counter), counter,
-                               shard_index=shard_index, shard_count=shard_count)
+  ds = readers.records_dataset(
+    records, _loader(fmt, counter), counter, shard_index=shard_index, shard_count=shard_count
+  )
   return ds, vocab

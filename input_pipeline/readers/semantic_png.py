@@ -46,9 +46,12 @@ def classes_to_segments(class_map: np.ndarray, is_thing: np.ndarray):
   for k in range(len(classes)):
     ys, xs = np.nonzero(seg_map == k)
     boxes[k] = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
-  return seg_map, dict(seg_class=classes, seg_box=boxes,
-                       seg_is_thing=np.asarray(is_thing, bool)[classes],
-                       seg_is_crowd=np.zeros(len(classes), bool))
+  return seg_map, dict(
+    seg_class=classes,
+    seg_box=boxes,
+    seg_is_thing=np.asarray(is_thing, bool)[classes],
+    seg_is_crowd=np.zeros(len(classes), bool),
+  )
 
 
 def _stem_id(stem, position):
@@ -76,11 +79,15 @@ def _records(spec, counter):
   records = []
   for position, stem in enumerate(stems):
     image_id = _stem_id(stem, position)
-    for kind, table, folder in (("image", images, "image_dir"),
-                                ("mask", masks, "mask_dir")):
+    for kind, table, folder in (("image", images, "image_dir"), ("mask", masks, "mask_dir")):
       if stem not in table:
-        counter.report("missing_file", image_id=image_id, file=stem, field=folder,
-                       reason=f"no {kind} file for {stem!r} in {spec[folder]}")
+        counter.report(
+          "missing_file",
+          image_id=image_id,
+          file=stem,
+          field=folder,
+          reason=f"no {kind} file for {stem!r} in {spec[folder]}",
+        )
         break
     else:
       records.append(dict(image_id=image_id, path=images[stem], mask_path=masks[stem]))
@@ -109,18 +116,28 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
     value_lookup[int(original)] = int(contiguous)
 
   def load(rec):
-    image = readers.load_or_report(readers.load_rgb, rec["path"], counter,
-                                   rec["image_id"], "image")
+    image = readers.load_or_report(readers.load_rgb, rec["path"], counter, rec["image_id"], "image")
     if image is None:
       return None
-    values = readers.load_or_report(_load_labels, rec["mask_path"], counter, rec["image_id"],
-                                    "label map", (OSError, ValueError, SyntaxError, KeyError))
+    values = readers.load_or_report(
+      _load_labels,
+      rec["mask_path"],
+      counter,
+      rec["image_id"],
+      "label map",
+      (OSError, ValueError, SyntaxError, KeyError),
+    )
     if values is None:
       return None
     if values.ndim != 2 or values.shape != image.shape[:2]:
-      counter.report("corrupt_image", image_id=rec["image_id"], file=rec["mask_path"],
-                     field="label map", reason=f"shape {values.shape}, expected a "
-                     f"single-channel map of the image size {image.shape[:2]}")
+      counter.report(
+        "corrupt_image",
+        image_id=rec["image_id"],
+        file=rec["mask_path"],
+        field="label map",
+        reason=f"shape {values.shape}, expected a "
+        f"single-channel map of the image size {image.shape[:2]}",
+      )
       return None
     values = values.astype(np.int64)
     beyond = values >= max_value
@@ -128,19 +145,28 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
     class_map = np.where(beyond, -1 if unlisted_void else -2, class_map)
     if np.any(class_map == -2):
       bad = np.unique(values[class_map == -2])[:10].tolist()
-      counter.report("unknown_category", image_id=rec["image_id"], file=rec["mask_path"],
-                     field="label value", reason=f"values {bad} are not classes of "
-                     f"vocabulary {vocab.name!r}")
+      counter.report(
+        "unknown_category",
+        image_id=rec["image_id"],
+        file=rec["mask_path"],
+        field="label value",
+        reason=f"values {bad} are not classes of vocabulary {vocab.name!r}",
+      )
       return None
     seg_map, table = classes_to_segments(class_map, vocab.is_thing)
     if not len(table["seg_class"]) and not keep_empty:
-      counter.report("no_annotations", image_id=rec["image_id"], file=rec["mask_path"],
-                     field="label map", reason="every pixel is void")
+      counter.report(
+        "no_annotations",
+        image_id=rec["image_id"],
+        file=rec["mask_path"],
+        field="label map",
+        reason="every pixel is void",
+      )
       return None
-    return dict(image=image, segment_map=seg_map, image_id=np.int64(rec["image_id"]),
-                **table)
+    return dict(image=image, segment_map=seg_map, image_id=np.int64(rec["image_id"]), **table)
 
   records = _records(spec, counter)
-  ds = readers.records_dataset(records, load, counter, shard_index=shard_index,
-                               shard_count=shard_count)
+  ds = readers.records_dataset(
+    records, load, counter, shard_index=shard_index, shard_count=shard_count
+  )
   return ds, vocab

@@ -34,14 +34,18 @@ import tensorflow_datasets as tfds
 from input_pipeline import readers
 from input_pipeline.bad_input import BadInputCounter
 
-_DEFAULT_VOCAB = {"coco/2017_panoptic": "coco_panoptic", "coco/2017": "coco_panoptic",
-                  "objects365": "objects365"}
+_DEFAULT_VOCAB = {
+  "coco/2017_panoptic": "coco_panoptic",
+  "coco/2017": "coco_panoptic",
+  "objects365": "objects365",
+}
 SCENE_PARSE150_REFUSED = (
-    "TFDS scene_parse150 is not ADE20k-150 semantic data: TFDS builds it from "
-    "ChallengeData2017 annotations_instance (channel R = one of 100 instance classes of "
-    "instanceInfo100, G = instance id, stuff unlabelled). Use the raw "
-    "ADEChallengeData2016 folder: dataset 'ade20k' (semantic) or 'ade20k_panoptic' "
-    "(README, 'Preparing the paper's datasets')")
+  "TFDS scene_parse150 is not ADE20k-150 semantic data: TFDS builds it from "
+  "ChallengeData2017 annotations_instance (channel R = one of 100 instance classes of "
+  "instanceInfo100, G = instance id, stuff unlabelled). Use the raw "
+  "ADEChallengeData2016 folder: dataset 'ade20k' (semantic) or 'ade20k_panoptic' "
+  "(README, 'Preparing the paper's datasets')"
+)
 
 
 def _objects(features, key, label_map, is_thing):
@@ -51,12 +55,13 @@ def _objects(features, key, label_map, is_thing):
   labels = tf.gather(tf.constant(label_map, tf.int32), tf.cast(obj["label"], tf.int32))
   box = tf.reshape(tf.cast(obj["bbox"], tf.float32), [-1, 4])
   table = dict(
-      seg_class=labels,
-      seg_box=box * tf.concat([hw, hw], 0),
-      seg_is_thing=tf.gather(tf.constant(np.asarray(is_thing, bool)), labels),
-      seg_is_crowd=tf.cast(obj["is_crowd"], tf.bool),
-      image_id=tf.cast(features["image/id"], tf.int64),
-      image=tf.cast(image, tf.uint8))
+    seg_class=labels,
+    seg_box=box * tf.concat([hw, hw], 0),
+    seg_is_thing=tf.gather(tf.constant(np.asarray(is_thing, bool)), labels),
+    seg_is_crowd=tf.cast(obj["is_crowd"], tf.bool),
+    image_id=tf.cast(features["image/id"], tf.int64),
+    image=tf.cast(image, tf.uint8),
+  )
   return table
 
 
@@ -109,8 +114,7 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
   if base == "scene_parse150":
     raise ValueError(SCENE_PARSE150_REFUSED)
   counter = counter or BadInputCounter(spec.get("on_bad_input", "skip"), name)
-  vocab = readers.vocab_from(dict(spec, vocab=spec.get("vocab") or _DEFAULT_VOCAB.get(
-      base)))
+  vocab = readers.vocab_from(dict(spec, vocab=spec.get("vocab") or _DEFAULT_VOCAB.get(base)))
   if base.startswith("objects365"):
     importlib.import_module("input_pipeline.readers.objects365_builder")  # Registers it.
   builder = tfds.builder(name, data_dir=spec.get("data_dir"))
@@ -118,14 +122,18 @@ def read(spec: Mapping[str, Any], *, shard_index=0, shard_count=1, counter=None)
   ds = builder.as_dataset(split=split, shuffle_files=False)
   features = builder.info.features
   if base == "coco/2017_panoptic":
-    fn = lambda f: decode_coco_panoptic(f, label_map=label_map_by_name(
-        features["panoptic_objects"]["label"].names, vocab), is_thing=vocab.is_thing)
+    fn = lambda f: decode_coco_panoptic(
+      f,
+      label_map=label_map_by_name(features["panoptic_objects"]["label"].names, vocab),
+      is_thing=vocab.is_thing,
+    )
   elif "objects" in features:
     label_map = label_map_by_name(features["objects"]["label"].names, vocab)
     fn = lambda f: decode_detection(f, label_map=label_map, is_thing=vocab.is_thing)
   else:
-    raise ValueError(f"no decoder for TFDS dataset {name!r}; supported: "
-                     f"{', '.join(_DEFAULT_VOCAB)}")
+    raise ValueError(
+      f"no decoder for TFDS dataset {name!r}; supported: {', '.join(_DEFAULT_VOCAB)}"
+    )
   logging.info("TFDS %s split %s -> vocabulary %s", name, split, vocab.name)
   return filter_bad(ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE), counter, name), vocab
 
@@ -136,11 +144,15 @@ def filter_bad(ds, counter, name):
   def keep(example, ok):
     def report(ok_, image_id):
       if not ok_:
-        counter.report("unannotated_segment" if "panoptic" in name else "unknown_category",
-                       image_id=int(image_id), file=name, field="annotation",
-                       reason="decoded labels do not match the annotation table")
+        counter.report(
+          "unannotated_segment" if "panoptic" in name else "unknown_category",
+          image_id=int(image_id),
+          file=name,
+          field="annotation",
+          reason="decoded labels do not match the annotation table",
+        )
       return ok_
-    return tf.ensure_shape(tf.numpy_function(report, [ok, example["image_id"]],
-                                             tf.bool), [])
+
+    return tf.ensure_shape(tf.numpy_function(report, [ok, example["image_id"]], tf.bool), [])
 
   return ds.filter(keep).map(readers._first)  # pylint: disable=protected-access
