@@ -31,10 +31,8 @@ import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import postprocess  # pylint: disable=wrong-import-position
-from dataseg.train import (
-  compile_cache,  # pylint: disable=wrong-import-position
-  trainer,  # pylint: disable=wrong-import-position
-)
+from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
+from dataseg.train import trainer  # pylint: disable=wrong-import-position
 
 
 def make_program(s):

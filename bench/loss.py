@@ -41,11 +41,9 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import config as loss_config_lib  # pylint: disable=wrong-import-position
-from dataseg.objective import (
-  costs,  # pylint: disable=wrong-import-position
-  losses,  # pylint: disable=wrong-import-position
-  points,  # pylint: disable=wrong-import-position
-)
+from dataseg.objective import costs  # pylint: disable=wrong-import-position
+from dataseg.objective import losses  # pylint: disable=wrong-import-position
+from dataseg.objective import points  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 
 

@@ -48,10 +48,8 @@ import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong
 
 from configs import common  # pylint: disable=wrong-import-position
 from dataseg.model import configs as model_configs  # pylint: disable=wrong-import-position
-from dataseg.train import (
-  compile_cache,  # pylint: disable=wrong-import-position
-  trainer,  # pylint: disable=wrong-import-position
-)
+from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
+from dataseg.train import trainer  # pylint: disable=wrong-import-position
 
 REF_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ref_venv", "bin", "python")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM).

@@ -20,7 +20,8 @@ Arguments:
   res=N       train / eval resolution (default 64).
 """
 
-from configs import common, paper_common
+from configs import common
+from configs import paper_common
 from dataseg.model import configs as model_configs
 from input_pipeline import mixing
 

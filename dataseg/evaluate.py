@@ -26,11 +26,12 @@ import json
 import os
 from typing import Any, Sequence
 
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
+import numpy as np
 
-from dataseg import cli, config_lib
+from dataseg import cli
+from dataseg import config_lib
 
 
 def _entry(config, dataset, task, evaluators):
@@ -269,10 +270,8 @@ _CHECKPOINT_TASKS = ("panoptic", "semantic", "instance", "boxes")
 
 def _score_files(args) -> dict[str, Any]:
   """Prediction files of any system against ground-truth files (no checkpoint)."""
-  from dataseg.metrics import (
-    exports,  # pylint: disable=g-import-not-at-top
-    files,  # pylint: disable=g-import-not-at-top
-  )
+  from dataseg.metrics import exports  # pylint: disable=g-import-not-at-top
+  from dataseg.metrics import files  # pylint: disable=g-import-not-at-top
 
   if args.task not in files.TASKS:
     cli.usage_error(_PROG, f"scoring files needs --task in {', '.join(files.TASKS)}")

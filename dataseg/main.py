@@ -19,7 +19,8 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -120,7 +121,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   _maybe_initialize_distributed()
   from dataseg import config_lib  # pylint: disable=g-import-not-at-top
-  from dataseg.train import compile_cache, loop  # pylint: disable=g-import-not-at-top
+  from dataseg.train import compile_cache  # pylint: disable=g-import-not-at-top
+  from dataseg.train import loop  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   compile_cache.enable(config.get("compilation_cache_dir", ""))  # before anything compiles.

@@ -76,11 +76,13 @@ import json
 import math
 import time
 
+from absl import app
+from absl import flags
 import jax
-from absl import app, flags
 from ml_collections import config_flags
 
-from dataseg import config_lib, schema
+from dataseg import config_lib
+from dataseg import schema
 from dataseg.train import sharding as sharding_lib
 from dataseg.train import trainer
 from dataseg.vocab import padded as padded_vocab

@@ -20,11 +20,14 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from dataseg import config_lib, inference, visualize
+from dataseg import config_lib
 from dataseg import images as images_lib
+from dataseg import inference
+from dataseg import visualize
 from dataseg.train import checkpoint as checkpoint_lib
-from dataseg.train import compile_cache, trainer
+from dataseg.train import compile_cache
 from dataseg.train import sharding as sharding_lib
+from dataseg.train import trainer
 from dataseg.vocab import padded as padded_vocab
 
 TASKS = inference.TASKS

@@ -32,10 +32,10 @@ import socket
 import sys
 from typing import Callable, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 from dataseg import cli
 

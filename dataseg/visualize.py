@@ -11,7 +11,9 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 LEGEND_SWATCH = 12  # swatch side, pixels
 LEGEND_PAD = 4

@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import preprocess, readers
+from input_pipeline import preprocess
+from input_pipeline import readers
 
 # A reader: spec dict (readers.build_reader), callable(shard_index, shard_count) ->
 # tf.data.Dataset of decoded examples, a tf.data.Dataset (sharded with .shard), or

@@ -9,13 +9,17 @@ the mean probability of the true class, the accuracy of the argmax class (also a
 classes of the same kind only, thing vs thing or stuff vs stuff), and the
 confusion matrix (rows: true class; columns: predicted class, last column background).
 A low PQ with good IoU and chance-level accuracy says the classifier, not the masks, is
-what has not been learned.
+what has not been learned. With an auxiliary pixel head (config.model.pixel_head) it also
+reports the pixel head's accuracy at the centre of each stride-4 cell, for thing and stuff
+pixels and among the thing classes only: whether the features know the things' shapes.
 """
 
 import os
 
+from absl import app
+from absl import flags
+import jax
 import numpy as np
-from absl import app, flags
 
 from dataseg import images as images_lib
 from dataseg import predictor as predictor_lib
@@ -55,6 +59,43 @@ def best_proposals(p, key, num_examples):
       yield int(cls), float(iou[q]), probs[q]
 
 
+def pixel_confusion(p, key, num_examples):
+  """[V, V] confusion of the pixel head at stride-4 cell centres (crowd / void skipped)."""
+  entry = p.config.eval_datasets[key]
+  vocab = p.run.vocabs[f"eval:{key}"]
+  arrays = vocab.arrays()
+  reader = data_lib.reader_for(
+    entry, os.path.join(p.run.workdir, "data"), entry.eval_split, vocab.is_thing
+  )
+  s = p.run.setup
+  params = p.run.state.get("ema", p.run.state["params"])
+
+  @jax.jit
+  def pixel_logits(images):
+    model_params, text = trainer.model_inputs(s.config, params, arrays)
+    out = s.model.apply(
+      {"params": model_params, **p.run.state["frozen"]}, images, text, arrays["valid"]
+    )
+    return out["pixel_logits"]
+
+  num = len(vocab.names)
+  confusion = np.zeros((num, num), np.int64)
+  for ex in pipeline.host_dataset(reader, 0, 1).take(num_examples).as_numpy_iterator():
+    padded, valid = images_lib.eval_preprocess(ex["image"], p.config.eval_image_size)
+    pred = np.argmax(np.asarray(pixel_logits(padded[None]))[0, ..., :num], -1)
+    h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
+    ih, iw = ex["image"].shape[:2]
+    for i, j in np.ndindex(pred.shape):
+      y, x = 4 * i + 2, 4 * j + 2  # cell centre in the padded frame.
+      if y >= h or x >= w:
+        continue
+      seg = ex["segment_map"][y * ih // h, x * iw // w]
+      if seg < 0 or ex["seg_is_crowd"][seg]:
+        continue
+      confusion[ex["seg_class"][seg], pred[i, j]] += 1
+  return confusion
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -90,6 +131,16 @@ def main(argv):
   print(" " * width + "".join(f"{n[:8]:>9s}" for n in names + ["backgr."]))
   for c in range(num):
     print(f"{names[c]:<{width}s}" + "".join(f"{v:9d}" for v in confusion[c]))
+  if p.config.model.get("pixel_head", False):
+    pix = pixel_confusion(p, _DATASET.value, _NUM_EXAMPLES.value)
+    thing = np.asarray(vocab.is_thing, bool)
+    for kind, sel in (("thing", thing), ("stuff", ~thing)):
+      if pix[sel].sum():
+        within = pix[sel][:, sel]
+        print(
+          f"pixel head, {kind} pixels: accuracy {np.trace(pix[sel][:, sel]) / pix[sel].sum():.2f}"
+          f" (among {kind} classes only: {np.trace(within) / max(within.sum(), 1):.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 VARIANTS = (
   "joint",

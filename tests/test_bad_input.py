@@ -5,10 +5,11 @@ import logging
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from input_pipeline import bad_input, readers
+from input_pipeline import bad_input
+from input_pipeline import readers
 
 try:
   import test_readers as fx  # pylint: disable=g-import-not-at-top

@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
-from configs import common, paper_common
-from dataseg import config_lib, schema
+from configs import common
+from configs import paper_common
+from dataseg import config_lib
+from dataseg import schema
 from input_pipeline import datasets as datasets_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from dataseg.objective import config as config_lib
-from dataseg.objective import costs, losses, merge, points
+from dataseg.objective import costs
+from dataseg.objective import losses
+from dataseg.objective import merge
+from dataseg.objective import points
 
 V, Q, S, H, W = 5, 6, 5, 16, 16
 HM, WM = H // 4, W // 4

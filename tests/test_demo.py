@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_predictor import ROOT, smoke_workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_predictor import ROOT  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_predictor import smoke_workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DATASETS = ("shapes_panoptic", "shapes_semantic", "shapes_boxes", "shapes_transfer")
 # Every dataset in every task it supports (configs/demo.py eval_datasets).

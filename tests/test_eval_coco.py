@@ -5,12 +5,13 @@ import io
 
 import jax
 import numpy as np
-import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+import pytest
 
-from dataseg.metrics import coco_eval, evaluators
+from dataseg.metrics import coco_eval
+from dataseg.metrics import evaluators
 
 NAMES = ["cat", "dog", "sky"]
 IS_THING = [True, True, False]

@@ -6,7 +6,9 @@ import io
 import numpy as np
 import pytest
 
-from dataseg.metrics import evaluators, exports, panoptic
+from dataseg.metrics import evaluators
+from dataseg.metrics import exports
+from dataseg.metrics import panoptic
 
 ref = pytest.importorskip("cityscapesscripts.evaluation.evalPanopticSemanticLabeling")
 

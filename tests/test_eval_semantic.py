@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from dataseg.metrics import evaluators, semantic
+from dataseg.metrics import evaluators
+from dataseg.metrics import semantic
 
 NAMES = ["a", "b", "c", "d"]
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from dataseg import evaluate
-from dataseg.metrics import coco_eval, evaluators, exports
+from dataseg.metrics import coco_eval
+from dataseg.metrics import evaluators
+from dataseg.metrics import exports
 
 NAMES = ["person", "car", "road", "sky"]
 IS_THING = np.array([True, True, False, False])

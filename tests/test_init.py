@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, demo
+from configs import common
+from configs import demo
 from dataseg.model import configs as model_configs
 from dataseg.model import dataseg_model
 from dataseg.train import trainer

@@ -9,7 +9,8 @@ import pytest
 import scipy.optimize
 
 from dataseg.objective import config as config_lib
-from dataseg.objective import merge, points
+from dataseg.objective import merge
+from dataseg.objective import points
 
 V, Q, H, W = 5, 7, 16, 16
 HM, WM = H // 4, W // 4

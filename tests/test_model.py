@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dataseg.model import classifier, configs, dataseg_model, summary
+from dataseg.model import classifier
+from dataseg.model import configs
+from dataseg.model import dataseg_model
+from dataseg.model import summary
 
 TEXT_DIM = 12
 

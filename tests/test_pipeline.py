@@ -5,7 +5,9 @@ import numpy as np
 import tensorflow as tf
 
 from dataseg import schema
-from input_pipeline import bad_input, pipeline, readers
+from input_pipeline import bad_input
+from input_pipeline import pipeline
+from input_pipeline import readers
 
 try:
   import test_readers as fx  # pylint: disable=g-import-not-at-top

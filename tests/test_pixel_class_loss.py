@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_costs_losses import (  # pylint: disable=g-import-not-at-top,wrong-import-position
-  HM,
-  IS_THING,
-  WM,
-  V,
-  edge_case_batch,
-  fast_jit,
-  make_image,
-  random_outputs,
-  small_config,
-)
+from test_costs_losses import HM  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_costs_losses import IS_THING  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_costs_losses import WM  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_costs_losses import V  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_costs_losses import edge_case_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_costs_losses import fast_jit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_costs_losses import make_image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_costs_losses import random_outputs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_costs_losses import small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.model import configs as model_configs
 from dataseg.model import dataseg_model

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dataseg.model import layers, pixel_decoder
+from dataseg.model import layers
+from dataseg.model import pixel_decoder
 
 
 def _grid_sample_ref(value, x, y):

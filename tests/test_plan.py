@@ -14,8 +14,10 @@ import sys
 import numpy as np
 import pytest
 
-from configs import demo, joint_r50
-from dataseg import plan, schema
+from configs import demo
+from configs import joint_r50
+from dataseg import plan
+from dataseg import schema
 from dataseg.vocab import padded as padded_vocab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

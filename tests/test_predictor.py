@@ -23,8 +23,8 @@ import time
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _NOT_TRAINING = {

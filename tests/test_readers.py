@@ -7,12 +7,12 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
 import pytest
 import scipy.io
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
-from pycocotools import mask as mask_utils
 
 from dataseg import vocab as vocab_lib
 from input_pipeline import readers

@@ -5,7 +5,8 @@ import pytest
 
 from dataseg import schema
 from dataseg import vocab as vocab_lib
-from input_pipeline import pipeline, synthetic
+from input_pipeline import pipeline
+from input_pipeline import synthetic
 
 TRAIN_VOCABS = ("shapes_panoptic", "shapes_semantic", "shapes_boxes")
 

@@ -7,7 +7,8 @@ import pytest
 from safetensors.numpy import load_file
 from scipy import special
 
-from dataseg import text, vocab
+from dataseg import text
+from dataseg import vocab
 
 
 @pytest.fixture(scope="module")

@@ -40,10 +40,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from configs import (
-  common,  # pylint: disable=g-import-not-at-top
-  demo,
-)
+from configs import common  # pylint: disable=g-import-not-at-top
+from configs import demo
 
 DATASET = "shapes_semantic"
 TEXT_DIM = 32

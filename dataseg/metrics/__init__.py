@@ -4,4 +4,7 @@
 for the add / state / gather / result protocol.
 """
 
-from dataseg.metrics.evaluators import Evaluator, gather, make_evaluator, register
+from dataseg.metrics.evaluators import Evaluator
+from dataseg.metrics.evaluators import gather
+from dataseg.metrics.evaluators import make_evaluator
+from dataseg.metrics.evaluators import register

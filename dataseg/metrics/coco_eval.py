@@ -22,7 +22,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dataseg.metrics import evaluators, exports
+from dataseg.metrics import evaluators
+from dataseg.metrics import exports
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

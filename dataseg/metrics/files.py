@@ -18,7 +18,10 @@ import json
 import os
 from typing import Sequence
 
-from dataseg.metrics import coco_eval, exports, panoptic, semantic
+from dataseg.metrics import coco_eval
+from dataseg.metrics import exports
+from dataseg.metrics import panoptic
+from dataseg.metrics import semantic
 
 TASKS = ("panoptic", "semantic", "instance", "box")
 

@@ -12,13 +12,14 @@ figures (e.g. Mask2Former's "226 GFLOPs") count it as 1, so compare against
 
 import math
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import flags
 
 from dataseg import cli
-from dataseg.model import configs, dataseg_model
+from dataseg.model import configs
+from dataseg.model import dataseg_model
 
 
 def _count(tree) -> int:

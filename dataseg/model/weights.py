@@ -17,10 +17,10 @@ import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 from absl import logging
 from flax import traverse_util
 from flax.core import meta
+import numpy as np
 
 from dataseg import config_lib
 from dataseg.model import backbone as backbone_lib
@@ -803,10 +803,8 @@ def load_pretrained(
 
 def main(argv):
   """python -m dataseg.model.weights --from SOURCE --input FILE --output FILE.safetensors"""
-  from absl import (
-    app,  # pylint: disable=g-import-not-at-top
-    flags,  # pylint: disable=g-import-not-at-top
-  )
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")

@@ -41,7 +41,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dataseg.objective import costs, matching
+from dataseg.objective import costs
+from dataseg.objective import matching
 from dataseg.objective import points as points_lib
 
 TASKS = ("panoptic", "semantic", "instance", "boxes")

@@ -9,7 +9,9 @@ import jax
 
 from dataseg import schema
 from input_pipeline import datasets as datasets_lib
-from input_pipeline import mixing, pipeline, synthetic
+from input_pipeline import mixing
+from input_pipeline import pipeline
+from input_pipeline import synthetic
 
 
 def default_evaluators(task):

@@ -17,7 +17,8 @@ import os
 import jax
 import numpy as np
 
-from dataseg import inference, visualize
+from dataseg import inference
+from dataseg import visualize
 from dataseg.metrics import evaluators as evaluators_lib
 from dataseg.train import data as data_lib
 

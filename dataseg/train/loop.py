@@ -25,8 +25,9 @@ import tensorflow as tf
 from dataseg import config_lib
 from dataseg.train import checkpoint as checkpoint_lib
 from dataseg.train import data as data_lib
-from dataseg.train import eval_loop, trainer
+from dataseg.train import eval_loop
 from dataseg.train import metrics as metrics_lib
+from dataseg.train import trainer
 from dataseg.vocab import padded as padded_vocab
 from input_pipeline import synthetic
 

@@ -10,10 +10,10 @@ import json
 import os
 import time
 
+from clu import metric_writers
 import jax
 import numpy as np
 import tensorflow as tf
-from clu import metric_writers
 
 
 class Writer:

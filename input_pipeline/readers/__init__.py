@@ -24,8 +24,8 @@ import logging
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
+import tensorflow as tf
 
 from dataseg import vocab as vocab_lib
 from input_pipeline import bad_input
