@@ -87,6 +87,7 @@ def get_config(arg=None):
   # [ours] The auxiliary per-pixel class loss (README "The embedded demo", "Things"):
   # without it the from-scratch backbone never learns the things' outlines in this budget.
   c.model.pixel_head = True
+  c.model.decoder.mask_pool = True
   c.loss.pixel_class_weight = 2.0
   c.augment.scale_min, c.augment.scale_max = 0.5, 1.5
   c.optimizer.lr = 3e-4

@@ -121,3 +121,35 @@ def test_decoder_outputs_every_layer_and_first_prediction_ignores_memory():
   np.testing.assert_allclose(cls2[0], cls[0], rtol=1e-6)
   np.testing.assert_allclose(msk2[0], msk[0], rtol=1e-6)
   assert np.abs(np.asarray(msk2[-1] - msk[-1])).max() > 1e-3
+
+
+def test_mask_pool_weights_are_the_dilated_stopped_mask():
+  """With mask_pool, a class logit depends on the mask features only through their mean
+  under the proposal's dilated sigmoid mask: its gradient at pixel p is m_dil(p) / sum m_dil
+  times one vector (m_dil: 3x3 max-pool of sigmoid(mask logits), numpy reference)."""
+  b, q, h, w, c, v, d = 1, 3, 6, 7, 8, 4, 16
+  r = np.random.RandomState(0)
+  queries = jnp.asarray(r.randn(b, q, c), jnp.float32)
+  feats = jnp.asarray(r.randn(b, h, w, c), jnp.float32)
+  text = jnp.asarray(r.randn(v, d), jnp.float32)
+  valid = jnp.ones((v,), bool)
+  head = td.PredictionHead(c, d, 10.0, 100.0, jnp.float32, True)
+  params = head.init(jax.random.PRNGKey(0), queries, feats, text, valid)
+  _, mask_logits = head.apply(params, queries, feats, text, valid)
+  m = 1.0 / (1.0 + np.exp(-np.asarray(mask_logits, np.float64)))
+  pad = np.pad(m, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+  dil = np.max([pad[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)], 0)
+  for query in range(q):
+    # Only the pooling path: the mask logits (and so the weights) are held fixed.
+    def logit(f):
+      return head.apply(params, queries, f, text, valid)[0][0, query, 1]
+
+    grad = np.asarray(jax.grad(logit)(feats))[0]  # [h, w, c]
+    # Weights stopped: d logit / d f(p) = m_dil(p) / sum m_dil * g for one vector g.
+    ratio = grad / dil[0, query][..., None]
+    g = ratio.reshape(-1, c)
+    np.testing.assert_allclose(g, np.broadcast_to(g[0], g.shape), rtol=2e-3, atol=1e-6)
+  plain = td.PredictionHead(c, d, 10.0, 100.0, jnp.float32, False)
+  p2 = plain.init(jax.random.PRNGKey(0), queries, feats, text, valid)
+  grad = jax.grad(lambda f: plain.apply(p2, queries, f, text, valid)[0].sum())(feats)
+  assert float(jnp.max(jnp.abs(grad))) == 0.0  # without it, no path from features to class.

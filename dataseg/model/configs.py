@@ -35,8 +35,19 @@ def _base() -> ml_collections.ConfigDict:
   c.pixel_decoder = ml_collections.ConfigDict(
     dict(name="msdeform", dim=256, layers=6, heads=8, points=4, ffn=1024)
   )
+  # mask_pool [ours]: the classifier also sees the mask features pooled under the
+  # proposal's (dilated) mask (transformer_decoder.PredictionHead). Off in Mask2Former's.
   c.decoder = ml_collections.ConfigDict(
-    dict(num_queries=100, layers=9, heads=8, ffn=2048, dim=256, dropout=0.0, pre_norm=False)
+    dict(
+      num_queries=100,
+      layers=9,
+      heads=8,
+      ffn=2048,
+      dim=256,
+      dropout=0.0,
+      pre_norm=False,
+      mask_pool=False,
+    )
   )
   c.classifier = ml_collections.ConfigDict(
     dict(text_dim=512, logit_scale_init=1 / 0.07, logit_scale_max=100.0)
@@ -105,7 +116,16 @@ def _tiny(c):
     dict(name="fpn", dim=64, layers=0, heads=4, points=4, ffn=128)
   )
   c.decoder = ml_collections.ConfigDict(
-    dict(num_queries=16, layers=3, heads=4, ffn=128, dim=64, dropout=0.0, pre_norm=False)
+    dict(
+      num_queries=16,
+      layers=3,
+      heads=4,
+      ffn=128,
+      dim=64,
+      dropout=0.0,
+      pre_norm=False,
+      mask_pool=False,
+    )
   )
   return c
 

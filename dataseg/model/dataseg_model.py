@@ -88,6 +88,7 @@ class DaTaSeg(nn.Module):
       logit_scale_max=cfg.classifier.logit_scale_max,
       dtype=dtype,
       remat=cfg.remat,
+      mask_pool=d.get("mask_pool", False),
     )
     if cfg.get("pixel_head", False):
       self.pixel_classifier = classifier_lib.TextClassifier(

@@ -118,26 +118,43 @@ class DecoderLayer(nn.Module):
 
 
 class PredictionHead(nn.Module):
-  """Shared by all layers: LayerNorm -> (text-classifier logits, mask logits)."""
+  """Shared by all layers: LayerNorm -> (text-classifier logits, mask logits).
+
+  `mask_pool` [ours] (as FC-CLIP's mask pooling): the classifier also sees the mean of the
+  mask features under the proposal's own mask (sigmoid, gradient stopped, dilated by a 3x3
+  max-pool so the outline is inside), projected and added to the normalised query. What a
+  shape is lies on its outline; masked cross-attention pools the inside of the mask only.
+  """
 
   dim: int
   text_dim: int
   logit_scale_init: float
   logit_scale_max: float
   dtype: Dtype = jnp.float32
+  mask_pool: bool = False
 
   @nn.compact
   def __call__(self, queries, mask_features, text_embeddings, vocab_valid):
     x = layers.layer_norm(dtype=self.dtype, name="decoder_norm")(queries)
-    class_logits = classifier_lib.TextClassifier(
-      self.text_dim, self.logit_scale_init, self.logit_scale_max, self.dtype, name="classifier"
-    )(x, text_embeddings, vocab_valid)
     e = x
     for i in range(3):
       e = layers.dense(self.dim, ("embed", "mlp"), dtype=self.dtype, name=f"mask_embed_{i}")(e)
       if i < 2:
         e = nn.relu(e)
-    mask_logits = jnp.einsum("bqc,bhwc->bqhw", e, mask_features.astype(self.dtype))
+    features = mask_features.astype(self.dtype)
+    mask_logits = jnp.einsum("bqc,bhwc->bqhw", e, features)
+    c = x
+    if self.mask_pool:
+      m = jax.nn.sigmoid(jax.lax.stop_gradient(mask_logits).astype(jnp.float32))
+      m = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 1, 1), "SAME")
+      pooled = jnp.einsum("bqhw,bhwc->bqc", m.astype(self.dtype), features)
+      pooled = pooled / jnp.maximum(jnp.sum(m, (-2, -1)), 1e-6)[..., None].astype(self.dtype)
+      c = x + layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="mask_pool")(
+        layers.layer_norm(dtype=self.dtype, name="mask_pool_norm")(pooled)
+      )
+    class_logits = classifier_lib.TextClassifier(
+      self.text_dim, self.logit_scale_init, self.logit_scale_max, self.dtype, name="classifier"
+    )(c, text_embeddings, vocab_valid)
     return class_logits, mask_logits.astype(jnp.float32)
 
 
@@ -156,6 +173,7 @@ class MaskedTransformerDecoder(nn.Module):
   logit_scale_max: float = 100.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  mask_pool: bool = False
 
   @nn.compact
   def __call__(
@@ -198,7 +216,13 @@ class MaskedTransformerDecoder(nn.Module):
     qpos = jnp.broadcast_to(query_pos.astype(self.dtype)[None], tgt.shape)
 
     head = PredictionHead(
-      self.dim, self.text_dim, self.logit_scale_init, self.logit_scale_max, self.dtype, name="head"
+      self.dim,
+      self.text_dim,
+      self.logit_scale_init,
+      self.logit_scale_max,
+      self.dtype,
+      self.mask_pool,
+      name="head",
     )
     cls, msk = head(tgt, mask_features, text_embeddings, vocab_valid)
     all_cls, all_msk = [cls], [msk]
