@@ -1,52 +1,15 @@
 """Exact Hungarian matching (linear sum assignment) inside `jax.jit`.
 
-Mask2Former and DETR match proposals to targets with
-`scipy.optimize.linear_sum_assignment` on the host. Inside one jitted, sharded
-train step that means a device -> host -> device round trip per step and per
-decoder layer (every layer is re-matched), and it serialises the step on the
-host CPU. Approximate matchers (auction with a fixed epsilon, Sinkhorn) avoid
-the round trip but return a *different* matching on ties and near ties, so the
-loss is no longer that of the method. This module solves the assignment
-problem exactly in pure JAX, at static shapes, with no host callback.
-
-Algorithm (mirrors scipy's `rectangular_lsap.cpp`, i.e. D. F. Crouse, "On
-implementing 2D rectangular assignment algorithms", IEEE TAES 2016, a
-Jonker-Volgenant shortest augmenting path method):
-  * rows are added one at a time; for each, Dijkstra over the columns on the
-    reduced costs `c[i, j] - u[i] - v[j]` finds the shortest augmenting path to
-    a free column (`shortestPathCosts`, `path`, `SR`, `SC`, `remaining` as in
-    scipy; ties prefer a free column, as scipy does);
-  * the duals `u` (rows) and `v` (columns) are updated exactly as in scipy and
-    the path is flipped.
-What differs from scipy:
-  * every Dijkstra step is a vectorised `jnp` op over all columns (masked
-    instead of a `remaining` list), so the only sequential loops are over
-    rows and path steps (`lax.while_loop`); the walk back along the path is
-    vectorised too (pointer doubling, or a path mask grown step by step);
-  * two loop schedules with the same result: 'rows' (outer loop over rows,
-    inner loop over path steps; best on CPU) and 'steps' (one loop over all
-    path steps, a row finishing inside the step that reaches a free column;
-    best on accelerators, where each iteration has a fixed latency and, under
-    vmap, a batch element no longer waits for the slowest one's path);
-  * before the first augmentation we do Jonker-Volgenant's cheap
-    initialisation (row reduction `u[i] = min_j c[i, j]` plus a greedy
-    assignment of each row to a tight free column), repeated in rounds
-    (`_tight_rounds`); it keeps the invariants of Crouse's method (feasible
-    duals, tight assigned pairs, `v = 0` on free columns) and leaves far fewer
-    rows to augment (random 50 x 100: ~10 of 50; ties in 0..3: ~1 of 50);
-  * the rows of the solved problem are the smaller side: with N queries and
-    M <= N targets we solve the transposed [M, N] problem (targets are rows),
-    so that padded targets are simply rows that are never added.
-Complexity: O(R^2 C) time in the worst case for R = min side, C = max side
-(R augmentations, each at most R Dijkstra steps of O(C) vector work), O(R C)
-memory. In practice most rows are assigned by the greedy start.
-
-Non-finite costs: NaN and +inf are replaced by a finite cost larger than any
-finite assignment can gain (so they are avoided whenever an assignment
-avoiding them exists; scipy would raise "infeasible" when it does not), -inf by
-its negative. Finite costs are clipped to +-finfo.max / (8 (N + M + 1)) so the
-dual arithmetic can never overflow into inf - inf = NaN. Computation is in
-float32, or float64 when `jax_enable_x64` is on and the costs are float64.
+Why: Mask2Former matches with scipy on the host, a device -> host round trip per step
+and decoder layer; approximate matchers (auction, Sinkhorn) change the matching on near
+ties, so the loss is no longer the method's. This solves the assignment exactly in pure
+JAX at static shapes: scipy's `rectangular_lsap.cpp` (Crouse 2016, Jonker-Volgenant
+shortest augmenting paths) with each Dijkstra step vectorised over the columns, a greedy
+tight-column start (`_tight_rounds`), and two loop schedules with the same result
+('rows' for CPU, 'steps' for accelerators; see `_solve_rows`, `_solve_steps`). The
+smaller side is the rows (padded targets are rows never added). Non-finite costs become
+large finite ones (NaN / +inf avoided whenever possible); finite costs are clipped so the
+duals cannot overflow. O(R^2 C) worst case, R = min side.
 """
 
 import functools
@@ -150,8 +113,45 @@ def _path_columns(path, col4row, sink, cur, num_steps):
   return chain
 
 
+def _start(cost, row_valid, col_valid):
+  """Both schedules' start: zero duals, greedy tight rounds, the rows left to augment."""
+  r, c = cost.shape
+  masked = jnp.where(col_valid[None, :], cost, jnp.inf)
+  u = jnp.zeros((r,), cost.dtype)
+  v = jnp.zeros((c,), cost.dtype)
+  row4col = jnp.full((c,), -1, jnp.int32)
+  col4row = jnp.full((r,), -1, jnp.int32)
+  u, row4col, col4row = _tight_rounds(masked, row_valid, u, v, row4col, col4row)
+  todo = row_valid & (col4row < 0)
+  order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
+  return u, v, row4col, col4row, order, jnp.sum(todo).astype(jnp.int32)
+
+
+def _dijkstra_step(cost, i, min_val, spc, path, sc, u, v, row4col):
+  """One step from row i over the reduced costs (scipy's inner loop, vectorised).
+
+  Returns (better [C], path, spc, low, j, owner): the columns whose shortest-path cost
+  improved, the updated path / costs, the lowest remaining cost, the column it reaches
+  (a free one on ties, as scipy) and that column's row (-1: free).
+  """
+  reduced = min_val + cost[i] - u[i] - v
+  better = ~sc & (reduced < spc)
+  path = jnp.where(better, i, path)
+  spc = jnp.where(better, reduced, spc)
+  remaining_spc = jnp.where(sc, jnp.inf, spc)
+  low = jnp.min(remaining_spc)
+  cand = remaining_spc == low
+  free_cand = cand & (row4col < 0)
+  j = jnp.where(jnp.any(free_cand), jnp.argmax(free_cand), jnp.argmax(cand)).astype(jnp.int32)
+  return better, path, spc, low, j, row4col[j]
+
+
 def _solve_rows(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array) -> jax.Array:
   """Crouse's shortest augmenting path on a [R, C] problem.
+
+  Rows are added one at a time (outer loop); for each, Dijkstra steps over the reduced
+  costs c[i, j] - u[i] - v[j] (inner loop) reach a free column; the duals are updated
+  as in scipy and the path, found by pointer doubling, is flipped.
 
   Args:
     cost: [R, C] finite costs.
@@ -166,18 +166,8 @@ def _solve_rows(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array) -> 
   dtype = cost.dtype
   inf = jnp.array(jnp.inf, dtype)
   rows = jnp.arange(r, dtype=jnp.int32)
-  masked = jnp.where(col_valid[None, :], cost, inf)
   num_doublings = max(1, int(np.ceil(np.log2(r + 1))))
-
-  u = jnp.zeros((r,), dtype)
-  v = jnp.zeros((c,), dtype)
-  row4col = jnp.full((c,), -1, jnp.int32)
-  col4row = jnp.full((r,), -1, jnp.int32)
-  u, row4col, col4row = _tight_rounds(masked, row_valid, u, v, row4col, col4row)
-
-  todo = row_valid & (col4row < 0)
-  order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
-  num_todo = jnp.sum(todo)
+  u, v, row4col, col4row, order, num_todo = _start(cost, row_valid, col_valid)
 
   def augment_row(k, u, v, row4col, col4row):
     cur = order[k]
@@ -188,16 +178,9 @@ def _solve_rows(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array) -> 
     def search_body(s):
       i = s["i"]
       sr = s["sr"].at[i].set(True)
-      reduced = s["min_val"] + cost[i] - u[i] - v
-      better = ~s["sc"] & (reduced < s["spc"])
-      path = jnp.where(better, i, s["path"])
-      spc = jnp.where(better, reduced, s["spc"])
-      remaining_spc = jnp.where(s["sc"], inf, spc)
-      low = jnp.min(remaining_spc)
-      cand = remaining_spc == low
-      free_cand = cand & (row4col < 0)
-      j = jnp.where(jnp.any(free_cand), jnp.argmax(free_cand), jnp.argmax(cand)).astype(jnp.int32)
-      owner = row4col[j]
+      _, path, spc, low, j, owner = _dijkstra_step(
+        cost, i, s["min_val"], s["spc"], s["path"], s["sc"], u, v, row4col
+      )
       # low == inf only if no column is left (an infeasible problem, excluded
       # by the caller); stop with sink = -2 rather than loop forever.
       sink = jnp.where(low == inf, -2, jnp.where(owner < 0, j, -1))
@@ -272,16 +255,7 @@ def _solve_steps(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array) ->
   dtype = cost.dtype
   inf = jnp.array(jnp.inf, dtype)
   rows = jnp.arange(r, dtype=jnp.int32)
-  masked = jnp.where(col_valid[None, :], cost, inf)
-
-  u = jnp.zeros((r,), dtype)
-  v = jnp.zeros((c,), dtype)
-  row4col = jnp.full((c,), -1, jnp.int32)
-  col4row = jnp.full((r,), -1, jnp.int32)
-  u, row4col, col4row = _tight_rounds(masked, row_valid, u, v, row4col, col4row)
-  todo = row_valid & (col4row < 0)
-  order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
-  num_todo = jnp.sum(todo).astype(jnp.int32)
+  u, v, row4col, col4row, order, num_todo = _start(cost, row_valid, col_valid)
 
   cols = jnp.arange(c, dtype=jnp.int32)
   eye = cols[:, None] == cols[None, :]
@@ -308,16 +282,9 @@ def _solve_steps(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array) ->
     u, v, row4col, col4row = s["u"], s["v"], s["row4col"], s["col4row"]
     i, cur = s["i"], s["cur"]
     sr = s["sr"].at[i].set(True)
-    reduced = s["min_val"] + cost[i] - u[i] - v
-    better = ~s["sc"] & (reduced < s["spc"])
-    path = jnp.where(better, i, s["path"])
-    spc = jnp.where(better, reduced, s["spc"])
-    remaining_spc = jnp.where(s["sc"], inf, spc)
-    low = jnp.min(remaining_spc)
-    cand = remaining_spc == low
-    free_cand = cand & (row4col < 0)
-    j = jnp.where(jnp.any(free_cand), jnp.argmax(free_cand), jnp.argmax(cand)).astype(jnp.int32)
-    owner = row4col[j]
+    better, path, spc, low, j, owner = _dijkstra_step(
+      cost, i, s["min_val"], s["spc"], s["path"], s["sc"], u, v, row4col
+    )
     sc = s["sc"].at[j].set(True)
     chains = jnp.where(better[:, None], s["chain"][None, :] | eye, s["chains"])
     # low == inf only for an infeasible problem (excluded by the caller):
