@@ -12,7 +12,6 @@ fraction of the first's (issue 15's target: under 1/5). The figures of one proce
 XLA's compile (or, for cache hits, load) seconds; tracing and lowering are not included.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,7 +19,14 @@ import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CONFIG = flags.DEFINE_string("config", "configs/demo.py:smoke", "dataseg.main --config")
+_RUNS = flags.DEFINE_integer("runs", 2, "identical runs sharing one cache")
+_ROOT = flags.DEFINE_string("root", "", "folder for workdirs and cache ('' = tmp)")
 
 
 def run_once(config, workdir, cache_dir, data_dir, extra=()):
@@ -58,23 +64,19 @@ def run_once(config, workdir, cache_dir, data_dir, extra=()):
   )
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/demo.py:smoke")
-  parser.add_argument("--runs", type=int, default=2)
-  parser.add_argument("--root", default="", help="folder for workdirs and cache ('' = tmp)")
-  args, extra = parser.parse_known_args()
-  root = args.root or tempfile.mkdtemp(prefix="dataseg_compile_cache_")
+def main(argv):
+  extra = argv[1:]  # passed on to dataseg.main (flags this script does not define).
+  root = _ROOT.value or tempfile.mkdtemp(prefix="dataseg_compile_cache_")
   cache_dir = os.path.join(root, "cache")
   data_dir = os.path.join(root, "data")
   print(
-    f"# {args.config}: {args.runs} runs, cache {cache_dir} (empty at start), "
+    f"# {_CONFIG.value}: {_RUNS.value} runs, cache {cache_dir} (empty at start), "
     f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
     flush=True,
   )
   results = []
-  for i in range(args.runs):
-    r = run_once(args.config, os.path.join(root, f"run{i}"), cache_dir, data_dir, extra)
+  for i in range(_RUNS.value):
+    r = run_once(_CONFIG.value, os.path.join(root, f"run{i}"), cache_dir, data_dir, extra)
     results.append(r)
     print(json.dumps(dict(run=i, **r)), flush=True)
     print(
@@ -92,4 +94,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

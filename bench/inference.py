@@ -14,11 +14,12 @@ batch, warm-up excluded; compile time reported apart. Threads: XLA CPU uses ever
 torch `--threads` (default 2).
 """
 
-import argparse
 import os
 import sys
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +34,23 @@ import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dataseg.objective import postprocess  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 from dataseg.train import trainer  # pylint: disable=wrong-import-position
+
+_SIZES = flags.DEFINE_list("sizes", "512,1024", "square image sides")
+_BATCHES = flags.DEFINE_list("batches", "1,8", "batch sizes")
+_STEPS = flags.DEFINE_integer("steps", 3, "timed steps of ours (median)")
+_REF_STEPS = flags.DEFINE_integer("ref_steps", 2, "timed steps of the reference")
+_THREADS = flags.DEFINE_integer("threads", 2, "torch threads (reference)")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype of ours")
+_SIDE = flags.DEFINE_enum("side", "both", ["both", "ours", "reference"], "which side(s) to run")
+_REF_ARGS = flags.DEFINE_string(
+  "ref_args", "", "extra args for the reference, e.g. '--device cuda --bf16'"
+)
+_SKIP = flags.DEFINE_list("skip", "", "size x batch pairs to skip, e.g. 1024x8")
+_COMPILATION_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  compile_cache.DEFAULT_DIR,
+  "persistent compilation cache dir ('' = off; see dataseg/train/compile_cache.py)",
+)
 
 
 def make_program(s):
@@ -105,40 +123,26 @@ def time_ours(size, batch, steps=3, dtype="float32"):
   return res
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sizes", default="512,1024")
-  parser.add_argument("--batches", default="1,8")
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--ref_steps", type=int, default=2)
-  parser.add_argument("--threads", type=int, default=2)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--side", choices=("both", "ours", "reference"), default="both")
-  parser.add_argument("--ref_args", default="")
-  parser.add_argument("--skip", default="", help="size x batch pairs to skip, e.g. 1024x8")
-  parser.add_argument(
-    "--compilation_cache",
-    default=compile_cache.DEFAULT_DIR,
-    help="persistent compilation cache dir ('' = off)",
-  )
-  args = parser.parse_args()
-  compile_cache.enable(args.compilation_cache)
-  skip = set(filter(None, args.skip.split(",")))
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compile_cache.enable(_COMPILATION_CACHE.value)
+  skip = set(_SKIP.value)
   print(
     f"# ours: jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU "
-    f"cores; XLA CPU uses all); reference: torch threads {args.threads}",
+    f"cores; XLA CPU uses all); reference: torch threads {_THREADS.value}",
     flush=True,
   )
-  for size in (int(x) for x in args.sizes.split(",")):
-    for batch in (int(x) for x in args.batches.split(",")):
+  for size in (int(x) for x in _SIZES.value):
+    for batch in (int(x) for x in _BATCHES.value):
       if f"{size}x{batch}" in skip:
         print(f"# skipped {size}x{size} batch {batch}", flush=True)
         continue
       ours, theirs = train_step.side_by_side(
-        args.side,
-        lambda: time_ours(size, batch, args.steps, args.dtype),
+        _SIDE.value,
+        lambda: time_ours(size, batch, _STEPS.value, _DTYPE.value),
         lambda: train_step.run_reference(
-          "infer", size, batch, args.ref_steps, args.threads, args.ref_args.split()
+          "infer", size, batch, _REF_STEPS.value, _THREADS.value, _REF_ARGS.value.split()
         ),
       )
       if ours and theirs and "images_per_s" in theirs:
@@ -152,4 +156,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

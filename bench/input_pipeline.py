@@ -13,13 +13,14 @@ to the 20 images/s/core target.
 also the size of tf.data's thread pool; on a shared machine the figure is a lower bound.
 """
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -30,6 +31,15 @@ from dataseg import schema  # pylint: disable=g-import-not-at-top,wrong-import-p
 from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TARGET = 20.0  # images/s/core
+
+_IMAGES = flags.DEFINE_integer("images", 48, "fixture images (also the shuffle buffer)")
+_BATCHES = flags.DEFINE_integer("batches", 12, "timed batches")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "images per batch")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 1024, "LSJ output side")
+_MAX_SEGMENTS = flags.DEFINE_integer("max_segments", 100, "segment slots per example")
+_CORES = flags.DEFINE_integer(
+  "cores", len(os.sched_getaffinity(0)), "pipeline threads (default: this process's cores)"
+)
 
 
 def write_fixture(root, n, seed=0):
@@ -81,43 +91,37 @@ def write_fixture(root, n, seed=0):
   )
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--images", type=int, default=48)
-  parser.add_argument("--batches", type=int, default=12)
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--image_size", type=int, default=1024)
-  parser.add_argument("--max_segments", type=int, default=100)
-  parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with tempfile.TemporaryDirectory() as root:
-    spec = write_fixture(root, args.images)
+    spec = write_fixture(root, _IMAGES.value)
     it = pipeline.make_iterator(
       spec,
-      batch_size=args.batch_size,
-      image_size=args.image_size,
-      max_segments=args.max_segments,
+      batch_size=_BATCH_SIZE.value,
+      image_size=_IMAGE_SIZE.value,
+      max_segments=_MAX_SEGMENTS.value,
       task_id=schema.task_id("panoptic"),
       training=True,
       seed=0,
       process_index=0,
       process_count=1,
-      shuffle_buffer=args.images,
-      threads=args.cores,
+      shuffle_buffer=_IMAGES.value,
+      threads=_CORES.value,
     )
     next(it)  # warm-up: tracing, thread pools, first shuffle buffer fill
     start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(args.batches):
+    for _ in range(_BATCHES.value):
       next(it)
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
     del it  # Stop the prefetch threads before the files go away.
-  images = args.batches * args.batch_size
+  images = _BATCHES.value * _BATCH_SIZE.value
   rate = images / elapsed
-  per_core = rate / args.cores
+  per_core = rate / _CORES.value
   print(
-    f"COCO-like panoptic LSJ {args.image_size}x{args.image_size}: {rate:.1f} images/s "
-    f"on {args.cores} cores = {per_core:.1f} images/s/core "
+    f"COCO-like panoptic LSJ {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}: {rate:.1f} images/s "
+    f"on {_CORES.value} cores = {per_core:.1f} images/s/core "
     f"({per_core / TARGET:.2f}x the {TARGET:.0f} images/s/core target)"
   )
   # On a shared machine wall time undercounts; CPU time gives images per busy core-second.
@@ -128,4 +132,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -23,7 +23,6 @@ process CPU seconds, all threads; the ratio is current / REV); also prints the t
 losses (equal up to float rounding unless the sampling's semantics changed).
 """
 
-import argparse
 import importlib.util
 import os
 import subprocess
@@ -31,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
 
@@ -45,6 +46,24 @@ from dataseg.objective import costs  # pylint: disable=wrong-import-position
 from dataseg.objective import losses  # pylint: disable=wrong-import-position
 from dataseg.objective import points  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
+
+_SIZE = flags.DEFINE_integer("size", 256, "square image side")
+_BATCH = flags.DEFINE_integer("batch", 2, "images per batch")
+_CAPS = flags.DEFINE_list(
+  "caps", "0,50,32", "config.loss.max_mask_targets values (0 = every slot); the first is the base"
+)
+_STEPS = flags.DEFINE_integer("steps", 3, "timed steps (median)")
+_SELECTIONS = flags.DEFINE_list(
+  "selections", "", "config.loss.point_selection values, e.g. exact,sampled ('' = the default)"
+)
+_BEFORE = flags.DEFINE_string(
+  "before",
+  "",
+  "git revision: compare the current points.py / costs.py with that revision's (see the docstring)",
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+  "compilation_cache", compile_cache.DEFAULT_DIR, "persistent compilation cache dir ('' = off)"
+)
 
 
 def loss_fn(size, batch, cap, layers=10, queries=100, selection=""):
@@ -177,49 +196,27 @@ def compare_before(rev, size, batch, cap, steps, selection=""):
   )
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--size", type=int, default=256)
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--caps", default="0,50,32")
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument(
-    "--selections",
-    default="",
-    help="config.loss.point_selection values, e.g. exact,sampled ('' = the default)",
-  )
-  parser.add_argument(
-    "--before",
-    default="",
-    help="git revision: compare the current "
-    "points.py / costs.py with that revision's (see the docstring)",
-  )
-  parser.add_argument(
-    "--compilation_cache",
-    default=compile_cache.DEFAULT_DIR,
-    help="persistent compilation cache dir ('' = off)",
-  )
-  args = parser.parse_args()
-  compile_cache.enable(args.compilation_cache)
-  caps = [int(c) for c in args.caps.split(",")]
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compile_cache.enable(_COMPILATION_CACHE.value)
+  caps = [int(c) for c in _CAPS.value]
   selections = (
-    args.selections.split(",")
-    if args.selections
-    else [loss_config_lib.loss_config().point_selection]
+    _SELECTIONS.value if _SELECTIONS.value else [loss_config_lib.loss_config().point_selection]
   )
   print(
-    f"# objective fwd+bwd, {args.size}x{args.size}, batch {args.batch}, jax "
+    f"# objective fwd+bwd, {_SIZE.value}x{_SIZE.value}, batch {_BATCH.value}, jax "
     f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU cores)"
   )
-  if args.before:
+  if _BEFORE.value:
     for cap in caps:
-      compare_before(args.before, args.size, args.batch, cap, args.steps, selections[0])
+      compare_before(_BEFORE.value, _SIZE.value, _BATCH.value, cap, _STEPS.value, selections[0])
     return
   base = None
   for selection in selections:
     for cap in caps:
       seconds, compile_s, dropped = time_loss(
-        args.size, args.batch, cap, args.steps, selection=selection
+        _SIZE.value, _BATCH.value, cap, _STEPS.value, selection=selection
       )
       base = base or seconds
       rows = cap or 100
@@ -232,4 +229,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

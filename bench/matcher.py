@@ -9,16 +9,25 @@ median over repeats, results blocked on) and a host loop of
 the same total cost, and prints both times and their ratio.
 """
 
-import argparse
 import functools
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
 from dataseg.objective import matching
+
+_BATCH = flags.DEFINE_integer("batch", 8, "cost matrices per call")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "timed repeats (median)")
+_SHAPES = flags.DEFINE_list("shapes", "100x50,100x100", "queries x targets shapes")
+_KIND = flags.DEFINE_enum("kind", "float", ["float", "tied"], "random float or tied integer costs")
+_SOLVER = flags.DEFINE_enum(
+  "solver", "auto", ["auto", "rows", "steps"], "matching.batched_linear_sum_assignment's solver"
+)
 
 
 def _median_seconds(fn, repeats):
@@ -30,28 +39,23 @@ def _median_seconds(fn, repeats):
   return float(np.median(times))
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--shapes", default="100x50,100x100")
-  parser.add_argument("--kind", default="float", choices=("float", "tied"))
-  parser.add_argument("--solver", default="auto", choices=("auto", "rows", "steps"))
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   rng = np.random.default_rng(0)
-  solve = jax.jit(functools.partial(matching.batched_linear_sum_assignment, solver=args.solver))
+  solve = jax.jit(functools.partial(matching.batched_linear_sum_assignment, solver=_SOLVER.value))
   print(
-    f"device: {jax.devices()[0].device_kind}, batch {args.batch}, "
-    f"{args.kind} costs, solver {args.solver}, "
-    f"median of {args.repeats}"
+    f"device: {jax.devices()[0].device_kind}, batch {_BATCH.value}, "
+    f"{_KIND.value} costs, solver {_SOLVER.value}, "
+    f"median of {_REPEATS.value}"
   )
-  for shape in args.shapes.split(","):
+  for shape in _SHAPES.value:
     n, m = (int(x) for x in shape.split("x"))
-    if args.kind == "float":
-      cost = rng.random((args.batch, n, m)).astype(np.float32)
+    if _KIND.value == "float":
+      cost = rng.random((_BATCH.value, n, m)).astype(np.float32)
     else:
-      cost = rng.integers(0, 4, (args.batch, n, m)).astype(np.float32)
-    valid = np.ones((args.batch, m), bool)
+      cost = rng.integers(0, 4, (_BATCH.value, n, m)).astype(np.float32)
+    valid = np.ones((_BATCH.value, m), bool)
     cost_dev, valid_dev = jnp.asarray(cost), jnp.asarray(valid)
     q2t = np.asarray(solve(cost_dev, valid_dev))  # Compile and warm up.
 
@@ -59,13 +63,13 @@ def main():
       solve(cost_dev, valid_dev).block_until_ready()
 
     def run_scipy():
-      for b in range(args.batch):
+      for b in range(_BATCH.value):
         scipy.optimize.linear_sum_assignment(cost[b])
 
     run_scipy()
-    t_jax = _median_seconds(run_jax, args.repeats)
-    t_scipy = _median_seconds(run_scipy, args.repeats)
-    for b in range(args.batch):
+    t_jax = _median_seconds(run_jax, _REPEATS.value)
+    t_scipy = _median_seconds(run_scipy, _REPEATS.value)
+    for b in range(_BATCH.value):
       rows, cols = scipy.optimize.linear_sum_assignment(cost[b])
       mine = q2t[b] >= 0
       total = cost[b][np.flatnonzero(mine), q2t[b][mine]].sum()
@@ -77,4 +81,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

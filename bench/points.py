@@ -15,10 +15,12 @@ previous 3-d-index gather (`gather_point_sample` below, the reference), forward 
 candidates (3 x 112 x 112 per row) and gradient on the loss points (112 x 112 per row).
 """
 
-import argparse
 import os
 import sys
 import time
+
+from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,6 +28,16 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import points  # pylint: disable=wrong-import-position
+
+_ROWS = flags.DEFINE_integer("rows", 100, "random logit maps")
+_SIZE = flags.DEFINE_integer("size", 256, "image side (maps are size/4)")
+_STEPS = flags.DEFINE_integer("steps", 5, "timed steps (median)")
+_SELECTIONS = flags.DEFINE_list(
+  "selections", "exact,sampled", "point_selection values; the first is the reference"
+)
+_POINT_SAMPLE = flags.DEFINE_bool(
+  "point_sample", False, "time point_sample (flat) against the 3-d gather instead"
+)
 
 
 def gather_point_sample(maps, coords):
@@ -89,34 +101,29 @@ def bench_point_sample(maps, steps):
     )
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--rows", type=int, default=100)
-  parser.add_argument("--size", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--selections", default="exact,sampled")
-  parser.add_argument("--point_sample", action="store_true")
-  args = parser.parse_args()
-  hw = args.size // 4
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  hw = _SIZE.value // 4
   maps = jax.device_put(
-    np.random.default_rng(0).normal(size=(args.rows, hw, hw)).astype(np.float32)
+    np.random.default_rng(0).normal(size=(_ROWS.value, hw, hw)).astype(np.float32)
   )
   rng = jax.random.PRNGKey(0)
   print(
-    f"# importance_points: {args.rows} rows of {hw}x{hw}, 112x112 points, jax "
+    f"# importance_points: {_ROWS.value} rows of {hw}x{hw}, 112x112 points, jax "
     f"{jax.__version__} on {jax.default_backend()} ({os.cpu_count()} cores), load "
     f"average {os.getloadavg()[0]:.1f}",
     flush=True,
   )
-  if args.point_sample:
-    bench_point_sample(maps, args.steps)
+  if _POINT_SAMPLE.value:
+    bench_point_sample(maps, _STEPS.value)
     return
   base = None
-  for selection in args.selections.split(","):
+  for selection in _SELECTIONS.value:
     fn = jax.jit(lambda r, m, s=selection: points.importance_points(r, m, 112 * 112, selection=s))
     jax.block_until_ready(fn(rng, maps))
     wall, cpu = [], []
-    for _ in range(args.steps):
+    for _ in range(_STEPS.value):
       w, c = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn(rng, maps))
       wall.append(time.perf_counter() - w)
@@ -124,11 +131,11 @@ def main():
     w, c = float(np.median(wall)), float(np.median(cpu))
     base = base or (w, c)
     print(
-      f"selection={selection}: {w:.3f} s wall, {c:.3f} s CPU; vs {args.selections.split(',')[0]}: "
+      f"selection={selection}: {w:.3f} s wall, {c:.3f} s CPU; vs {_SELECTIONS.value[0]}: "
       f"{w / base[0]:.2f} wall, {c / base[1]:.2f} CPU",
       flush=True,
     )
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

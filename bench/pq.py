@@ -14,7 +14,6 @@ its per-core worker) so both sides use one core. Two figures:
 The script also checks the metrics agree to 1e-9.
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -31,6 +32,11 @@ from dataseg.metrics import files as metric_files  # pylint: disable=g-import-no
 
 NUM_CLASSES = 40
 IS_THING = np.arange(NUM_CLASSES) < 25
+
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 500, "gt/prediction pairs")
+_SIZE = flags.DEFINE_integer("size", 512, "image side")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "timed repeats (best of)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "keep the fixture files here")
 
 
 def synthetic_pair(rng, size, num_segments=20):
@@ -192,25 +198,21 @@ def best_of(fn, repeats):
   return min(times), out
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--num_images", type=int, default=500)
-  p.add_argument("--size", type=int, default=512)
-  p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--workdir", default=None, help="keep the fixture files here")
-  args = p.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with tempfile.TemporaryDirectory() as tmp:
-    root = args.workdir or tmp
+    root = _WORKDIR.value or tmp
     os.makedirs(root, exist_ok=True)
     t = time.perf_counter()
-    write_fixtures(root, args.num_images, args.size)
+    write_fixtures(root, _NUM_IMAGES.value, _SIZE.value)
     print(
-      f"wrote {args.num_images} gt/prediction pairs of {args.size}x{args.size} "
+      f"wrote {_NUM_IMAGES.value} gt/prediction pairs of {_SIZE.value}x{_SIZE.value} "
       f"in {time.perf_counter() - t:.1f}s"
     )
-    t_ref, ref_res = best_of(lambda: run_reference(root), args.repeats)
-    t_ours, ours = best_of(lambda: run_ours(root), args.repeats)
-    t_ref_pq, t_ours_pq, ref_res_pq, ours_pq = time_pq_only(root, repeats=args.repeats)
+    t_ref, ref_res = best_of(lambda: run_reference(root), _REPEATS.value)
+    t_ours, ours = best_of(lambda: run_ours(root), _REPEATS.value)
+    t_ref_pq, t_ours_pq, ref_res_pq, ours_pq = time_pq_only(root, repeats=_REPEATS.value)
   for a, b in ((ours, ref_res), (ours_pq, ref_res_pq)):
     for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
       for m in ("pq", "sq", "rq"):
@@ -220,7 +222,7 @@ def main():
     f"PQ {100 * ours['PQ']:.3f} (reference {100 * ref_res['All']['pq']:.3f}), "
     "all / things / stuff PQ SQ RQ equal to 1e-9"
   )
-  n = args.num_images
+  n = _NUM_IMAGES.value
   print(
     f"{'CPU time per image':28s}{'reference':>14s}{'dataseg':>14s}{'speedup':>9s}"
     "   (1 process each)"
@@ -233,4 +235,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -14,13 +14,20 @@ frame (e.g. oneDNN/YNNPACK convolution-gradient fusions) are '?'. Shares, not ab
 times, are what to read on a loaded machine. No jax import: plain Python.
 """
 
-import argparse
 import collections
 import glob
 import gzip
 import json
 import os
 import re
+
+from absl import app
+from absl import flags
+
+_HLO = flags.DEFINE_string("hlo", "", "HLO text (default DIR/step.hlo.txt)")
+_STEPS = flags.DEFINE_integer("steps", 2, "profiled steps in the trace")
+_TOP = flags.DEFINE_integer("top", 30, "lines to print")
+_BY = flags.DEFINE_enum("by", "line", ["line", "file"], "aggregate by source line or file")
 
 
 def frames(lines):
@@ -114,30 +121,26 @@ NOT_OPS = (
 )
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("dir")
-  parser.add_argument("--hlo", default="", help="HLO text (default DIR/step.hlo.txt)")
-  parser.add_argument("--steps", type=int, default=2)
-  parser.add_argument("--top", type=int, default=30)
-  parser.add_argument("--by", choices=("line", "file"), default="line")
-  args = parser.parse_args()
-  lines = open(args.hlo or os.path.join(args.dir, "step.hlo.txt")).read().splitlines()
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("expected one argument: the profile DIR")
+  trace_dir = argv[1]
+  lines = open(_HLO.value or os.path.join(trace_dir, "step.hlo.txt")).read().splitlines()
   names, ops = frames(lines), op_frames(lines)
-  trace = sorted(glob.glob(os.path.join(args.dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+  trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
   times = {k: v for k, v in self_times(trace).items() if not k.startswith(NOT_OPS)}
   total = sum(times.values())
   agg, top_ops = collections.Counter(), collections.defaultdict(collections.Counter)
   for op, t in times.items():
     path, name = names.get(ops.get(op), ("?", "?"))
-    key = os.path.basename(path) if args.by == "file" else name
+    key = os.path.basename(path) if _BY.value == "file" else name
     agg[key] += t
     top_ops[key][op] += t
-  print(f"# {trace}: XLA ops' self time {total / 1e6 / args.steps:.2f} s per step (all threads)")
-  for key, t in agg.most_common(args.top):
+  print(f"# {trace}: XLA ops' self time {total / 1e6 / _STEPS.value:.2f} s per step (all threads)")
+  for key, t in agg.most_common(_TOP.value):
     ex = ", ".join(op for op, _ in top_ops[key].most_common(2))
-    print(f"{100 * t / total:5.1f}%  {t / 1e6 / args.steps:7.3f} s/step  {key}   [{ex}]")
+    print(f"{100 * t / total:5.1f}%  {t / 1e6 / _STEPS.value:7.3f} s/step  {key}   [{ex}]")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -23,7 +23,7 @@ The synthetic panoptic batch generator below is pure numpy so both sides (this s
 bench/train_step.py) draw the same data.
 """
 
-import argparse
+import argparse  # not absl: this runs in bench/.ref_venv (torch, transformers; no absl).
 import json
 import time
 

@@ -29,7 +29,6 @@ import time  # pylint: disable=g-import-not-at-top
 
 _PROCESS_START = time.time()  # before jax's import: time to the first step counts it.
 
-import argparse  # pylint: disable=g-bad-import-order
 import json
 import os
 import resource
@@ -37,6 +36,7 @@ import shutil
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import numpy as np
 
@@ -47,12 +47,48 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import common  # pylint: disable=wrong-import-position
+from dataseg import cli  # pylint: disable=wrong-import-position
 from dataseg.model import configs as model_configs  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 from dataseg.train import trainer  # pylint: disable=wrong-import-position
 
 REF_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ref_venv", "bin", "python")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM).
+
+_FLAGS = cli.new_flags()  # not absl's global FLAGS: bench/inference.py imports this module.
+flags.DEFINE_list("sizes", "256", "square image sides", flag_values=_FLAGS)
+flags.DEFINE_integer("batch", 2, "images per batch", flag_values=_FLAGS)
+flags.DEFINE_integer("steps", 5, "timed steps of ours (median)", flag_values=_FLAGS)
+flags.DEFINE_integer("ref_steps", 3, "timed steps of the reference", flag_values=_FLAGS)
+flags.DEFINE_integer("threads", 2, "torch threads (reference)", flag_values=_FLAGS)
+flags.DEFINE_string("dtype", "float32", "compute dtype of ours", flag_values=_FLAGS)
+flags.DEFINE_bool("remat", False, "rematerialize (gradient checkpointing)", flag_values=_FLAGS)
+flags.DEFINE_integer("max_segments", 100, "segment slots per example", flag_values=_FLAGS)
+flags.DEFINE_enum(
+  "side", "both", ["both", "ours", "reference"], "which side(s) to run", flag_values=_FLAGS
+)
+flags.DEFINE_string(
+  "ref_args",
+  "",
+  "extra args for the reference, e.g. '--device cuda --bf16'",
+  flag_values=_FLAGS,
+)
+flags.DEFINE_string("profile", "", "write a jax.profiler trace of ours here", flag_values=_FLAGS)
+flags.DEFINE_bool(
+  "demo_memory", False, "peak resident memory of the demo's training", flag_values=_FLAGS
+)
+flags.DEFINE_string(
+  "compilation_cache",
+  compile_cache.DEFAULT_DIR,
+  "persistent compilation cache dir ('' = off; see dataseg/train/compile_cache.py)",
+  flag_values=_FLAGS,
+)
+flags.DEFINE_string(
+  "selection",
+  "",
+  "config.loss.point_selection for ours (exact | sampled; '' = the default)",
+  flag_values=_FLAGS,
+)
 
 
 def bench_config(
@@ -256,33 +292,9 @@ def demo_memory(steps=3):
   )
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sizes", default="256")
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--ref_steps", type=int, default=3)
-  parser.add_argument("--threads", type=int, default=2, help="torch threads (reference)")
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--remat", action="store_true")
-  parser.add_argument("--max_segments", type=int, default=100)
-  parser.add_argument("--side", choices=("both", "ours", "reference"), default="both")
-  parser.add_argument(
-    "--ref_args", default="", help="extra args for the reference, e.g. '--device cuda --bf16'"
-  )
-  parser.add_argument("--profile", default="")
-  parser.add_argument("--demo_memory", action="store_true")
-  parser.add_argument(
-    "--compilation_cache",
-    default=compile_cache.DEFAULT_DIR,
-    help="persistent compilation cache dir ('' = off; see dataseg/train/compile_cache.py)",
-  )
-  parser.add_argument(
-    "--selection",
-    default="",
-    help="config.loss.point_selection for ours (exact | sampled; '' = the default)",
-  )
-  args = parser.parse_args()
+def main(argv=None):
+  """`argv` holds the flags (default sys.argv[1:])."""
+  args = cli.parse(_FLAGS, argv, prog="python bench/train_step.py", doc=__doc__)
   compile_cache.enable(args.compilation_cache)
   if args.demo_memory:
     print(json.dumps(demo_memory()))
@@ -293,7 +305,7 @@ def main():
     f"reference: torch threads {args.threads}",
     flush=True,
   )
-  for size in (int(x) for x in args.sizes.split(",")):
+  for size in (int(x) for x in args.sizes):
     ours, theirs = side_by_side(
       args.side,
       lambda: time_ours(
