@@ -84,11 +84,6 @@ def get_config(arg=None):
   c.model = model_configs.model_config("tiny")
   c.model.classifier.text_dim = 384  # all-MiniLM-L6-v2.
   c.loss.num_points = 16 * 16 if arg.smoke else 32 * 32
-  # [ours] The auxiliary per-pixel class loss (README "The embedded demo", "Things"):
-  # without it the from-scratch backbone never learns the things' outlines in this budget.
-  c.model.pixel_head = True
-  c.model.decoder.mask_pool = True
-  c.loss.pixel_class_weight = 2.0
   c.augment.scale_min, c.augment.scale_max = 0.5, 1.5
   c.optimizer.lr = 3e-4
   c.optimizer.backbone_multiplier = 1.0  # trained from scratch: no pretrained backbone.

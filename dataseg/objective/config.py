@@ -27,9 +27,9 @@ def loss_config() -> ml_collections.ConfigDict:
   # [ours] Auxiliary per-pixel class loss (MaX-DeepLab / kMaX-DeepLab's semantic head):
   # softmax CE of the model's 'pixel_logits' (model.pixel_head) against the class of each
   # stride-4 cell's centre pixel, mean over labelled cells (void, crowd and padding
-  # ignored; box-only data has none). Dense supervision of the mask features with every
-  # labelled pixel's class: it is what teaches a from-scratch backbone the things' shapes
-  # (README "The embedded demo", "Things"). 0 = off (Mask2Former).
+  # ignored; box-only data has none): dense supervision of the mask features with every
+  # labelled pixel's class. 0 = off (Mask2Former, and every config here: in the demo's
+  # budget it did not teach the things' shapes; README "The embedded demo", "Things").
   c.pixel_class_weight = 0.0
   # 'segment': each labelled segment's cells share one unit of weight (things count as
   # much as stuff regions); 'pixel': every labelled cell counts 1 (stuff dominates).
