@@ -138,7 +138,8 @@ def test_class_accuracy_tool_counts_every_segment():
       if not crowd and (ex["segment_map"] == s).any():
         counts[c] += 1
   lines = proc.stdout.splitlines()
-  table = lines[lines.index("confusion (rows: true, columns: predicted)") + 2 :]
+  start = lines.index("confusion (rows: true, columns: predicted)") + 2
+  table = lines[start : start + len(vocab.names)]
   rows = {l.split()[0]: [int(v) for v in l.split()[1:]] for l in table}
   assert [sum(rows[name]) for name in vocab.names] == counts.tolist()
   things = sum(c for c, t in zip(counts, vocab.is_thing) if t)
