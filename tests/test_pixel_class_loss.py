@@ -111,29 +111,21 @@ def test_compute_loss_adds_the_pixel_term_and_skips_box_data():
   assert "loss_pixel_class" not in mb
 
 
-def test_model_pixel_head_outputs_and_gradient():
+def test_model_pixel_head_outputs():
   cfg = model_configs.model_config("tiny")
   cfg.classifier.text_dim = 8
   cfg.pixel_head = True
   model = dataseg_model.build_model(cfg)
-  images = jnp.zeros((2, 64, 64, 3), jnp.uint8) + jnp.arange(64, dtype=jnp.uint8)[:, None, None]
+  images = jnp.zeros((1, 32, 32, 3), jnp.uint8) + jnp.arange(32, dtype=jnp.uint8)[:, None, None]
   text = jax.random.normal(jax.random.PRNGKey(1), (V, 8))
   valid = jnp.array([True] * (V - 1) + [False])
-  variables = model.init(jax.random.PRNGKey(0), images, text, valid)
-  out = model.apply(variables, images, text, valid)
-  assert out["pixel_logits"].shape == (2, 16, 16, V + 1)
+  variables = fast_jit(model.init)(jax.random.PRNGKey(0), images, text, valid)
+  out = fast_jit(model.apply)(variables, images, text, valid)
+  assert out["pixel_logits"].shape == (1, 8, 8, V + 1)
   assert np.all(np.asarray(out["pixel_logits"])[..., V - 1] == -1e9)  # padded entry.
-
-  def loss(params):
-    o = model.apply({**variables, "params": params}, images, text, valid)
-    return jnp.mean(jax.nn.log_softmax(o["pixel_logits"][..., : V - 1])[..., 0])
-
-  grads = jax.grad(loss)(variables["params"])
-  # The aux head trains the backbone (dense supervision of the shared features).
-  g = jax.tree.leaves(grads["backbone"])
-  assert any(float(jnp.max(jnp.abs(x))) > 0 for x in g)
+  assert "pixel_classifier" in variables["params"]
   cfg.pixel_head = False
   plain = dataseg_model.build_model(cfg)
-  assert "pixel_logits" not in plain.apply(
-    plain.init(jax.random.PRNGKey(0), images, text, valid), images, text, valid
-  )
+  plain_vars = jax.eval_shape(plain.init, jax.random.PRNGKey(0), images, text, valid)
+  assert "pixel_logits" not in jax.eval_shape(plain.apply, plain_vars, images, text, valid)
+  assert "pixel_classifier" not in plain_vars["params"]
