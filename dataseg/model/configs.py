@@ -115,18 +115,7 @@ def _tiny(c):
   c.pixel_decoder = ml_collections.ConfigDict(
     dict(name="fpn", dim=64, layers=0, heads=4, points=4, ffn=128)
   )
-  c.decoder = ml_collections.ConfigDict(
-    dict(
-      num_queries=16,
-      layers=3,
-      heads=4,
-      ffn=128,
-      dim=64,
-      dropout=0.0,
-      pre_norm=False,
-      mask_pool=False,
-    )
-  )
+  c.decoder.update(num_queries=16, layers=3, heads=4, ffn=128, dim=64)
   return c
 
 
