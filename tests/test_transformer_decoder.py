@@ -153,3 +153,75 @@ def test_mask_pool_weights_are_the_dilated_stopped_mask():
   p2 = plain.init(jax.random.PRNGKey(0), queries, feats, text, valid)
   grad = jax.grad(lambda f: plain.apply(p2, queries, f, text, valid)[0].sum())(feats)
   assert float(jnp.max(jnp.abs(grad))) == 0.0  # without it, no path from features to class.
+
+
+def _box_crop_ref(logits, grid):
+  """numpy: bilinear samples of `logits` [h, w] at the centres of a grid x grid split of the
+  extent of its cells > 0 (the whole map if none), and that box / (h, w, h, w)."""
+  h, w = logits.shape
+  ys, xs = np.nonzero(logits > 0)
+  y0, y1, x0, x1 = (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) if len(ys) else (0, h, 0, w)
+  out = np.zeros((grid, grid))
+  for i in range(grid):
+    cy = np.clip(y0 + (i + 0.5) * (y1 - y0) / grid - 0.5, 0, h - 1)
+    for j in range(grid):
+      cx = np.clip(x0 + (j + 0.5) * (x1 - x0) / grid - 0.5, 0, w - 1)
+      iy, ix = int(np.floor(cy)), int(np.floor(cx))
+      fy, fx = cy - iy, cx - ix
+      iy1, ix1 = min(iy + 1, h - 1), min(ix + 1, w - 1)
+      out[i, j] = (1 - fy) * ((1 - fx) * logits[iy, ix] + fx * logits[iy, ix1]) + fy * (
+        (1 - fx) * logits[iy1, ix] + fx * logits[iy1, ix1]
+      )
+  return out, np.array([y0 / h, x0 / w, y1 / h, x1 / w])
+
+
+def test_mask_box_crops_match_numpy_reference():
+  """Random logits with a positive blob per row, one empty mask; float32 matmuls against a
+  float64 loop: rtol/atol 1e-5."""
+  r = np.random.RandomState(0)
+  b, q, h, w, g = 2, 3, 13, 11, 6
+  logits = -np.abs(r.randn(b, q, h, w)).astype(np.float32) - 0.1
+  logits[0, 0, 2:9, 3:7] += 3.0
+  logits[0, 1, 5:6, 0:11] += 3.0  # a one-row band over the full width.
+  logits[1, 0, 10:13, 8:11] += 3.0  # touching the bottom-right corner.
+  logits[1, 1] = r.randn(h, w)  # scattered positives.
+  # logits[0, 2] and logits[1, 2] stay all negative: empty masks -> the whole map.
+  crops, boxes = td.mask_box_crops(jnp.asarray(logits), g)
+  for i, j in np.ndindex(b, q):
+    ref_crop, ref_box = _box_crop_ref(logits[i, j].astype(np.float64), g)
+    np.testing.assert_allclose(np.asarray(crops[i, j]), ref_crop, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(boxes[i, j]), ref_box, rtol=1e-6)
+
+
+def test_mask_box_crops_see_the_outline_at_any_scale_and_position():
+  """The same binary square drawn at two sizes and places gives the same all-inside crop; a
+  triangle (apex up) gives an upper row narrower than its lower row."""
+  h = w = 32
+  m = np.full((1, 3, h, w), -4.0, np.float32)
+  m[0, 0, 2:6, 3:7] = 4.0
+  m[0, 1, 10:26, 12:28] = 4.0
+  yy, xx = np.mgrid[0:h, 0:w]
+  m[0, 2] = np.where((yy >= 8) & (yy < 24) & (np.abs(xx - 16) <= (yy - 8) / 2), 4.0, -4.0)
+  crops = np.asarray(td.mask_box_crops(jnp.asarray(m), 8)[0])
+  assert (crops[0, 0] > 0).all() and (crops[0, 1] > 0).all()
+  tri = crops[0, 2] > 0
+  assert tri[0].sum() < tri[-1].sum()
+
+
+def test_mask_shape_feature_uses_the_stopped_mask_only():
+  """With mask_shape the class logits change with the mask features (through the mask's
+  shape) but have no gradient to them: the class loss cannot reshape the masks."""
+  b, q, h, w, c, v, d = 1, 3, 8, 8, 8, 4, 16
+  r = np.random.RandomState(1)
+  queries = jnp.asarray(r.randn(b, q, c), jnp.float32)
+  feats = jnp.asarray(r.randn(b, h, w, c), jnp.float32)
+  text = jnp.asarray(r.randn(v, d), jnp.float32)
+  valid = jnp.ones((v,), bool)
+  head = td.PredictionHead(c, d, 10.0, 100.0, jnp.float32, False, 4)
+  params = head.init(jax.random.PRNGKey(0), queries, feats, text, valid)
+  assert "mask_shape_0" in params["params"] and "mask_shape_1" in params["params"]
+  cls = head.apply(params, queries, feats, text, valid)[0]
+  cls2 = head.apply(params, queries, feats * 2.0 + 0.5, text, valid)[0]
+  assert float(jnp.max(jnp.abs(cls2 - cls))) > 1e-3
+  grad = jax.grad(lambda f: head.apply(params, queries, f, text, valid)[0].sum())(feats)
+  assert float(jnp.max(jnp.abs(grad))) == 0.0

@@ -37,6 +37,8 @@ def _base() -> ml_collections.ConfigDict:
   )
   # mask_pool [ours]: the classifier also sees the mask features pooled under the
   # proposal's (dilated) mask (transformer_decoder.PredictionHead). Off in Mask2Former's.
+  # mask_shape [ours]: g > 0 gives the classifier each proposal's own mask resampled on a
+  # g x g lattice over its box (its outline at a fixed scale), as a 2-layer MLP feature.
   c.decoder = ml_collections.ConfigDict(
     dict(
       num_queries=100,
@@ -47,6 +49,7 @@ def _base() -> ml_collections.ConfigDict:
       dropout=0.0,
       pre_norm=False,
       mask_pool=False,
+      mask_shape=0,
     )
   )
   c.classifier = ml_collections.ConfigDict(

@@ -89,6 +89,7 @@ class DaTaSeg(nn.Module):
       dtype=dtype,
       remat=cfg.remat,
       mask_pool=d.get("mask_pool", False),
+      mask_shape=d.get("mask_shape", 0),
     )
     if cfg.get("pixel_head", False):
       self.pixel_classifier = classifier_lib.TextClassifier(

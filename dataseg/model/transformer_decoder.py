@@ -117,6 +117,43 @@ class DecoderLayer(nn.Module):
     return block(tgt, ffn, "ffn_norm")
 
 
+def mask_box_crops(mask_logits: jnp.ndarray, grid: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Each proposal's mask logits resampled on a `grid` x `grid` lattice over its own box.
+
+  Args:
+    mask_logits: [B, Q, H, W] (gradients are stopped).
+    grid: lattice side g.
+  Returns:
+    (crops [B, Q, g, g] float32: bilinear samples of the logits at the centres of a g x g
+    split of the box, so the crop is the mask's outline at a fixed scale and position;
+    boxes [B, Q, 4] float32 (y0, x0, y1, x1) / (H, W, H, W)). The box is the extent of the
+    cells with logit > 0, or the whole map for an empty mask. Interpolation is two
+    matmuls with hat-function weights (no gathers).
+  """
+  m = jax.lax.stop_gradient(mask_logits).astype(jnp.float32)
+  h, w = m.shape[-2:]
+  inside = m > 0
+
+  def extent(profile, n):  # bool [B, Q, n] -> first and one-past-last True (or 0, n).
+    found = jnp.any(profile, -1)
+    first = jnp.argmax(profile, -1)
+    last = n - jnp.argmax(profile[..., ::-1], -1)
+    return jnp.where(found, first, 0).astype(jnp.float32), jnp.where(found, last, n).astype(
+      jnp.float32
+    )
+
+  def weights(lo, hi, n):  # [B, Q, g, n] hat weights of the g sample centres.
+    centres = lo[..., None] + (jnp.arange(grid) + 0.5) * ((hi - lo) / grid)[..., None] - 0.5
+    centres = jnp.clip(centres, 0.0, n - 1.0)
+    return jnp.maximum(0.0, 1.0 - jnp.abs(centres[..., None] - jnp.arange(n)))
+
+  y0, y1 = extent(jnp.any(inside, -1), h)
+  x0, x1 = extent(jnp.any(inside, -2), w)
+  crops = jnp.einsum("bqgh,bqhw,bqkw->bqgk", weights(y0, y1, h), m, weights(x0, x1, w))
+  boxes = jnp.stack([y0 / h, x0 / w, y1 / h, x1 / w], -1)
+  return crops, boxes
+
+
 class PredictionHead(nn.Module):
   """Shared by all layers: LayerNorm -> (text-classifier logits, mask logits).
 
@@ -124,6 +161,13 @@ class PredictionHead(nn.Module):
   mask features under the proposal's own mask (sigmoid, gradient stopped, dilated by a 3x3
   max-pool so the outline is inside), projected and added to the normalised query. What a
   shape is lies on its outline; masked cross-attention pools the inside of the mask only.
+
+  `mask_shape` = g > 0 [ours]: the classifier also sees the proposal's own mask as a shape,
+  its logits resampled on a g x g lattice over the mask's box (`mask_box_crops`: the same
+  outline at any size and position) plus the box's size and aspect, through a 2-layer MLP
+  added to the normalised query. Gradients are stopped at the mask, so the class loss does
+  not reshape masks. A class told by its outline (a thing's silhouette) is then a function of
+  a mask the queries already predict, not something every query must re-learn from pixels.
   """
 
   dim: int
@@ -132,6 +176,7 @@ class PredictionHead(nn.Module):
   logit_scale_max: float
   dtype: Dtype = jnp.float32
   mask_pool: bool = False
+  mask_shape: int = 0
 
   @nn.compact
   def __call__(self, queries, mask_features, text_embeddings, vocab_valid):
@@ -152,6 +197,21 @@ class PredictionHead(nn.Module):
       c = x + layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="mask_pool")(
         layers.layer_norm(dtype=self.dtype, name="mask_pool_norm")(pooled)
       )
+    if self.mask_shape:
+      crops, boxes = mask_box_crops(mask_logits, self.mask_shape)
+      size = jnp.maximum(boxes[..., 2:] - boxes[..., :2], 1e-3)  # (h, w) / map size.
+      shape = jnp.concatenate(
+        [
+          jax.nn.sigmoid(crops).reshape(crops.shape[:2] + (-1,)),
+          jnp.log(size),
+          jnp.log(size[..., :1] / size[..., 1:]),
+        ],
+        -1,
+      ).astype(self.dtype)
+      shape = nn.relu(
+        layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="mask_shape_0")(shape)
+      )
+      c = c + layers.dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="mask_shape_1")(shape)
     class_logits = classifier_lib.TextClassifier(
       self.text_dim, self.logit_scale_init, self.logit_scale_max, self.dtype, name="classifier"
     )(c, text_embeddings, vocab_valid)
@@ -174,6 +234,7 @@ class MaskedTransformerDecoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   mask_pool: bool = False
+  mask_shape: int = 0
 
   @nn.compact
   def __call__(
@@ -222,6 +283,7 @@ class MaskedTransformerDecoder(nn.Module):
       self.logit_scale_max,
       self.dtype,
       self.mask_pool,
+      self.mask_shape,
       name="head",
     )
     cls, msk = head(tgt, mask_features, text_embeddings, vocab_valid)
