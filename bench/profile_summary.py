@@ -9,7 +9,8 @@ Reads the trace's events (`*.trace.json.gz`, all threads), computes each event's
 to the innermost stack frame of the compiled HLO (`step.hlo.txt`: op metadata
 `stack_frame_id`, or the first one inside a fusion's computation) outside site-packages.
 Prints each line's (or file's) share of the ops' self time and seconds per step (divided by
-`--steps`, the number of profiled steps: bench/train_step.py traces 2). Ops without a
+`--steps`, the number of profiled steps: bench/train_step.py traces 2); `--by op` lists single
+ops with their source line and HLO result shape. Ops without a
 frame (e.g. oneDNN/YNNPACK convolution-gradient fusions) are '?'. Shares, not absolute
 times, are what to read on a loaded machine. No jax import: plain Python.
 """
@@ -27,7 +28,9 @@ from absl import flags
 _HLO = flags.DEFINE_string("hlo", "", "HLO text (default DIR/step.hlo.txt)")
 _STEPS = flags.DEFINE_integer("steps", 2, "profiled steps in the trace")
 _TOP = flags.DEFINE_integer("top", 30, "lines to print")
-_BY = flags.DEFINE_enum("by", "line", ["line", "file"], "aggregate by source line or file")
+_BY = flags.DEFINE_enum(
+  "by", "line", ["line", "file", "op"], "aggregate by source line or file; 'op': each op alone"
+)
 
 
 def frames(lines):
@@ -127,18 +130,25 @@ def main(argv):
   trace_dir = argv[1]
   lines = open(_HLO.value or os.path.join(trace_dir, "step.hlo.txt")).read().splitlines()
   names, ops = frames(lines), op_frames(lines)
+  shapes = {}  # op name -> 'shape = kind(' of its HLO instruction (for --by op).
+  for line in lines:
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.{0,120}?\w+\()", line)
+    if m:
+      shapes.setdefault(m.group(1), m.group(2))
   trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
   times = {k: v for k, v in self_times(trace).items() if not k.startswith(NOT_OPS)}
   total = sum(times.values())
   agg, top_ops = collections.Counter(), collections.defaultdict(collections.Counter)
   for op, t in times.items():
     path, name = names.get(ops.get(op), ("?", "?"))
-    key = os.path.basename(path) if _BY.value == "file" else name
+    key = {"file": os.path.basename(path), "op": op}.get(_BY.value, name)
     agg[key] += t
     top_ops[key][op] += t
   print(f"# {trace}: XLA ops' self time {total / 1e6 / _STEPS.value:.2f} s per step (all threads)")
   for key, t in agg.most_common(_TOP.value):
     ex = ", ".join(op for op, _ in top_ops[key].most_common(2))
+    if _BY.value == "op":  # the op's source line and its HLO result shape instead.
+      ex = f"{names.get(ops.get(key), ('?', '?'))[1]}  {shapes.get(key, '')}"
     print(f"{100 * t / total:5.1f}%  {t / 1e6 / _STEPS.value:7.3f} s/step  {key}   [{ex}]")
 
 
