@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dataseg.objective import config as config_lib
 from dataseg.objective import postprocess as pp
@@ -308,49 +307,3 @@ def test_panoptic_matches_mask2former_loop_on_random_proposals():
     assert_same_panoptic(out, np_mask2former_panoptic(cl, ml, 0.5, 0.79))
     checked += 1
   assert checked >= 10
-
-
-def np_pixel_ensemble(class_logits, mask_logits, pixel_logits, vocab_valid, alpha):
-  """Numpy reference of postprocess.pixel_ensemble for one image (float64)."""
-  keep = np.append(vocab_valid, True)
-
-  def softmax(z, k):
-    z = np.where(k, z, -np.inf)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-  probs = softmax(class_logits.astype(np.float64), keep)
-  pix = softmax(pixel_logits[..., :-1].astype(np.float64), vocab_valid)
-  m = 1.0 / (1.0 + np.exp(-mask_logits.astype(np.float64)))
-  p_pix = np.einsum("qhw,hwc->qc", m, pix) / m.sum((1, 2))[:, None]
-  fg = probs[:, :-1] / (1.0 - probs[:, -1:])
-  with np.errstate(divide="ignore", invalid="ignore"):  # padded entries: masked below.
-    log_fg = (1 - alpha) * np.log(fg) + alpha * np.log(p_pix)
-  fused_fg = softmax(log_fg, vocab_valid) * (1.0 - probs[:, -1:])
-  return np.concatenate([fused_fg, probs[:, -1:]], -1)
-
-
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_pixel_ensemble_matches_numpy(alpha):
-  r = np.random.RandomState(0)
-  q, v, h, w = 5, 4, 6, 7
-  class_logits = r.randn(2, q, v + 1).astype(np.float32) * 2
-  mask_logits = r.randn(2, q, h, w).astype(np.float32) * 3
-  pixel_logits = r.randn(2, h, w, v + 1).astype(np.float32) * 2
-  vocab_valid = np.array([True, True, False, True])
-  fused = pp.pixel_ensemble(
-    jnp.asarray(class_logits),
-    jnp.asarray(mask_logits),
-    jnp.asarray(pixel_logits),
-    jnp.asarray(vocab_valid),
-    alpha,
-  )
-  probs = np.asarray(pp.class_probs(fused, vocab_valid))
-  for b in range(2):
-    ref = np_pixel_ensemble(class_logits[b], mask_logits[b], pixel_logits[b], vocab_valid, alpha)
-    np.testing.assert_allclose(probs[b], ref, atol=1e-5)  # float32 against float64.
-  assert np.all(probs[..., 2] == 0)  # padded vocabulary entry.
-  if alpha == 0.0:  # the proposals' own distribution.
-    np.testing.assert_allclose(
-      probs, np.asarray(pp.class_probs(jnp.asarray(class_logits), vocab_valid)), atol=1e-5
-    )

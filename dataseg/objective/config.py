@@ -90,7 +90,4 @@ def loss_config() -> ml_collections.ConfigDict:
   c.post.overlap_threshold = 0.8
   c.post.mask_threshold = 0.5
   c.post.top_k = 100
-  # [ours] Weight of the pixel head in the proposals' class distribution at inference
-  # (postprocess.pixel_ensemble; needs model.pixel_head). 0 = off (Mask2Former).
-  c.post.pixel_ensemble = 0.0
   return c

@@ -28,39 +28,6 @@ def class_probs(class_logits: jax.Array, vocab_valid: jax.Array) -> jax.Array:
   return jax.nn.softmax(jnp.where(keep, class_logits, NEG), axis=-1)
 
 
-def pixel_ensemble(class_logits, mask_logits, pixel_logits, vocab_valid, alpha):
-  """Proposal class logits fused with the auxiliary pixel head's (model.pixel_head).
-
-  [ours] (as FC-CLIP's geometric ensemble of two classifiers): a proposal's pixel-head
-  distribution is the mean of the pixels' softmax under its soft mask, p_pix(c) =
-  sum_hw sigmoid(m) softmax(pixel)(c) / sum_hw sigmoid(m), over the valid classes (the
-  pixel head is never trained on background). The foreground distribution becomes
-  p_fg ∝ p_query_fg^(1 - alpha) p_pix^alpha; the proposal keeps its own background
-  probability. Returns logits (log-probabilities) [..., Q, V+1].
-
-  Args:
-    class_logits: [B, Q, V+1]. mask_logits: [B, Q, h, w]. pixel_logits: [B, h, w, V+1].
-    vocab_valid: [V] or [B, V]. alpha: static weight in [0, 1].
-  """
-  b, _, v1 = class_logits.shape
-  vocab_valid = jnp.broadcast_to(jnp.asarray(vocab_valid, bool), (b, v1 - 1))
-  keep = jnp.concatenate([vocab_valid, jnp.ones(vocab_valid.shape[:1] + (1,), bool)], -1)
-  probs = jax.nn.softmax(jnp.where(keep[:, None], class_logits, NEG), -1)  # [B, Q, V+1]
-  pix = jax.nn.softmax(
-    jnp.where(keep[:, None, None, :-1], pixel_logits[..., :-1], NEG), -1
-  )  # [B, h, w, V]
-  m = jax.nn.sigmoid(mask_logits)
-  p_pix = jnp.einsum("bqhw,bhwc->bqc", m, pix) / jnp.maximum(jnp.sum(m, (-2, -1))[..., None], 1e-6)
-  fg = probs[..., :-1] / jnp.maximum(1.0 - probs[..., -1:], 1e-12)
-  log_fg = (1.0 - alpha) * jnp.log(jnp.maximum(fg, 1e-30)) + alpha * jnp.log(
-    jnp.maximum(p_pix, 1e-30)
-  )
-  log_fg = jnp.where(keep[:, None, :-1], log_fg, NEG)
-  fg = jax.nn.softmax(log_fg, -1) * (1.0 - probs[..., -1:])
-  fused = jnp.concatenate([fg, probs[..., -1:]], -1)
-  return jnp.where(keep[:, None], jnp.log(jnp.maximum(fused, 1e-30)), NEG)
-
-
 def semantic_inference(class_logits, mask_logits, vocab_valid):
   """[Q, V+1], [Q, h, w], [V] -> [h, w] int32 class map (argmax of merged class maps)."""
   probs = class_probs(class_logits, vocab_valid)[:, :-1]

@@ -23,7 +23,6 @@ from dataseg import schema
 from dataseg.model import dataseg_model
 from dataseg.model import weights as weights_lib
 from dataseg.objective import losses as losses_lib
-from dataseg.objective import postprocess
 from dataseg.train import optimizer as optimizer_lib
 from dataseg.train import sharding as sharding_lib
 
@@ -196,13 +195,7 @@ def make_predict_fn(s: Setup):
     out = s.model.apply(
       {"params": model_params, **state["frozen"]}, images, text, vocab["valid"], train=False
     )
-    class_logits, mask_logits = out["class_logits"][-1], out["mask_logits"][-1]
-    alpha = s.config.loss.post.get("pixel_ensemble", 0.0)
-    if alpha and "pixel_logits" in out:
-      class_logits = postprocess.pixel_ensemble(
-        class_logits, mask_logits, out["pixel_logits"], vocab["valid"], alpha
-      )
-    return class_logits, mask_logits
+    return out["class_logits"][-1], out["mask_logits"][-1]
 
   return jax.jit(predict)
 
