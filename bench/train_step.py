@@ -125,6 +125,21 @@ def peak_flops(device):
   return None
 
 
+def rusage_delta(before, after):
+  """User and system CPU seconds and minor page faults between two getrusage()s."""
+  return dict(
+    user_seconds=after.ru_utime - before.ru_utime,
+    sys_seconds=after.ru_stime - before.ru_stime,
+    minor_faults=after.ru_minflt - before.ru_minflt,
+  )
+
+
+def median_usage(usage):
+  """Per-key medians of rusage_delta()s (system time is mostly page faults of fresh
+  buffers: XLA:CPU allocates each step's temporaries anew)."""
+  return {k: float(np.median([u[k] for u in usage])) for k in usage[0]} if usage else {}
+
+
 def time_ours(
   size,
   batch,
@@ -162,15 +177,17 @@ def time_ours(
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  times, cpu_times = [], []
+  times, cpu_times, usage = [], [], []
   with jax.transfer_guard("disallow"):
     for i in range(steps + 1):
       start, cpu_start = time.perf_counter(), time.process_time()
+      ru0 = resource.getrusage(resource.RUSAGE_SELF)
       state, metrics = compiled(state, batch_arrays, vocab)
       jax.block_until_ready((state, metrics))
       if i:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        usage.append(rusage_delta(ru0, resource.getrusage(resource.RUSAGE_SELF)))
       else:
         first_step_s = time.time() - _PROCESS_START
         print(
@@ -204,6 +221,7 @@ def time_ours(
     process_to_first_step_s=first_step_s,
     seconds=med,
     cpu_seconds=float(np.median(cpu_times)),
+    **median_usage(usage),
     init_s=init_s,
     images_per_s=batch / med,
     all_seconds=times,

@@ -44,8 +44,13 @@ def _ms_deform_ref(value, shapes, loc, attn):
   return out.reshape(b, lq, m * d)
 
 
-def test_ms_deform_attn_core_matches_numpy_reference():
-  rng = np.random.default_rng(0)
+# (dense_max_pixels, dense_max_elements) of ms_deform_attn_core: every level by the row
+# gather, every level by the dense matmul, and a mix (the (1, 3) and (2, 2) levels dense).
+PATHS = {"gather": (0, 0), "dense": (10**9, 10**9), "mixed": (4, 10**9)}
+
+
+def _deform_inputs(seed=0):
+  rng = np.random.default_rng(seed)
   shapes = ((3, 5), (2, 2), (1, 3))
   b, lq, m, d, p = 2, 4, 2, 3, 3
   s = sum(h * w for h, w in shapes)
@@ -53,8 +58,67 @@ def test_ms_deform_attn_core_matches_numpy_reference():
   # Includes points outside [0, 1] to exercise the zero padding.
   loc = rng.uniform(-0.3, 1.3, size=(b, lq, m, len(shapes), p, 2)).astype(np.float32)
   attn = rng.uniform(size=(b, lq, m, len(shapes), p)).astype(np.float32)
-  got = jax.jit(pixel_decoder.ms_deform_attn_core, static_argnums=1)(value, shapes, loc, attn)
+  return shapes, value, loc, attn
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_ms_deform_attn_core_matches_numpy_reference(path):
+  """Float32 sums of <= 36 products of O(1) values against float64: 1e-5 is rounding."""
+  shapes, value, loc, attn = _deform_inputs()
+  core = lambda v, loc, a: pixel_decoder.ms_deform_attn_core(v, shapes, loc, a, *PATHS[path])
+  got = jax.jit(core)(value, loc, attn)
   np.testing.assert_allclose(got, _ms_deform_ref(value, shapes, loc, attn), rtol=1e-5, atol=1e-5)
+
+
+def _ms_deform_gather_before(value, spatial_shapes, sampling_locations, attention_weights):
+  """The formulation before the dense small-level path (commit 793e2b0), inlined: one
+  gather of [B*M*S, D] rows for all levels and corners, then an einsum."""
+  b, _, m, d = value.shape
+  _, lq, _, num_levels, p, _ = sampling_locations.shape
+  v = value.transpose(0, 2, 1, 3)
+  loc = sampling_locations.astype(jnp.float32).transpose(0, 2, 1, 3, 4, 5)
+  attn = attention_weights.astype(jnp.float32).transpose(0, 2, 1, 3, 4)
+  hs = np.asarray([h for h, _ in spatial_shapes], np.float32)[:, None]
+  ws = np.asarray([w for _, w in spatial_shapes], np.float32)[:, None]
+  starts = np.cumsum([0] + [h * w for h, w in spatial_shapes[:-1]]).astype(np.int32)[:, None]
+  x = loc[..., 0] * ws - 0.5
+  y = loc[..., 1] * hs - 0.5
+  x0, y0 = jnp.floor(x), jnp.floor(y)
+  fx, fy = x - x0, y - y0
+  idxs, wgts = [], []
+  for dy, wy in ((0, 1 - fy), (1, fy)):
+    for dx, wx in ((0, 1 - fx), (1, fx)):
+      xi, yi = x0 + dx, y0 + dy
+      inside = (xi >= 0) & (xi <= ws - 1) & (yi >= 0) & (yi <= hs - 1)
+      idxs.append(
+        starts + (jnp.clip(yi, 0, hs - 1) * ws + jnp.clip(xi, 0, ws - 1)).astype(jnp.int32)
+      )
+      wgts.append(jnp.where(inside, wx * wy, 0.0) * attn)
+  k = num_levels * p * 4
+  s = v.shape[2]
+  offset = (jnp.arange(b * m, dtype=jnp.int32) * s).reshape(b, m, 1, 1)
+  idx = (jnp.stack(idxs, -1).reshape(b, m, lq, k) + offset).reshape(-1)
+  wgt = jnp.stack(wgts, -1).reshape(b, m, lq, k)
+  g = jnp.take(v.reshape(b * m * s, d), idx, axis=0, mode="clip").reshape(b, m, lq, k, d)
+  out = jnp.einsum("bmlk,bmlkd->bmld", wgt, g, precision=jax.lax.Precision.HIGHEST)
+  return out.transpose(0, 2, 1, 3).reshape(b, lq, m * d)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_ms_deform_attn_core_gradients_match_the_gather_formulation(path):
+  """Gradients w.r.t. values, locations and weights against the previous formulation
+  (the same float32 products summed in another order: rtol/atol 1e-5 is rounding; a
+  wrong corner, weight or padding changes entries by O(0.1))."""
+  shapes, value, loc, attn = _deform_inputs(1)
+  cot = np.random.default_rng(2).normal(size=(2, 4, 6)).astype(np.float32)
+
+  def loss(core):
+    return jax.jit(jax.grad(lambda v, loc, a: jnp.vdot(core(v, loc, a), cot), (0, 1, 2)))
+
+  ours = loss(lambda v, loc, a: pixel_decoder.ms_deform_attn_core(v, shapes, loc, a, *PATHS[path]))
+  before = loss(lambda v, loc, a: _ms_deform_gather_before(v, shapes, loc, a))
+  for got, want in zip(ours(value, loc, attn), before(value, loc, attn)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_ms_deform_attn_core_reads_pixel_centres_exactly():

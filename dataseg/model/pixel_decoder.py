@@ -5,7 +5,7 @@ Two choices, picked by `config.pixel_decoder.name`:
 * `msdeform` (Mask2Former's `MSDeformAttnPixelDecoder`): a 6-layer multi-scale
   deformable-attention encoder over strides 8/16/32, then FPN-style lateral fusion
   down to stride 4 and a 1x1 mask-feature projection. The deformable sampling is
-  written in pure JAX (bilinear sampling with gathers, zero padding,
+  written in pure JAX (bilinear sampling with gathers, or matmuls on small levels, zero padding,
   `align_corners=False`, exactly like `grid_sample` inside `MSDeformAttn`'s
   PyTorch reference), so it runs on any backend and shards like any other op.
 * `fpn`: a light top-down FPN (Mask2Former's `BasePixelDecoder`) for CPU runs.
@@ -35,11 +35,42 @@ _zeros = nn.initializers.zeros
 # ---------------------------------------------------------------------------
 
 
+# Levels of at most this many pixels whose dense [B, M, Lq, h*w] interpolation matrix has
+# at most DENSE_MAX_ELEMENTS entries are sampled by a matmul (see ms_deform_attn_core).
+DENSE_MAX_PIXELS = 256
+DENSE_MAX_ELEMENTS = 2**25
+
+
+def _bilinear_corners(loc, attn, h, w):
+  """Corner pixels and weights of bilinear sampling on one h x w level.
+
+  loc [..., P, 2] (x, y) in [0, 1] (pixel centres at (i + 0.5) / size); attn [..., P].
+  Returns int32 in-level pixel indices y * w + x (clipped into the level) and float32
+  weights attn * bilinear weight, zero for corners outside the level (zero padding),
+  both [..., P * 4] (corner-minor).
+  """
+  x = loc[..., 0] * w - 0.5
+  y = loc[..., 1] * h - 0.5
+  x0, y0 = jnp.floor(x), jnp.floor(y)
+  fx, fy = x - x0, y - y0
+  idxs, wgts = [], []
+  for dy, wy in ((0, 1 - fy), (1, fy)):
+    for dx, wx in ((0, 1 - fx), (1, fx)):
+      xi, yi = x0 + dx, y0 + dy
+      inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+      idxs.append((jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).astype(jnp.int32))
+      wgts.append(jnp.where(inside, wx * wy, 0.0) * attn)
+  shape = idxs[0].shape[:-1] + (-1,)
+  return jnp.stack(idxs, -1).reshape(shape), jnp.stack(wgts, -1).reshape(shape)
+
+
 def ms_deform_attn_core(
   value: jnp.ndarray,
   spatial_shapes: Sequence[tuple[int, int]],
   sampling_locations: jnp.ndarray,
   attention_weights: jnp.ndarray,
+  dense_max_pixels: int = DENSE_MAX_PIXELS,
+  dense_max_elements: int = DENSE_MAX_ELEMENTS,
 ) -> jnp.ndarray:
   """Pure-JAX `ms_deform_attn_core_pytorch`.
 
@@ -50,49 +81,68 @@ def ms_deform_attn_core(
     sampling_locations: [B, Lq, M, L, P, 2] (x, y) normalised to [0, 1] per level;
       pixel centres sit at (i + 0.5) / size (align_corners=False).
     attention_weights: [B, Lq, M, L, P], normalised over (L, P).
+    dense_max_pixels, dense_max_elements: which levels are sampled by a matmul (below).
   Returns:
     [B, Lq, M * D]. Samples outside the map read zeros (zero padding).
+
+  Two ways to the same sums, per level:
+  * small levels (h * w <= dense_max_pixels and B * M * Lq * h * w <= dense_max_elements):
+    the level's interpolation weights are scattered (scalar scatter-add: Lq * P * 4 per
+    head) into a dense [B, M, Lq, h*w] matrix A and the samples are A @ values, a batched
+    matmul; its gradients are two matmuls and a scalar gather. On XLA:CPU that is ~0.6x
+    the time of gathering 32-wide value rows for those levels, whose gradient is an
+    outer product the size of the gathered rows plus a scatter-add of them
+    (bench/deform_attn.py). At 1024x1024 inputs no level qualifies.
+  * the other levels: one row gather of the [B * S * M, D] values (no transposition: XLA
+    fused one into the gather and ran it per element) for all their corners at once,
+    then a batched contraction with the weights, not sum(g * wgt): XLA:CPU fused the
+    gather into that reduction in forward-only programs (inference) and ran it ~8x slower.
+  Sums are float32 (value is upcast).
   """
-  # One gather for all levels and all 4 bilinear corners (indices into the
-  # concatenated levels) instead of one per (level, corner): the same sums, but
-  # 1 gather / 1 scatter-add per layer instead of 12, which cut XLA:CPU compile
-  # time of one layer's gradient from ~10 s to ~2 s (bench/train_step.py profile).
-  b, _, m, d = value.shape
-  _, lq, _, num_levels, p, _ = sampling_locations.shape
-  v = value.transpose(0, 2, 1, 3)  # [B, M, S, D]
-  loc = sampling_locations.astype(jnp.float32).transpose(0, 2, 1, 3, 4, 5)
-  attn = attention_weights.astype(jnp.float32).transpose(0, 2, 1, 3, 4)
-  hs = np.asarray([h for h, _ in spatial_shapes], np.float32)[:, None]  # [L, 1]
-  ws = np.asarray([w for _, w in spatial_shapes], np.float32)[:, None]
-  starts = np.cumsum([0] + [h * w for h, w in spatial_shapes[:-1]])
-  starts = starts.astype(np.int32)[:, None]
-  x = loc[..., 0] * ws - 0.5  # [B, M, Lq, L, P]
-  y = loc[..., 1] * hs - 0.5
-  x0, y0 = jnp.floor(x), jnp.floor(y)
-  fx, fy = x - x0, y - y0
-  idxs, wgts = [], []
-  for dy, wy in ((0, 1 - fy), (1, fy)):
-    for dx, wx in ((0, 1 - fx), (1, fx)):
-      xi, yi = x0 + dx, y0 + dy
-      inside = (xi >= 0) & (xi <= ws - 1) & (yi >= 0) & (yi <= hs - 1)
-      idxs.append(
-        starts + (jnp.clip(yi, 0, hs - 1) * ws + jnp.clip(xi, 0, ws - 1)).astype(jnp.int32)
+  b, s, m, d = value.shape
+  lq = sampling_locations.shape[1]
+  loc = sampling_locations.astype(jnp.float32)  # [B, Lq, M, L, P, 2]
+  attn = attention_weights.astype(jnp.float32)  # [B, Lq, M, L, P]
+  out = jnp.zeros((b, lq, m, d), jnp.float32)
+  dense_out = None  # [B, M, Lq, D]
+  gather_idx, gather_wgt = [], []
+  start = 0
+  for level, (h, w) in enumerate(spatial_shapes):
+    hw = h * w
+    idx, wgt = _bilinear_corners(loc[:, :, :, level], attn[:, :, :, level], h, w)  # [B, Lq, M, K]
+    if hw <= dense_max_pixels and b * m * lq * hw <= dense_max_elements:
+      bi = jnp.arange(b, dtype=jnp.int32).reshape(b, 1, 1, 1)
+      qi = jnp.arange(lq, dtype=jnp.int32).reshape(1, lq, 1, 1)
+      mi = jnp.arange(m, dtype=jnp.int32).reshape(1, 1, m, 1)
+      flat = (((bi * m + mi) * lq + qi) * hw + idx).reshape(-1)
+      a = jnp.zeros((b * m * lq * hw,), jnp.float32).at[flat].add(wgt.reshape(-1))
+      v = value[:, start : start + hw].astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, M, hw, D]
+      o = jnp.einsum(
+        "bmqs,bmsd->bmqd",
+        a.reshape(b, m, lq, hw),
+        v,
+        precision=jax.lax.Precision.HIGHEST,
       )
-      wgts.append(jnp.where(inside, wx * wy, 0.0) * attn)
-  k = num_levels * p * 4
-  s = v.shape[2]
-  # Rows of the flattened [B * M * S, D] values: one plain row gather.
-  offset = (jnp.arange(b * m, dtype=jnp.int32) * s).reshape(b, m, 1, 1)
-  idx = (jnp.stack(idxs, -1).reshape(b, m, lq, k) + offset).reshape(-1)
-  wgt = jnp.stack(wgts, -1).reshape(b, m, lq, k)
-  g = jnp.take(v.reshape(b * m * s, d), idx, axis=0, mode="clip").reshape(b, m, lq, k, d)
-  # The weighted sum as a batched contraction, not sum(g * wgt): XLA:CPU fused the
-  # gather into that reduction in forward-only programs (inference) and ran it ~8x
-  # slower (1.1 s vs 0.13 s per layer at 512x512, most of the model's inference time).
-  out = jnp.einsum(
-    "bmlk,bmlkd->bmld", wgt, g.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-  )  # [B, M, Lq, D], f32 sums.
-  return out.transpose(0, 2, 1, 3).reshape(b, lq, m * d).astype(value.dtype)
+      dense_out = o if dense_out is None else dense_out + o
+    else:
+      gather_idx.append(idx + start)
+      gather_wgt.append(wgt)
+    start += hw
+  if dense_out is not None:
+    out = out + dense_out.transpose(0, 2, 1, 3)
+  if gather_idx:
+    idx = jnp.concatenate(gather_idx, -1)  # [B, Lq, M, K]
+    wgt = jnp.concatenate(gather_wgt, -1)
+    k = idx.shape[-1]
+    # Row (b * S + s) * M + m of the [B * S * M, D] values: one plain row gather.
+    b_off = (jnp.arange(b, dtype=jnp.int32) * (s * m)).reshape(b, 1, 1, 1)
+    m_off = jnp.arange(m, dtype=jnp.int32).reshape(1, 1, m, 1)
+    rows = (idx * m + b_off + m_off).reshape(-1)
+    g = jnp.take(value.reshape(b * s * m, d), rows, axis=0, mode="clip").reshape(b, lq, m, k, d)
+    out = out + jnp.einsum(
+      "blmk,blmkd->blmd", wgt, g.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+  return out.reshape(b, lq, m * d).astype(value.dtype)
 
 
 def _sampling_offset_bias(heads: int, levels: int, points: int):
