@@ -44,16 +44,17 @@ run() {  # run SECONDS LABEL CMD...: time-boxed part, output appended to the log
   local rc=${PIPESTATUS[0]}
   echo "## $label: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOG"
 }
+# --nomalloc_retain: no re-exec under CPU malloc settings (it would restart the clock).
 TRAIN=(bench/train_step.py --side ours --sizes 1024 --batch 2 --dtype bfloat16
-       --compilation_cache "$CACHE")
+       --compilation_cache "$CACHE" --nomalloc_retain)
 run 170 train_cold $PY "${TRAIN[@]}" --steps 5
 run 50 train_warm $PY "${TRAIN[@]}" --steps 2
 run 45 train_reference $PY bench/train_step.py --side reference --sizes 1024 --batch 2 \
-  --ref_steps 5 --ref_args "--device cuda --bf16 --warmup 2"
+  --nomalloc_retain --ref_steps 5 --ref_args "--device cuda --bf16 --warmup 2"
 run 95 infer_ours $PY bench/inference.py --side ours --sizes 1024 --batches 1,8 \
-  --dtype bfloat16 --steps 5 --compilation_cache "$CACHE"
+  --nomalloc_retain --dtype bfloat16 --steps 5 --compilation_cache "$CACHE"
 run 45 infer_reference $PY bench/inference.py --side reference --sizes 1024 --batches 1,8 \
-  --ref_steps 5 --ref_args "--device cuda --bf16 --warmup 2"
+  --nomalloc_retain --ref_steps 5 --ref_args "--device cuda --bf16 --warmup 2"
 $PY bench/gpu_summary.py "$LOG" > "$OUT/gpu_summary.json"
 cat "$OUT/gpu_summary.json"
 echo "## done" | tee -a "$LOG"

@@ -38,6 +38,12 @@ from dataseg.train import trainer  # pylint: disable=wrong-import-position
 _SIZES = flags.DEFINE_list("sizes", "512,1024", "square image sides")
 _BATCHES = flags.DEFINE_list("batches", "1,8", "batch sizes")
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps of ours (median)")
+_PROFILE = flags.DEFINE_string("profile", "", "write a jax.profiler trace of ours here")
+_MALLOC_RETAIN = flags.DEFINE_bool(
+  "malloc_retain",
+  True,
+  "re-run with train_step.MALLOC_RETAIN_ENV (glibc keeps freed memory; both sides)",
+)
 _REF_STEPS = flags.DEFINE_integer("ref_steps", 2, "timed steps of the reference")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch threads (reference)")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype of ours")
@@ -80,7 +86,7 @@ def make_program(s):
   return run
 
 
-def time_ours(size, batch, steps=3, dtype="float32"):
+def time_ours(size, batch, steps=3, dtype="float32", profile_dir=""):
   config = train_step.bench_config(size, batch, dtype=dtype)
   s = trainer.setup(config, num_datasets=1, vocab_size=ref.NUM_CLASSES)
   state = trainer.init_state(s)
@@ -102,6 +108,13 @@ def time_ours(size, batch, steps=3, dtype="float32"):
       out = jax.device_get(compiled(state, images, vocab))  # results on the host.
       if i:
         times.append(time.perf_counter() - start)
+    if profile_dir:  # as bench/train_step.py: trace + HLO for bench/profile_summary.py.
+      os.makedirs(profile_dir, exist_ok=True)
+      with open(os.path.join(profile_dir, "step.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for _ in range(2):
+          jax.device_get(compiled(state, images, vocab))
   med = float(np.median(times))
   res = dict(
     side="ours",
@@ -126,11 +139,12 @@ def time_ours(size, batch, steps=3, dtype="float32"):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  malloc_line = train_step.malloc_retain(_MALLOC_RETAIN.value)
   compile_cache.enable(_COMPILATION_CACHE.value)
   skip = set(_SKIP.value)
   print(
     f"# ours: jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPU "
-    f"cores; XLA CPU uses all); reference: torch threads {_THREADS.value}",
+    f"cores; XLA CPU uses all); reference: torch threads {_THREADS.value}; {malloc_line}",
     flush=True,
   )
   for size in (int(x) for x in _SIZES.value):
@@ -140,7 +154,7 @@ def main(argv):
         continue
       ours, theirs = train_step.side_by_side(
         _SIDE.value,
-        lambda: time_ours(size, batch, _STEPS.value, _DTYPE.value),
+        lambda: time_ours(size, batch, _STEPS.value, _DTYPE.value, _PROFILE.value),
         lambda: train_step.run_reference(
           "infer", size, batch, _REF_STEPS.value, _THREADS.value, _REF_ARGS.value.split()
         ),

@@ -25,6 +25,8 @@ bench/train_step.py) draw the same data.
 
 import argparse  # not absl: this runs in bench/.ref_venv (torch, transformers; no absl).
 import json
+import os
+import resource
 import time
 
 import numpy as np
@@ -168,7 +170,7 @@ def main():
   mask_labels = [torch.from_numpy(m).to(device) for m, _ in targets]
   class_labels = [torch.from_numpy(c).to(device) for _, c in targets]
   autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-  times, cpu_times = [], []
+  times, cpu_times, usage = [], [], []
   if args.mode == "train":
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -197,11 +199,16 @@ def main():
   for i in range(args.warmup + args.steps):
     _sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     step()
     _sync(device)
     if i >= args.warmup:
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu_start)
+      ru1 = resource.getrusage(resource.RUSAGE_SELF)
+      usage.append(
+        (ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime, ru1.ru_minflt - ru0.ru_minflt)
+      )
   med = float(np.median(times))
   print(
     json.dumps(
@@ -221,6 +228,10 @@ def main():
         images_per_s=args.batch / med,
         all_seconds=times,
         cpu_seconds=float(np.median(cpu_times)),
+        user_seconds=float(np.median([u[0] for u in usage])),
+        sys_seconds=float(np.median([u[1] for u in usage])),
+        minor_faults=float(np.median([u[2] for u in usage])),
+        malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         params=sum(p.numel() for p in model.parameters()),
       )
     )
