@@ -6,7 +6,10 @@ dataset's class names, plus one shared learnable background embedding.
 [ours] (METHOD.md section 2) query -> Dense(text_dim) -> L2 norm; logits = cosine
 similarity with the L2-normalised text embeddings and the background embedding,
 times a learned logit scale (stored as its log, initialised at log(1/0.07), clipped
-at log(100) as in CLIP).
+at log(100) as in CLIP). [ours] (issue 14) `model.decoder.mask_shape` adds, before
+this projection, an MLP feature of the proposal's own mask outline
+(transformer_decoder.PredictionHead); off in the paper configs, on in the demo, where
+things differ only by outline (README "Things").
 
 Vocabularies of different sizes are padded to a static V with a validity mask;
 padded entries get a very negative *finite* logit (-1e9) so softmax gives exactly 0
