@@ -40,6 +40,7 @@ COLUMNS = (
   ("shapes_semantic/semantic/mIoU", "mIoU semantic"),
   ("shapes_semantic/panoptic/PQ", "PQ semantic (weak)"),
   ("shapes_semantic/panoptic/PQ_th", "PQ_th semantic (weak)"),
+  ("shapes_semantic/panoptic/PQ_st", "PQ_st semantic (weak)"),
   ("shapes_boxes/instance/AP", "mask AP boxes (weak)"),
   ("shapes_boxes/box/AP", "box AP boxes"),
   ("shapes_transfer/panoptic/PQ", "PQ transfer"),
