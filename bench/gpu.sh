@@ -44,7 +44,8 @@ run() {  # run SECONDS LABEL CMD...: time-boxed part, output appended to the log
   local rc=${PIPESTATUS[0]}
   echo "## $label: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOG"
 }
-# --nomalloc_retain: no re-exec under CPU malloc settings (it would restart the clock).
+# --nomalloc_retain (the default; explicit so that it stays so): no re-exec under the CPU
+# malloc settings (it would restart the clock).
 TRAIN=(bench/train_step.py --side ours --sizes 1024 --batch 2 --dtype bfloat16
        --compilation_cache "$CACHE" --nomalloc_retain)
 run 170 train_cold $PY "${TRAIN[@]}" --steps 5

@@ -41,7 +41,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "timed steps of ours (median)")
 _PROFILE = flags.DEFINE_string("profile", "", "write a jax.profiler trace of ours here")
 _MALLOC_RETAIN = flags.DEFINE_bool(
   "malloc_retain",
-  True,
+  False,
   "re-run with train_step.MALLOC_RETAIN_ENV (glibc keeps freed memory; both sides)",
 )
 _REF_STEPS = flags.DEFINE_integer("ref_steps", 2, "timed steps of the reference")

@@ -94,8 +94,10 @@ flags.DEFINE_string(
 # glibc malloc settings under which freed memory is kept for reuse: one arena, no mmap'd
 # chunks, no trimming. XLA:CPU allocates each execution's temporaries anew (GBs for a
 # train step) and glibc serves chunks > 32 MiB by mmap and returns them at free, so each
-# step page-faults all of them in again: 0.65-0.75 M minor faults, 1.5-2.8 s of system
-# time per 256x256 step on this machine, ~15-25% of the step. These settings make it 0.
+# step page-faults them in again: ~0.65 M minor faults, 1.3-2.8 s of system time per
+# 256x256 step here. These settings make that 0, but in back-to-back runs (README) our
+# user time rose by about as much and torch's system time went up (0.16 -> 1.2 s): no net
+# gain measured, so off by default (`--malloc_retain` to try it on another machine).
 MALLOC_RETAIN_ENV = {
   "MALLOC_ARENA_MAX": "1",
   "MALLOC_MMAP_MAX_": "0",
@@ -103,7 +105,7 @@ MALLOC_RETAIN_ENV = {
 }
 flags.DEFINE_bool(
   "malloc_retain",
-  True,
+  False,
   "re-run this process (and so the reference's) with MALLOC_RETAIN_ENV: freed memory "
   "kept by glibc instead of page-faulted in again every step",
   flag_values=_FLAGS,

@@ -2,7 +2,7 @@
 convolution gradient, and the module's variables unchanged.
 
 Tolerances: both sides are float32 sums of the same products in different orders
-(a 3x3 kernel gradient sums B*Ho*Wo = 2*16*16 products per entry), so rtol/atol 1e-4
+(a 3x3 kernel gradient sums B*Ho*Wo = 2*32*32 products per entry), so rtol/atol 1e-4
 relative to the gradient's scale is rounding, not a formula difference (a wrong tap,
 stride or padding changes entries by O(1))."""
 
@@ -14,7 +14,9 @@ import pytest
 
 from dataseg.model import layers
 
-# (input channels, output channels, kernel, stride, padding as layers.conv / backbone pass it)
+# (input channels, output channels, kernel, stride, padding as layers.conv / backbone pass it);
+# inputs 2 x 32 x 32: the stride-1 3x3 has 2048 output rows (>= TAPS_MIN_ROWS: by taps), the
+# stride-2 one 512 (XLA's kernel gradient).
 CASES = [
   (16, 24, 1, 1, "SAME"),
   (16, 24, 1, 2, [(0, 0), (0, 0)]),  # ResNet's strided 1x1 downsample
@@ -34,7 +36,7 @@ def _lax_conv(x, w, strides, padding):
 def test_conv_value_and_gradients_match_xla(case):
   cin, cout, k, s, padding = case
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 16, 16, cin)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 32, 32, cin)), jnp.float32)
   mod = layers.conv(cout, k, s, padding=padding, use_bias=True)
   params = nn.unbox(mod.init(jax.random.PRNGKey(0), x))
   kernel = params["params"]["kernel"]
@@ -49,7 +51,7 @@ def test_conv_value_and_gradients_match_xla(case):
 
   pads = padding
   if isinstance(padding, str):
-    pads = jax.lax.padtype_to_pads((16, 16), (k, k), (s, s), padding)
+    pads = jax.lax.padtype_to_pads((32, 32), (k, k), (s, s), padding)
 
   def reference(x, kernel):
     return jnp.vdot(_lax_conv(x, kernel, (s, s), pads) + params["params"]["bias"], g)

@@ -45,6 +45,9 @@ def dense(
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# Larger kernels than 1x1 whose output has fewer rows (B * Ho * Wo) keep XLA's kernel
+# gradient: it was faster there (bench/conv_grad.py: 3x3 on 16x16 / 8x8 outputs, batch 2).
+TAPS_MIN_ROWS = 1024
 
 
 def _lax_conv(x, w, strides, padding):
@@ -83,11 +86,15 @@ def _conv_bwd(strides, padding, res, g):
   x, w = res
   _, x_vjp = jax.vjp(lambda x: _lax_conv(x, w, strides, padding), x)
   (gx,) = x_vjp(g)
+  xla_gw = lambda x, g: jax.vjp(lambda w: _lax_conv(x, w, strides, padding), w)[1](g)[0]
+  rows = g.shape[0] * g.shape[1] * g.shape[2]
+  if w.shape[:2] != (1, 1) and rows < TAPS_MIN_ROWS:
+    return gx, xla_gw(x, g)
   gw = jax.lax.platform_dependent(
     x,
     g,
     cpu=lambda x, g: conv_kernel_grad_by_taps(x, g, w.shape[:2], strides, padding),
-    default=lambda x, g: jax.vjp(lambda w: _lax_conv(x, w, strides, padding), w)[1](g)[0],
+    default=xla_gw,
   )
   return gx, gw.astype(w.dtype)
 
