@@ -12,7 +12,6 @@ where that fits (`--all_dense`: only for small sides, its matrices grow as side^
 
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -21,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conv_grad import timeit  # pylint: disable=wrong-import-position
+
 from dataseg.model import pixel_decoder  # pylint: disable=wrong-import-position
 
 _SIZES = flags.DEFINE_list("sizes", "256,512", "square image sides")
@@ -38,16 +39,6 @@ def inputs(size, b=2, m=8, d=32, p=4, seed=0):
   return shapes, value, loc, jnp.asarray(attn.astype(np.float32)), cot
 
 
-def cpu_time(f, *args, n=3):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(n):
-    t = time.process_time()
-    jax.block_until_ready(f(*args))
-    ts.append(time.process_time() - t)
-  return float(np.median(ts))
-
-
 def main(argv):
   del argv
   for size in (int(s) for s in _SIZES.value):
@@ -61,9 +52,10 @@ def main(argv):
       grad = jax.jit(
         jax.grad(lambda v, loc, a, core=core: jnp.vdot(core(v, loc, a), cot), (0, 1, 2))
       )
+      t_fwd, t_grad = (timeit(f, value, loc, attn, n=3) for f in (fwd, grad))
       print(
-        f"{size}x{size} {shapes}: {name}: forward {1e3 * cpu_time(fwd, value, loc, attn):.1f} ms, "
-        f"gradient {1e3 * cpu_time(grad, value, loc, attn):.1f} ms CPU",
+        f"{size}x{size} {shapes}: {name}: forward {1e3 * t_fwd:.1f} ms, "
+        f"gradient {1e3 * t_grad:.1f} ms CPU",
         flush=True,
       )
 
