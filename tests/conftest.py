@@ -4,14 +4,20 @@ Everything expensive is built once per session: the synthetic dataset of
 `trainer_driver.DATASET`, random unit class-name embeddings (a .npy, so no text encoder
 runs), and a persistent XLA compilation cache that the trainer subprocesses share (the
 same config compiles the same programs: later runs load them instead of recompiling).
+Under pytest-xdist "once per session" means once for all workers: the first worker that
+needs `tiny_env` or `reference_run` builds it in the run's shared temporary folder under a
+file lock, the others wait for it and reuse it (the cache then also saves the second
+worker's compilations; jax locks its cache files when a size limit is set, as here).
 """
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import types
 
+import filelock
 import numpy as np
 import pytest
 
@@ -35,6 +41,9 @@ def subprocess_env(cache_dir, devices=1, **extra):
     JAX_COMPILATION_CACHE_DIR=str(cache_dir),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    # A limit turns on jax's file lock around cache reads and writes (xdist workers share
+    # the cache); far above what the suite writes, so nothing is evicted.
+    JAX_COMPILATION_CACHE_MAX_SIZE=str(1 << 34),
     TF_CPP_MIN_LOG_LEVEL="3",
     CUDA_VISIBLE_DEVICES="",
   )
@@ -57,15 +66,18 @@ def tiny_env(tmp_path_factory):
   from input_pipeline import datasets as datasets_lib  # pylint: disable=g-import-not-at-top
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
 
-  base = tmp_path_factory.mktemp("trainer_env")
+  base, lock = _shared_dir(tmp_path_factory, "trainer_env")
   data_dir = base / "data"
-  synthetic.builder(trainer_driver.DATASET, data_dir)
-  names = vocab_lib.load(datasets_lib.lookup(trainer_driver.DATASET)["vocab"]).class_names
-  emb = np.random.default_rng(0).normal(size=(len(names), trainer_driver.TEXT_DIM))
-  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
   emb_path = base / "emb.npy"
-  np.save(emb_path, emb.astype(np.float32))
   cache_dir = base / "xla_cache"
+  with lock:
+    if not (base / "ready").exists():
+      synthetic.builder(trainer_driver.DATASET, data_dir)
+      names = vocab_lib.load(datasets_lib.lookup(trainer_driver.DATASET)["vocab"]).class_names
+      emb = np.random.default_rng(0).normal(size=(len(names), trainer_driver.TEXT_DIM))
+      emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+      np.save(emb_path, emb.astype(np.float32))
+      (base / "ready").touch()
 
   def config(steps=8):
     return trainer_driver.tiny_config(str(data_dir), str(emb_path), steps)
@@ -109,7 +121,29 @@ def tiny_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_run(tiny_env, tmp_path_factory):
   """One uninterrupted 8-step run of `dataseg.main` (checkpoints every 2 steps)."""
-  workdir = tmp_path_factory.mktemp("reference") / "run"
-  proc = tiny_env.driver(workdir)
-  assert proc.returncode == 0, proc.stdout[-5000:]
-  return types.SimpleNamespace(workdir=workdir, log=proc.stdout)
+  base, lock = _shared_dir(tmp_path_factory, "reference")
+  workdir, log = base / "run", base / "run.log"
+  with lock:
+    if not (base / "ready").exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # a failed earlier attempt's leftovers.
+      proc = tiny_env.driver(workdir)
+      log.write_text(proc.stdout)
+      assert proc.returncode == 0, proc.stdout[-5000:]
+      (base / "ready").touch()
+  return types.SimpleNamespace(workdir=workdir, log=log.read_text())
+
+
+def _shared_dir(tmp_path_factory, name):
+  """(folder, lock) of a session fixture that all xdist workers of this run share.
+
+  Without xdist: a fresh folder and a lock nobody else takes. With it: `name` in the run's
+  temporary root (the parent of every worker's basetemp), and a file lock beside it; the
+  fixture builds the folder's contents under the lock unless a `ready` file says that
+  another worker already did.
+  """
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    base = tmp_path_factory.mktemp(name)
+  else:
+    base = tmp_path_factory.getbasetemp().parent / name
+    base.mkdir(exist_ok=True)
+  return base, filelock.FileLock(f"{base}.lock")

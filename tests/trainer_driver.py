@@ -27,6 +27,18 @@ As a script (`python tests/trainer_driver.py <dataseg.main flags>`) it runs
                             itself stays on ram://.
   DRIVER_RAM_COPY=SRC,DST   at exit, copies the ram:// tree SRC to the local folder DST
                             (so the test can read what the run wrote there).
+  DRIVER_TF_DATA_AUTOTUNE=0 tf.data autotuning off in the input pipelines (same batches:
+                            the pipeline is deterministic). Its model thread sleeps up to
+                            half the iterator's age (at most 60 s) before it sees the
+                            iterator's deletion, and the deletion waits for it: 10-50 s of
+                            idle time after a 2-process run's last step.
+
+Every process of a multi-process run writes its programs to the persistent compilation
+cache (jax writes from process 0 only, and on CPU the cache key holds the process's own
+view of the topology, so process 1 never finds process 0's entries): a later run of the
+same job then loads its programs in every process, not only in process 0 while process 1
+compiles for ~30 s, during which process 0 waits in its first collective (gloo gives up
+after 30 s). Each process loads back exactly what it compiled itself.
 
 As a config, `eval=1` adds an evaluation of DATASET's validation split (4 images).
 """
@@ -175,6 +187,18 @@ def _install_hooks():
 
     trainer.make_train_step = make_train_step
 
+  if os.environ.get("DRIVER_TF_DATA_AUTOTUNE") == "0":
+    original_options = pipeline._options  # pylint: disable=protected-access
+
+    def options(threads):
+      out = original_options(threads)
+      out.autotune.enabled = False
+      return out
+
+    pipeline._options = options  # pylint: disable=protected-access
+
+  _every_process_writes_the_compile_cache()
+
   # What dataseg.main asks of jax.distributed (tests of the Slurm device choice).
   original_initialize = jax.distributed.initialize
 
@@ -198,6 +222,24 @@ def _install_hooks():
         super().__init__(directory, *args, **kwargs)
 
     ocp.CheckpointManager = Manager
+
+
+def _every_process_writes_the_compile_cache():
+  """jax's `_cache_write` skips processes other than 0: write their entries too."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  from jax._src import compiler  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  original_write = compiler._cache_write  # pylint: disable=protected-access
+
+  def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+    original_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
+    if distributed.global_state.process_id and not host_callbacks:
+      compilation_cache.put_executable_and_time(
+        cache_key, module_name, executable, backend, int(compile_time_secs)
+      )
+
+  compiler._cache_write = cache_write  # pylint: disable=protected-access
 
 
 def _copy_ram_tree(src, dst):
