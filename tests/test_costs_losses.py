@@ -196,6 +196,22 @@ def test_costs_match_numpy():
       dice[q, t] = np_dice(sigmoid(logits[q]), tgt[t], w[t])
   np.testing.assert_allclose(costs.sigmoid_bce_cost(logits, tgt, w), bce, rtol=1e-5)
   np.testing.assert_allclose(costs.dice_cost(logits, tgt, w), dice, rtol=1e-5, atol=1e-6)
+  # mask_costs: the same costs from two distinct weight rows, and the dice's sums.
+  # Tolerance: float32 sums of K products in another order, and the bce as a difference
+  # of two sums (costs.mask_costs' docstring); the numpy loops are float64.
+  rows = (r.rand(2, 20) > 0.2).astype(np.float32)
+  row_of = np.array([0, 1, 1, 0, 1], np.int32)
+  got = costs.mask_costs(logits, tgt, rows, row_of)
+  w2 = rows[row_of]
+  for q in range(Q):
+    for t in range(S):
+      bce[q, t] = np.sum(w2[t] * np_bce(logits[q], tgt[t])) / 20
+      dice[q, t] = np_dice(sigmoid(logits[q]), tgt[t], w2[t])
+  np.testing.assert_allclose(got.bce, bce, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.dice, dice, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.inside, sigmoid(logits) @ (w2 * tgt).T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.mass, sigmoid(logits) @ w2.T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.bce, costs.sigmoid_bce_cost(logits, tgt, w2), rtol=1e-5)
   py, px = r.rand(Q, 7), r.rand(Q, 9)
   by, bx = (r.rand(S, 7) > 0.5) * 1.0, (r.rand(S, 9) > 0.5) * 1.0
   ref = np.zeros((Q, S))

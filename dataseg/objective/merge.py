@@ -220,9 +220,7 @@ def predicted_projections(mask_logits: jax.Array, cell_valid: jax.Array):
   return jnp.max(p, axis=2), jnp.max(p, axis=1)
 
 
-def soft_class_targets(
-  probs, point_probs, targets, tmask, tweight, candidates, fg_fraction, min_points
-):
+def soft_class_targets(probs, inside, mass, targets, candidates, fg_fraction, min_points):
   """Class target of each proposal under soft_merge ('contributes most').
 
   Contribution of proposal i to the merged mask of target t (class c_t), counted where
@@ -233,8 +231,11 @@ def soft_class_targets(
   lies inside class c_{t*}; otherwise background (V).
 
   Args:
-    probs: [Q, V+1]. point_probs: [Q, K] sigmoid of mask logits at the shared points.
-    targets: Targets. tmask, tweight: [T, K] masks and weights of every slot.
+    probs: [Q, V+1].
+    inside: [Q, T] sum_k w_tk t_tk sigma(m_i(x_k)) over the K shared points (t_tk: x_k in
+      slot t's mask, w_tk its point weight; costs.mask_costs).
+    mass: [Q, T] sum_k w_tk sigma(m_i(x_k)).
+    targets: Targets.
     candidates: [Q] bool, proposals that may receive a merged class (not matched).
     fg_fraction, min_points: thresholds (config).
 
@@ -243,8 +244,6 @@ def soft_class_targets(
     proposal given a merged class, else -1, contrib [Q] float C_it* (0 where slot < 0)).
   """
   background = probs.shape[-1] - 1
-  inside = point_probs @ (tweight * tmask).T  # [Q, T]
-  mass = point_probs @ tweight.T  # [Q, T]
   contrib = jnp.take(probs, targets.cls, axis=1) * inside
   contrib = jnp.where(targets.merged[None], contrib, -1.0)
   best = jnp.argmax(contrib, axis=1)
@@ -341,10 +340,13 @@ def assign(
   else:
     coords = points_lib.uniform_points(rng, (config.num_points,))
     labels = point_labels(img, coords, config)
-    tmask, tweight = slot_masks(labels, targets, jnp.arange(num_slots))
+    tmask, _ = slot_masks(labels, targets, jnp.arange(num_slots))
     point_logits = points_lib.point_sample(mask_logits, coords)  # [Q, K]
-    cost += config.mask_bce_weight * costs.sigmoid_bce_cost(point_logits, tmask, tweight)
-    cost += config.dice_weight * costs.dice_cost(point_logits, tmask, tweight)
+    # Each slot's point weights are one of two rows (slot_masks: merged or instance).
+    weight_rows = jnp.stack([labels.instance_weight, labels.merged_weight])
+    mask_costs = costs.mask_costs(point_logits, tmask, weight_rows, targets.union.astype(jnp.int32))
+    cost += config.mask_bce_weight * mask_costs.bce
+    cost += config.dice_weight * mask_costs.dice
   cost = jnp.where(targets.one_to_one[None], cost, 0.0)
   cost = jnp.nan_to_num(cost, nan=0.0, posinf=1e4, neginf=-1e4)
   matched = matching.match(cost, targets.one_to_one, method=config.matcher)
@@ -357,10 +359,9 @@ def assign(
   if task in ("semantic", "panoptic") and config.semantic_merge == "soft_merge":
     soft, slot, contrib = soft_class_targets(
       probs,
-      jax.nn.sigmoid(point_logits),
+      mask_costs.inside,
+      mask_costs.mass,
       targets,
-      tmask,
-      tweight,
       ~is_matched,
       config.merge_fg_fraction,
       config.merge_min_points,

@@ -45,13 +45,14 @@ def _unfused(arrays, source):
   return tuple(once(a) for a in arrays)
 
 
-def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
+def point_sample(maps: jax.Array, coords: jax.Array, unfused: bool = True) -> jax.Array:
   """Bilinear sample of maps at points, zero outside (grid_sample, align_corners=False).
 
   Args:
     maps: [N, h, w].
     coords: [P, 2] points shared by all maps, or [N, P, 2] per map; (y, x) in [0, 1]
       (any value works: outside, the zero padding as grid_sample's).
+    unfused: compute the corners once (below); False when each point is sampled once.
 
   Returns:
     [N, P].
@@ -69,6 +70,10 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
   made the points, into each corner's gather and the weighting, once per gathered value
   (for shared points: ~5 x N times per point; the [2, 100, 12544] gathers of the
   matching cost were ~9% of the train step's profile, issue 15).
+  `unfused=False` skips that: for one consumer of the samples per point (the importance
+  sampling's candidates, one uncertainty each), where nothing is recomputed and the
+  three integer remainders per point that `_unfused` costs were ~80% of the candidates'
+  fusion (bench/loss.py-like objective at 256x256: forward 2.4 -> 1.8 s CPU).
   """
   n, h, w = maps.shape
   hp, wp = h + 3, w + 3
@@ -80,7 +85,8 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
   wy1 = py - y0
   wx1 = px - x0
   base = ((y0.astype(jnp.int32) + 1) * wp + (x0.astype(jnp.int32) + 1)).astype(jnp.uint32)
-  base, wy1, wx1 = _unfused((base, wy1, wx1), coords)
+  if unfused:
+    base, wy1, wx1 = _unfused((base, wy1, wx1), coords)
   flat = padded.reshape(-1)
   if coords.ndim == 2:
     base, wy1, wx1 = base[None], wy1[None], wx1[None]
@@ -281,7 +287,7 @@ def _sample_rows(
   cand, fresh = pts[:, :num_sampled], pts[:, num_sampled:]
   if num_uncertain == 0:
     return fresh
-  values = point_sample(maps, cand)
+  values = point_sample(maps, cand, unfused=False)
   unc = uncertainty_fn(values) if row_flags is None else uncertainty_fn(values, row_flags)
   idx = SELECT[selection](unc, num_uncertain)
   return jnp.concatenate([jnp.take_along_axis(cand, idx[..., None], axis=1), fresh], 1)
