@@ -46,6 +46,9 @@ def subprocess_env(cache_dir, devices=1, **extra):
     JAX_COMPILATION_CACHE_MAX_SIZE=str(1 << 34),
     TF_CPP_MIN_LOG_LEVEL="3",
     CUDA_VISIBLE_DEVICES="",
+    # tests/trainer_driver.py runs: no tf.data autotuning, whose thread keeps a run's exit
+    # waiting up to half the iterator's age (10-50 s idle per run; same batches without).
+    DRIVER_TF_DATA_AUTOTUNE="0",
   )
   env.update({k: str(v) for k, v in extra.items()})
   return env

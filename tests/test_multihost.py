@@ -59,7 +59,6 @@ def _slurm_env(process, port):
     SLURM_STEP_TASKS_PER_NODE="1(x2)",
     JAX_COORDINATOR_PORT=port,
     DRIVER_GLOBAL_DATA=1,
-    DRIVER_TF_DATA_AUTOTUNE=0,  # no idle wait at exit (tests/trainer_driver.py).
   )
 
 
