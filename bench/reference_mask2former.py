@@ -15,9 +15,11 @@ decoder layers (HF's `decoder_layers=10` counts the initial prediction: the deco
 Train mode: forward with `mask_labels` / `class_labels` (Hungarian matching with scipy and
 the point-sampled losses on every layer), backward, AdamW step (lr 1e-4, wd 0.05). Infer
 mode: eval forward under torch.inference_mode + `post_process_panoptic_segmentation` at the
-input size. Prints one JSON line: median seconds per step / batch, images/s, threads, and
-the median process CPU seconds per step (all threads; on a shared machine the ratio of
-CPU seconds is steadier than that of wall-clock seconds).
+input size. Parts mode (bench/parts.py): forward and forward + backward CPU time of the
+backbone and of the pixel decoder alone (random input and output cotangents), and of the
+whole forward + loss + backward. Prints one JSON line: median seconds per step / batch,
+images/s, threads, and the median process CPU seconds per step (all threads; on a shared
+machine the ratio of CPU seconds is steadier than that of wall-clock seconds).
 
 The synthetic panoptic batch generator below is pure numpy so both sides (this script and
 bench/train_step.py) draw the same data.
@@ -134,6 +136,60 @@ def build_reference(num_points: int = 112 * 112):
   return model, config
 
 
+def time_parts(model, pixel_values, mask_labels, class_labels, args):
+  """bench/parts.py's figures of the reference (CPU): seconds of process CPU time."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def cpu_time(f):
+    f()
+    times = []
+    for _ in range(args.steps):
+      start = time.process_time()
+      f()
+      times.append(time.process_time() - start)
+    return float(np.median(times))
+
+  model.train()
+  level = model.model.pixel_level_module
+  generator = torch.Generator().manual_seed(0)
+  out = dict(side="reference", torch=torch.__version__, size=args.size, batch=args.batch)
+
+  def part(name, fn, inputs):
+    """fn: list of tensors -> list of tensors; times it alone and with its backward."""
+    with torch.no_grad():
+      outputs = fn(inputs)
+    cots = [torch.randn(o.shape, generator=generator) for o in outputs]
+
+    def forward():
+      with torch.no_grad():
+        fn(inputs)
+
+    def forward_backward():
+      outs = fn([x.detach().requires_grad_(True) for x in inputs])
+      sum((o * c).sum() for o, c in zip(outs, cots)).backward()
+
+    out[f"{name}_fwd"], out[name] = cpu_time(forward), cpu_time(forward_backward)
+    return outputs
+
+  images = torch.randn(pixel_values.shape, generator=generator)
+  features = part("backbone", lambda x: list(level.encoder(x[0]).feature_maps), [images])
+
+  def pixel_decoder(feats):
+    o = level.decoder(feats, output_hidden_states=True)
+    return [o.mask_features, *o.multi_scale_features]
+
+  part("pixel_decoder", pixel_decoder, features)
+
+  def full():
+    model.zero_grad(set_to_none=True)
+    outputs = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+    outputs.loss.backward()
+
+  out["full"] = cpu_time(full)
+  out["rest"] = out["full"] - out["backbone"] - out["pixel_decoder"]
+  return out
+
+
 def _sync(device):
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -143,7 +199,7 @@ def _sync(device):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--mode", choices=("train", "infer"), default="train")
+  parser.add_argument("--mode", choices=("train", "infer", "parts"), default="train")
   parser.add_argument("--size", type=int, default=256)
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
@@ -169,6 +225,9 @@ def main():
   pixel_values = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
   mask_labels = [torch.from_numpy(m).to(device) for m, _ in targets]
   class_labels = [torch.from_numpy(c).to(device) for _, c in targets]
+  if args.mode == "parts":
+    print(json.dumps(time_parts(model, pixel_values, mask_labels, class_labels, args)))
+    return
   autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
   times, cpu_times, usage = [], [], []
   if args.mode == "train":
