@@ -72,8 +72,8 @@ def point_sample(maps: jax.Array, coords: jax.Array, unfused: bool = True) -> ja
   matching cost were ~9% of the train step's profile, issue 15).
   `unfused=False` skips that: for one consumer of the samples per point (the importance
   sampling's candidates, one uncertainty each), where nothing is recomputed and the
-  three integer remainders per point that `_unfused` costs were ~80% of the candidates'
-  fusion (bench/loss.py-like objective at 256x256: forward 2.4 -> 1.8 s CPU).
+  three integer remainders per point that `_unfused` costs ran per element inside the
+  candidates' gather fusion, the objective's largest op (README, issue 15).
   """
   n, h, w = maps.shape
   hp, wp = h + 3, w + 3
