@@ -50,6 +50,7 @@ from configs import common  # pylint: disable=wrong-import-position
 from dataseg import cli  # pylint: disable=wrong-import-position
 from dataseg.model import configs as model_configs  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
+from dataseg.train import host_memory  # pylint: disable=wrong-import-position
 from dataseg.train import trainer  # pylint: disable=wrong-import-position
 
 REF_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ref_venv", "bin", "python")
@@ -103,6 +104,13 @@ MALLOC_RETAIN_ENV = {
   "MALLOC_MMAP_MAX_": "0",
   "MALLOC_TRIM_THRESHOLD_": str(2**40),
 }
+flags.DEFINE_bool(
+  "retain_freed_memory",
+  True,
+  "ours as dataseg.main runs it: glibc keeps freed memory (dataseg/train/host_memory.py, "
+  "config.retain_freed_memory); the reference's subprocess keeps glibc's defaults",
+  flag_values=_FLAGS,
+)
 flags.DEFINE_bool(
   "malloc_retain",
   False,
@@ -349,6 +357,8 @@ def main(argv=None):
   """`argv` holds the flags (default sys.argv[1:])."""
   args = cli.parse(_FLAGS, argv, prog="python bench/train_step.py", doc=__doc__)
   malloc_line = malloc_retain(args.malloc_retain)
+  if args.retain_freed_memory and host_memory.retain_freed_memory():
+    malloc_line += " (ours: freed memory retained, as dataseg.main)"
   compile_cache.enable(args.compilation_cache)
   if args.demo_memory:
     print(json.dumps(demo_memory()))

@@ -133,4 +133,9 @@ def base_config():
   # Default ~/.cache/dataseg/jax_compilation_cache (JAX_COMPILATION_CACHE_DIR, if set, wins
   # over this default).
   c.compilation_cache_dir = "~/.cache/dataseg/jax_compilation_cache"
+  # glibc malloc keeps freed memory for the next step (one arena, no mmap'd blocks, no
+  # trimming; dataseg/train/host_memory.py): XLA:CPU's per-step temporaries were page-faulted
+  # in anew every step. False leaves glibc's defaults (the process's RSS then shrinks after a
+  # step).
+  c.retain_freed_memory = True
   return c
