@@ -106,9 +106,10 @@ MALLOC_RETAIN_ENV = {
 }
 flags.DEFINE_bool(
   "retain_freed_memory",
-  True,
-  "ours as dataseg.main runs it: glibc keeps freed memory (dataseg/train/host_memory.py, "
-  "config.retain_freed_memory); the reference's subprocess keeps glibc's defaults",
+  False,
+  "ours with config.retain_freed_memory: glibc keeps freed memory (dataseg/train/"
+  "host_memory.py); the reference's subprocess keeps glibc's defaults. One size per "
+  "process (--sizes 512): 256 then 512 in one process was killed for memory",
   flag_values=_FLAGS,
 )
 flags.DEFINE_bool(
@@ -358,7 +359,7 @@ def main(argv=None):
   args = cli.parse(_FLAGS, argv, prog="python bench/train_step.py", doc=__doc__)
   malloc_line = malloc_retain(args.malloc_retain)
   if args.retain_freed_memory and host_memory.retain_freed_memory():
-    malloc_line += " (ours: freed memory retained, as dataseg.main)"
+    malloc_line += " (ours: freed memory retained, config.retain_freed_memory)"
   compile_cache.enable(args.compilation_cache)
   if args.demo_memory:
     print(json.dumps(demo_memory()))

@@ -121,9 +121,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   from dataseg.train import host_memory  # pylint: disable=g-import-not-at-top
 
-  # Before jax starts: freed memory kept for the next step (XLA:CPU's per-step temporaries
-  # were page-faulted in anew every step; see host_memory).
-  if _CONFIG.value.get("retain_freed_memory", True):
+  # Before jax starts (opt-in, configs/common.py): freed memory kept for the next step.
+  if _CONFIG.value.get("retain_freed_memory", False):
     host_memory.retain_freed_memory()
   _maybe_initialize_distributed()
   from dataseg import config_lib  # pylint: disable=g-import-not-at-top

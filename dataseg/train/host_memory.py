@@ -6,15 +6,18 @@ unmaps them when they are freed. So every step page-faults its temporaries in ag
 minor faults and 4-5 s of system time per 512x512 step on 2 cores
 (`python bench/train_step.py --side ours --sizes 512 --batch 2`), where torch's own
 allocations mostly reuse freed memory. With no mmap'd blocks, no trimming of the heap and
-one arena, the next step reuses the same pages: 0 faults, and that step took 8.9-9.1 s
-instead of 10.8-12.3 s (README, "Performance against Mask2Former"). The price is that the
-process keeps its peak memory (RSS does not shrink after a step), which a training or
-prediction process keeps anyway.
+one arena, the next step reuses the same pages: 0 faults, and that step took 8.7-9.1 s
+instead of 10.8-12.3 s (README, "Performance against Mask2Former"). The price: the process
+keeps its peak memory, and more (below).
 
 `retain_freed_memory()` sets them with mallopt(3) at run time: `dataseg.main` calls it
-before jax starts. No-op (False) where glibc's mallopt is not available. The same settings
-as environment variables for any process: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=<a large number> (bench/train_step.py --malloc_retain).
+before jax starts when `config.retain_freed_memory` is True. Off by default: the heap
+never shrinks and can fragment. `bench/train_step.py --retain_freed_memory --sizes 256,512`
+(a 256x256 then a 512x512 program in one process) was killed for memory on a 24 GiB
+machine, where each size alone ran. No-op (False) where glibc's mallopt is not available.
+The same settings as environment variables for any process: MALLOC_ARENA_MAX=1
+MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<a large number> (bench/train_step.py
+--malloc_retain).
 """
 
 import ctypes
