@@ -23,7 +23,6 @@ after ours).
 
 import os
 import sys
-import time
 
 from absl import flags
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from conv_grad import timeit as cpu_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -51,17 +51,6 @@ flags.DEFINE_integer("threads", 1, "torch threads (reference)", flag_values=_FLA
 flags.DEFINE_enum(
   "side", "both", ["both", "ours", "reference"], "which side(s) to run", flag_values=_FLAGS
 )
-
-
-def cpu_time(f, *args, n=3):
-  """Median process CPU seconds of f(*args) after one warm-up call."""
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(n):
-    start = time.process_time()
-    jax.block_until_ready(f(*args))
-    times.append(time.process_time() - start)
-  return float(np.median(times))
 
 
 def _fwd_and_grad(apply, variables, inputs, rng, n):
@@ -99,21 +88,7 @@ def time_ours(size, batch, n):
   (memory, mask_features), out["pixel_decoder_fwd"], out["pixel_decoder"] = _fwd_and_grad(
     pixel_decoder.apply, pixel_decoder.init(key, features), (features,), rng, n
   )
-  d = mc.decoder
-  decoder = decoder_lib.MaskedTransformerDecoder(
-    num_queries=d.num_queries,
-    layers=d.layers,
-    heads=d.heads,
-    ffn=d.ffn,
-    dim=d.dim,
-    dropout=d.dropout,
-    pre_norm=d.pre_norm,
-    text_dim=mc.classifier.text_dim,
-    logit_scale_init=mc.classifier.logit_scale_init,
-    logit_scale_max=mc.classifier.logit_scale_max,
-    mask_pool=d.get("mask_pool", False),
-    mask_shape=d.get("mask_shape", 0),
-  )
+  decoder = decoder_lib.build_decoder(mc)
   vocab = train_step.vocab_arrays(mc.classifier.text_dim)
   text, valid = jnp.asarray(vocab["text"]), jnp.asarray(vocab["valid"])
   (class_logits, mask_logits), out["decoder_fwd"], out["decoder"] = _fwd_and_grad(

@@ -74,23 +74,7 @@ class DaTaSeg(nn.Module):
     dtype = compute_dtype(cfg)
     self.backbone = backbone_lib.build_backbone(cfg.backbone)
     self.pixel_decoder = pixel_decoder_lib.build_pixel_decoder(cfg.pixel_decoder, dtype, cfg.remat)
-    d = cfg.decoder
-    self.decoder = decoder_lib.MaskedTransformerDecoder(
-      num_queries=d.num_queries,
-      layers=d.layers,
-      heads=d.heads,
-      ffn=d.ffn,
-      dim=d.dim,
-      dropout=d.dropout,
-      pre_norm=d.pre_norm,
-      text_dim=cfg.classifier.text_dim,
-      logit_scale_init=cfg.classifier.logit_scale_init,
-      logit_scale_max=cfg.classifier.logit_scale_max,
-      dtype=dtype,
-      remat=cfg.remat,
-      mask_pool=d.get("mask_pool", False),
-      mask_shape=d.get("mask_shape", 0),
-    )
+    self.decoder = decoder_lib.build_decoder(cfg, dtype)
     if cfg.get("pixel_head", False):
       self.pixel_classifier = classifier_lib.TextClassifier(
         cfg.classifier.text_dim,

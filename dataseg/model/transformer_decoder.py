@@ -306,3 +306,24 @@ class MaskedTransformerDecoder(nn.Module):
       all_cls.append(cls)
       all_msk.append(msk)
     return jnp.stack(all_cls), jnp.stack(all_msk)
+
+
+def build_decoder(model_config, dtype=jnp.float32) -> MaskedTransformerDecoder:
+  """The decoder of `model_config` (configs.model_config: its decoder and classifier)."""
+  d, c = model_config.decoder, model_config.classifier
+  return MaskedTransformerDecoder(
+    num_queries=d.num_queries,
+    layers=d.layers,
+    heads=d.heads,
+    ffn=d.ffn,
+    dim=d.dim,
+    dropout=d.dropout,
+    pre_norm=d.pre_norm,
+    text_dim=c.text_dim,
+    logit_scale_init=c.logit_scale_init,
+    logit_scale_max=c.logit_scale_max,
+    dtype=dtype,
+    remat=model_config.remat,
+    mask_pool=d.get("mask_pool", False),
+    mask_shape=d.get("mask_shape", 0),
+  )
