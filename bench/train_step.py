@@ -92,18 +92,10 @@ flags.DEFINE_string(
 )
 
 
-# glibc malloc settings under which freed memory is kept for reuse: one arena, no mmap'd
-# chunks, no trimming. XLA:CPU allocates each execution's temporaries anew (GBs for a
-# train step) and glibc serves chunks > 32 MiB by mmap and returns them at free, so each
-# step page-faults them in again: ~0.65 M minor faults, 1.3-2.8 s of system time per
-# 256x256 step here. These settings make that 0, but in back-to-back runs (README) our
-# user time rose by about as much and torch's system time went up (0.16 -> 1.2 s): no net
-# gain measured, so off by default (`--malloc_retain` to try it on another machine).
-MALLOC_RETAIN_ENV = {
-  "MALLOC_ARENA_MAX": "1",
-  "MALLOC_MMAP_MAX_": "0",
-  "MALLOC_TRIM_THRESHOLD_": str(2**40),
-}
+# The same settings as dataseg/train/host_memory.py, as environment variables (so that the
+# reference's subprocess gets them too): one arena, no mmap'd chunks, no trimming. Our 512x512
+# step with them: 8.7-9.1 s against 10.8-12.3 s (README, 1 Dec 2026); off by default.
+MALLOC_RETAIN_ENV = host_memory.ENV
 flags.DEFINE_bool(
   "retain_freed_memory",
   False,

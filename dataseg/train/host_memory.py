@@ -15,9 +15,8 @@ before jax starts when `config.retain_freed_memory` is True. Off by default: the
 never shrinks and can fragment. `bench/train_step.py --retain_freed_memory --sizes 256,512`
 (a 256x256 then a 512x512 program in one process) was killed for memory on a 24 GiB
 machine, where each size alone ran. No-op (False) where glibc's mallopt is not available.
-The same settings as environment variables for any process: MALLOC_ARENA_MAX=1
-MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<a large number> (bench/train_step.py
---malloc_retain).
+The same settings as environment variables for a process started with them: `ENV`
+(bench/train_step.py --malloc_retain).
 """
 
 import ctypes
@@ -28,6 +27,13 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
+_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+# glibc's environment variables for the same (read when the process starts).
+ENV = {
+  "MALLOC_ARENA_MAX": "1",
+  "MALLOC_MMAP_MAX_": "0",
+  "MALLOC_TRIM_THRESHOLD_": str(2**40),
+}
 
 
 def retain_freed_memory() -> bool:
@@ -47,6 +53,3 @@ def retain_freed_memory() -> bool:
   mallopt.restype = ctypes.c_int
   results = [mallopt(param, value) for param, value in _SETTINGS]
   return all(r == 1 for r in results)
-
-
-_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
