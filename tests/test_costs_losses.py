@@ -211,7 +211,7 @@ def test_costs_match_numpy():
   np.testing.assert_allclose(got.dice, dice, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got.inside, sigmoid(logits) @ (w2 * tgt).T, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got.mass, sigmoid(logits) @ w2.T, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got.bce, costs.sigmoid_bce_cost(logits, tgt, w2), rtol=1e-5)
+  np.testing.assert_allclose(got.bce, costs.sigmoid_bce_cost(logits, tgt, w2), rtol=1e-5, atol=1e-6)
   py, px = r.rand(Q, 7), r.rand(Q, 9)
   by, bx = (r.rand(S, 7) > 0.5) * 1.0, (r.rand(S, 9) > 0.5) * 1.0
   ref = np.zeros((Q, S))
