@@ -16,7 +16,7 @@ candidates per row), and they were most of the step's objective time.
   PYTHONPATH=. python bench/loss.py --caps 50 --before 8e21426
 
 `--before REV`: the objective with the current code against the same objective with
-dataseg/objective/points.py and costs.py as of git revision REV (the rest of the code is
+dataseg/objective/points.py, costs.py and losses.py as of git revision REV (the rest of the code is
 the current one; an earlier importance_points is called without its newer arguments:
 every row sampled), both compiled in this process and timed alternately (wall and
 process CPU seconds, all threads; the ratio is current / REV); also prints the two
@@ -59,7 +59,7 @@ _SELECTIONS = flags.DEFINE_list(
 _BEFORE = flags.DEFINE_string(
   "before",
   "",
-  "git revision: compare the current points.py / costs.py with that revision's (see the docstring)",
+  "git revision: compare the current points/costs/losses.py with that revision's (docstring)",
 )
 _COMPILATION_CACHE = flags.DEFINE_string(
   "compilation_cache", compile_cache.DEFAULT_DIR, "persistent compilation cache dir ('' = off)"
@@ -134,12 +134,15 @@ def _swap(module, source):
       setattr(module, name, value)
 
 
+# The modules --before swaps for REV's.
+MODULES = (points, costs, losses)
+
+
 def compare_before(rev, size, batch, cap, steps, selection=""):
-  """Current points.py / costs.py against REV's, compiled and timed in this process."""
-  current = {m: dict(vars(m)) for m in (points, costs)}
+  """Current points.py / costs.py / losses.py against REV's, compiled and timed here."""
+  current = {m: dict(vars(m)) for m in MODULES}
   before = {
-    points: _module_at(rev, "dataseg/objective/points.py"),
-    costs: _module_at(rev, "dataseg/objective/costs.py"),
+    m: _module_at(rev, f"dataseg/objective/{m.__name__.rsplit('.', 1)[-1]}.py") for m in MODULES
   }
   earlier = before[points].importance_points
   if "num_valid" not in earlier.__code__.co_varnames:
@@ -164,13 +167,13 @@ def compare_before(rev, size, batch, cap, steps, selection=""):
     before[points].logit_or_prob_uncertainty = points.logit_or_prob_uncertainty
   compiled = {}
   for name in (rev, "current"):
-    for module in (points, costs):
+    for module in MODULES:
       _swap(module, before[module] if name == rev else current[module])
     fn, args = loss_fn(size, batch, cap, selection=selection)
     start = time.perf_counter()
     compiled[name] = fn.lower(*args).compile()
     print(f"# {name}: compile {time.perf_counter() - start:.1f} s", flush=True)
-  for module in (points, costs):
+  for module in MODULES:
     _swap(module, current[module])
   values = {}
   times = {name: [] for name in compiled}

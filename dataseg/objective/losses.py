@@ -221,19 +221,30 @@ def mask_sums(maps, rows: Rows, img, targets, coords, config, has_merged=True):
     has_merged: static; False skips the merged branch (tasks without merged targets).
 
   Returns:
-    (sum of BCE, sum of dice) over the valid rows.
+    (sum of BCE, sum of dice) over the valid rows. Rows after the last valid one are
+    not computed (points.point_row_sums: padding rows cost nothing, forward or backward).
   """
-  values = points_lib.point_sample(maps, coords)  # [P, K]
+  terms = functools.partial(_mask_terms, config=config, has_merged=has_merged)
+  row_ids = jnp.arange(1, rows.valid.shape[0] + 1)
+  num_valid = jnp.max(jnp.where(rows.valid, row_ids, 0))
+  return points_lib.point_row_sums(
+    terms, maps, coords, (rows.slot, rows.one_to_one, rows.valid), (img, targets), num_valid
+  )
+
+
+def _mask_terms(values, coords, row_args, shared, *, config, has_merged):
+  """Per-row BCE and dice of sampled values (mask_sums' rows), 0 for rows not valid."""
+  slot, one, valid = row_args
+  img, targets = shared
   labels = merge_lib.point_labels(img, coords, config)
-  tmask, tweight = merge_lib.slot_masks(labels, targets, rows.slot)
+  tmask, tweight = merge_lib.slot_masks(labels, targets, slot)
   bce = sigmoid_bce_loss(values, tmask, tweight)
   dice = dice_loss(jax.nn.sigmoid(values), tmask, tweight)
   if has_merged:
-    one = rows.one_to_one
     bce = jnp.where(one, bce, prob_bce_loss(values, tmask, tweight, config.merged_prob_eps))
     dice = jnp.where(one, dice, dice_loss(straight_through_clip(values, 0.0, 1.0), tmask, tweight))
-  valid = rows.valid.astype(jnp.float32)
-  return jnp.sum(valid * bce), jnp.sum(valid * dice)
+  valid = valid.astype(jnp.float32)
+  return valid * bce, valid * dice
 
 
 def box_sums(mask_logits, matched, img, config, image_hw):

@@ -249,7 +249,7 @@ def sampled_top_k_indices(x: jax.Array, k: int, sample: int = 4096) -> jax.Array
 # sampled_top_k_indices, ~4x faster on a CPU) or 'exact' (top_k_indices, detectron2's set).
 SELECTION = "sampled"
 SELECT = {"sampled": sampled_top_k_indices, "exact": top_k_indices}
-# Rows per while-loop iteration of importance_points(num_valid=...).
+# Rows per while-loop iteration of importance_points(num_valid=...) and point_row_sums.
 ROW_CHUNK = 8
 
 
@@ -347,11 +347,11 @@ def importance_points(
     return sample(maps, 0, row_flags=row_flags)
   n = maps.shape[0]
   chunk = max(1, min(chunk, n))
-  num_chunks = jnp.minimum((jnp.asarray(num_valid, jnp.int32) + chunk - 1) // chunk, -(-n // chunk))
+  num_chunks = num_row_chunks(num_valid, n, chunk)
 
   def body(carry):
     i, out = carry
-    row0 = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before.
+    row0, _ = _chunk_rows(i, chunk, n)
     rows = jax.lax.dynamic_slice_in_dim(maps, row0, chunk)
     flags = None if row_flags is None else jax.lax.dynamic_slice_in_dim(row_flags, row0, chunk)
     pts = sample(rows, row0, row_flags=flags)
@@ -360,3 +360,127 @@ def importance_points(
   out = jnp.full((n, num_points, 2), 0.5, jnp.float32)
   _, out = jax.lax.while_loop(lambda c: c[0] < num_chunks, body, (jnp.int32(0), out))
   return out
+
+
+def num_row_chunks(num_valid, n: int, chunk: int) -> jax.Array:
+  """Chunks of `chunk` rows that cover rows [0, num_valid) of n (the last may overlap)."""
+  return jnp.minimum((jnp.asarray(num_valid, jnp.int32) + chunk - 1) // chunk, -(-n // chunk))
+
+
+def _chunk_rows(i, chunk: int, n: int):
+  """First row of chunk i, and which of its rows no earlier chunk had ([chunk] bool)."""
+  row0 = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before.
+  return row0, row0 + jnp.arange(chunk) >= i * chunk
+
+
+def _slice_rows(tree, row0, chunk: int):
+  return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, row0, chunk), tree)
+
+
+def point_row_sums(fn, maps, coords, row_args, shared, num_valid, chunk: int = ROW_CHUNK):
+  """Sums over rows [0, num_valid) of per-row terms of maps sampled at points.
+
+  Args:
+    fn: terms of a chunk of rows, fn(values [c, K], coords [c, K, 2], row_args of the c
+      rows, shared) -> tuple of [c] per-row terms; a row's terms depend on its own values
+      only, and are zero for rows it does not supervise (rows < num_valid may be).
+    maps: [N, h, w] (the only differentiable input).
+    coords: [N, K, 2] points of each row (point_sample's convention).
+    row_args: pytree of [N, ...] arrays, sliced with the rows.
+    shared: pytree passed whole to fn (the image's targets).
+    num_valid: int scalar (may be traced); rows from the first chunk past it are skipped.
+    chunk: rows per loop iteration.
+
+  Returns:
+    tuple of scalars: each term summed over the rows.
+
+  Why: the losses' rows are padded to a static P (50 by default) and an image has ~20
+  targets. Computed on all P rows, their point sampling, labels, terms and gradient
+  scatters were half the objective's time on CPU (issue 15). A while loop skips the
+  padding, and reverse-mode AD cannot go through a while loop, hence the custom VJP:
+  the forward pass also takes each term's gradient w.r.t. the sampled values (cheap,
+  elementwise), the backward pass combines them with the terms' cotangents and
+  scatters them onto the maps (point_sample's transpose), chunk by chunk again.
+  """
+  n, h, w = maps.shape
+  chunk = max(1, min(chunk, n))
+  num_chunks = num_row_chunks(num_valid, n, chunk)
+  return _row_sums(fn, chunk, (h, w), maps, coords, row_args, shared, num_chunks)
+
+
+def _row_sums_loop(fn, chunk, maps, coords, row_args, shared, num_chunks, with_grad):
+  n = maps.shape[0]
+  num_terms = len(
+    jax.eval_shape(
+      lambda v, c, a: fn(v, c, a, shared),
+      jax.ShapeDtypeStruct((chunk, coords.shape[1]), maps.dtype),
+      *_slice_rows((coords, row_args), 0, chunk),
+    )
+  )
+
+  def body(carry):
+    i, sums, grads = carry
+    row0, fresh = _chunk_rows(i, chunk, n)
+    pts, args = _slice_rows((coords, row_args), row0, chunk)
+    values = point_sample(jax.lax.dynamic_slice_in_dim(maps, row0, chunk), pts)
+    terms_of = lambda v: tuple(fn(v, pts, args, shared))
+    if with_grad:
+      terms, vjp = jax.vjp(terms_of, values)
+      # Unmasked cotangents: a row's gradient is its own, so the overlapping last chunk
+      # rewrites the same values.
+      ones, zeros = jnp.ones((chunk,), values.dtype), jnp.zeros((chunk,), values.dtype)
+      grads = tuple(
+        jax.lax.dynamic_update_slice_in_dim(
+          g, vjp(tuple(ones if j == t else zeros for j in range(num_terms)))[0], row0, 0
+        )
+        for t, g in enumerate(grads)
+      )
+    else:
+      terms = terms_of(values)
+    sums = tuple(s + jnp.sum(jnp.where(fresh, term, 0.0)) for s, term in zip(sums, terms))
+    return i + 1, sums, grads
+
+  sums = tuple(jnp.zeros((), maps.dtype) for _ in range(num_terms))
+  zeros = jnp.zeros(coords.shape[:2], maps.dtype)
+  grads = (zeros,) * num_terms if with_grad else ()
+  _, sums, grads = jax.lax.while_loop(
+    lambda c: c[0] < num_chunks, body, (jnp.int32(0), sums, grads)
+  )
+  return sums, grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _row_sums(fn, chunk, hw, maps, coords, row_args, shared, num_chunks):
+  del hw
+  return _row_sums_loop(fn, chunk, maps, coords, row_args, shared, num_chunks, False)[0]
+
+
+def _row_sums_fwd(fn, chunk, hw, maps, coords, row_args, shared, num_chunks):
+  del hw
+  sums, grads = _row_sums_loop(fn, chunk, maps, coords, row_args, shared, num_chunks, True)
+  return sums, (coords, jnp.stack(grads), num_chunks)
+
+
+def _row_sums_bwd(fn, chunk, hw, res, cotangents):
+  del fn
+  coords, grads, num_chunks = res  # grads: [terms, N, K], d term / d value per row.
+  n = grads.shape[1]
+  weights = jnp.stack(cotangents).astype(grads.dtype)
+
+  def body(carry):
+    i, dmaps = carry
+    row0, _ = _chunk_rows(i, chunk, n)
+    pts = jax.lax.dynamic_slice_in_dim(coords, row0, chunk)
+    dvalues = jnp.einsum("t,tck->ck", weights, jax.lax.dynamic_slice_in_dim(grads, row0, chunk, 1))
+    sample = functools.partial(point_sample, coords=pts)
+    (drows,) = jax.linear_transpose(sample, jax.ShapeDtypeStruct((chunk, *hw), grads.dtype))(
+      dvalues
+    )
+    return i + 1, jax.lax.dynamic_update_slice_in_dim(dmaps, drows, row0, 0)
+
+  dmaps = jnp.zeros((n, *hw), grads.dtype)
+  _, dmaps = jax.lax.while_loop(lambda c: c[0] < num_chunks, body, (jnp.int32(0), dmaps))
+  return dmaps, None, None, None, None
+
+
+_row_sums.defvjp(_row_sums_fwd, _row_sums_bwd)
