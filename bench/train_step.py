@@ -94,14 +94,16 @@ flags.DEFINE_string(
 
 # The same settings as dataseg/train/host_memory.py, as environment variables (so that the
 # reference's subprocess gets them too): one arena, no mmap'd chunks, no trimming. Our 512x512
-# step with them: 8.7-9.1 s against 10.8-12.3 s (README, 1 Dec 2026); off by default.
+# step with them: 8.7-9.1 s against 10.8-12.3 s (README, 1 Dec 2026). Off by default: ours
+# gets them from --retain_freed_memory (config.retain_freed_memory) without a re-exec.
 MALLOC_RETAIN_ENV = host_memory.ENV
-flags.DEFINE_bool(
+flags.DEFINE_enum(
   "retain_freed_memory",
-  False,
-  "ours with config.retain_freed_memory: glibc keeps freed memory (dataseg/train/"
-  "host_memory.py); the reference's subprocess keeps glibc's defaults. One size per "
-  "process (--sizes 512): 256 then 512 in one process was killed for memory",
+  "cpu",
+  ["cpu", "true", "false"],
+  "ours with config.retain_freed_memory (its default 'cpu': when jax runs on the host CPU): "
+  "glibc keeps freed memory for the next step (dataseg/train/host_memory.py); the "
+  "reference's subprocess keeps glibc's defaults",
   flag_values=_FLAGS,
 )
 flags.DEFINE_bool(
@@ -350,7 +352,8 @@ def main(argv=None):
   """`argv` holds the flags (default sys.argv[1:])."""
   args = cli.parse(_FLAGS, argv, prog="python bench/train_step.py", doc=__doc__)
   malloc_line = malloc_retain(args.malloc_retain)
-  if args.retain_freed_memory and host_memory.retain_freed_memory():
+  retain = {"true": True, "false": False}.get(args.retain_freed_memory, "cpu")
+  if host_memory.apply(retain):  # before jax starts (host_memory.computes_on_cpu).
     malloc_line += " (ours: freed memory retained, config.retain_freed_memory)"
   compile_cache.enable(args.compilation_cache)
   if args.demo_memory:

@@ -133,11 +133,11 @@ def base_config():
   # Default ~/.cache/dataseg/jax_compilation_cache (JAX_COMPILATION_CACHE_DIR, if set, wins
   # over this default).
   c.compilation_cache_dir = "~/.cache/dataseg/jax_compilation_cache"
-  # True: glibc malloc keeps freed memory for the next step (one arena, no mmap'd blocks, no
-  # trimming; dataseg/train/host_memory.py). XLA:CPU's per-step temporaries are otherwise
-  # page-faulted in anew every step (512x512 R50 step on 2 CPU cores: 8.7-9.1 s instead of
-  # 10.8-12.3 s). Off by default: the heap never shrinks, and a process that ran programs of
-  # different sizes (bench/train_step.py --sizes 256,512) was killed for memory on a 24 GiB
-  # machine.
-  c.retain_freed_memory = False
+  # glibc malloc keeps freed memory for the next step (one arena, no mmap'd blocks, no
+  # trimming; dataseg/train/host_memory.py): True, False, or 'cpu' = when jax computes on
+  # the host CPU (no GPU/TPU). XLA:CPU's per-step temporaries are otherwise page-faulted in
+  # anew every step (R50 512x512 step on 2 CPU cores: 8.7-9.1 s instead of 10.8-12.3 s; the
+  # demo: 3x less system time and a lower peak). The heap then never shrinks: a process
+  # keeps its peak (bench/train_step.py --sizes 256,512 in one process: 18.6 GB resident).
+  c.retain_freed_memory = "cpu"
   return c

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from configs import common
+from dataseg.train import host_memory
 
 # A 256 MiB block allocated, touched and freed three times; minor page faults per round.
 SCRIPT = r"""
@@ -52,7 +53,20 @@ def test_freed_memory_is_reused_without_page_faults():
   assert min(off["faults"][1:]) >= 0.5 * off["faults"][0], off
 
 
-def test_retaining_freed_memory_is_opt_in():
-  # Off by default (configs/common.py: the heap never shrinks; mixed program sizes in one
-  # process ran out of memory); dataseg.main reads the key.
-  assert common.base_config().retain_freed_memory is False
+def test_retained_by_default_where_jax_computes_on_the_cpu(monkeypatch, tmp_path):
+  # configs/common.py: 'cpu' = retained when jax will run on the host CPU, decided before
+  # jax starts: JAX_PLATFORMS when set, else whether an accelerator's device file exists.
+  assert common.base_config().retain_freed_memory == "cpu"
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory.computes_on_cpu()
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert not host_memory.computes_on_cpu()
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(host_memory, "ACCELERATOR_FILES", (str(tmp_path / "nvidia0"),))
+  assert host_memory.computes_on_cpu()
+  (tmp_path / "nvidia0").touch()
+  assert not host_memory.computes_on_cpu()
+  assert host_memory.apply("cpu") is False  # nothing set on an accelerator host.
+  assert host_memory.apply(False) is False
+  with pytest.raises(ValueError, match="retain_freed_memory='yes'.*allowed: True, False, 'cpu'"):
+    host_memory.apply("yes")

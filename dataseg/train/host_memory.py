@@ -7,20 +7,26 @@ minor faults and 4-5 s of system time per 512x512 step on 2 cores
 (`python bench/train_step.py --side ours --sizes 512 --batch 2`), where torch's own
 allocations mostly reuse freed memory. With no mmap'd blocks, no trimming of the heap and
 one arena, the next step reuses the same pages: 0 faults, and that step took 8.7-9.1 s
-instead of 10.8-12.3 s (README, "Performance against Mask2Former"). The price: the process
-keeps its peak memory, and more (below).
+instead of 10.8-12.3 s (README, "Performance against Mask2Former").
 
-`retain_freed_memory()` sets them with mallopt(3) at run time: `dataseg.main` calls it
-before jax starts when `config.retain_freed_memory` is True. Off by default: the heap
-never shrinks and can fragment. `bench/train_step.py --retain_freed_memory --sizes 256,512`
-(a 256x256 then a 512x512 program in one process) was killed for memory on a 24 GiB
-machine, where each size alone ran. No-op (False) where glibc's mallopt is not available.
-The same settings as environment variables for a process started with them: `ENV`
-(bench/train_step.py --malloc_retain).
+`retain_freed_memory()` sets them with mallopt(3) at run time; `apply(config value)` is what
+`dataseg.main` and bench/train_step.py call before jax starts. `config.retain_freed_memory`
+defaults to 'cpu': on when jax will compute on the host CPU (`computes_on_cpu`), off on GPU
+and TPU hosts (device memory there; one arena would serialise the input pipeline's threads).
+The price: the heap never shrinks, so a process keeps its peak. The demo's training
+(`python -m dataseg.main --config=configs/demo.py:steps=60`, one pinned core each, run side
+by side) peaked at 3.51 GB resident with it and 3.76 GB without, with 5.7 s of system time
+instead of 18.2 s and 1.78 instead of 1.68 steps/s (1 Dec 2026). Programs of several sizes
+in one process add up instead: `bench/train_step.py --sizes 256,512` peaked at 18.6 GB
+resident (it was once killed for memory on this 24 GiB machine while other jobs ran).
+No-op (False) where glibc's mallopt is not available. The same settings as environment
+variables for a process started with them: `ENV` (bench/train_step.py --malloc_retain,
+which gives them to the reference's subprocess too).
 """
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # mallopt(3) parameters (glibc's malloc.h).
@@ -53,3 +59,38 @@ def retain_freed_memory() -> bool:
   mallopt.restype = ctypes.c_int
   results = [mallopt(param, value) for param, value in _SETTINGS]
   return all(r == 1 for r in results)
+
+
+# Device files of accelerators jax can use (NVIDIA, AMD ROCm, Cloud TPU).
+ACCELERATOR_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
+
+
+def computes_on_cpu() -> bool:
+  """Whether jax will run on the host CPU, decided before jax starts.
+
+  JAX_PLATFORMS when set (its first platform); otherwise True when the host has no
+  accelerator device file (ACCELERATOR_FILES). Asking jax instead would start its backend,
+  and the malloc settings must precede the threads that allocate XLA's temporaries (set
+  after, the 256x256 step still took 0.52 M page faults; bench/train_step.py).
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(os.path.exists(path) for path in ACCELERATOR_FILES)
+
+
+def apply(setting) -> bool:
+  """Applies `config.retain_freed_memory` before jax starts; True when memory is retained.
+
+  setting: True, False, or 'cpu' (the default): retained when jax will compute on the host
+  CPU (computes_on_cpu). There XLA's temporaries are host memory, page-faulted in anew
+  every step; on a GPU or TPU host they are device memory, and one malloc arena would only
+  serialise the input pipeline's threads.
+  """
+  if setting == "cpu":
+    setting = computes_on_cpu()
+  if not isinstance(setting, bool):
+    raise ValueError(
+      f"config.retain_freed_memory={setting!r} is not allowed; allowed: True, False, 'cpu'"
+    )
+  return setting and retain_freed_memory()
