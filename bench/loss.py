@@ -16,9 +16,9 @@ candidates per row), and they were most of the step's objective time.
   PYTHONPATH=. python bench/loss.py --caps 50 --before 8e21426
 
 `--before REV`: the objective with the current code against the same objective with
-dataseg/objective/points.py, costs.py and losses.py as of git revision REV (the rest of the code is
-the current one; an earlier importance_points is called without its newer arguments:
-every row sampled), both compiled in this process and timed alternately (wall and
+dataseg/objective/points.py, costs.py, merge.py and losses.py as of git revision REV (the
+rest of the code is the current one; an earlier importance_points is called without its
+newer arguments: every row sampled), both compiled in this process and timed alternately (wall and
 process CPU seconds, all threads; the ratio is current / REV); also prints the two
 losses (equal up to float rounding unless the sampling's semantics changed).
 """
@@ -44,6 +44,7 @@ import reference_mask2former as ref  # pylint: disable=g-import-not-at-top,wrong
 from dataseg.objective import config as loss_config_lib  # pylint: disable=wrong-import-position
 from dataseg.objective import costs  # pylint: disable=wrong-import-position
 from dataseg.objective import losses  # pylint: disable=wrong-import-position
+from dataseg.objective import merge  # pylint: disable=wrong-import-position
 from dataseg.objective import points  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
 
@@ -59,7 +60,7 @@ _SELECTIONS = flags.DEFINE_list(
 _BEFORE = flags.DEFINE_string(
   "before",
   "",
-  "git revision: compare the current points/costs/losses.py with that revision's (docstring)",
+  "git revision: compare the current objective modules with that revision's (docstring)",
 )
 _COMPILATION_CACHE = flags.DEFINE_string(
   "compilation_cache", compile_cache.DEFAULT_DIR, "persistent compilation cache dir ('' = off)"
@@ -135,11 +136,11 @@ def _swap(module, source):
 
 
 # The modules --before swaps for REV's.
-MODULES = (points, costs, losses)
+MODULES = (points, costs, merge, losses)
 
 
 def compare_before(rev, size, batch, cap, steps, selection=""):
-  """Current points.py / costs.py / losses.py against REV's, compiled and timed here."""
+  """Current points / costs / merge / losses.py against REV's, compiled and timed here."""
   current = {m: dict(vars(m)) for m in MODULES}
   before = {
     m: _module_at(rev, f"dataseg/objective/{m.__name__.rsplit('.', 1)[-1]}.py") for m in MODULES

@@ -227,6 +227,26 @@ def test_costs_match_numpy():
   )
 
 
+def test_mask_costs_of_the_needed_targets_only(monkeypatch):
+  """mask_costs(num_valid=n): the columns < n as without it (a while loop over chunks of
+  2 target columns here: n = 3 stops after columns 0-3, n = 5 ends with a chunk that
+  overlaps the one before); a differently compiled product of the same sums: 1e-6."""
+  monkeypatch.setattr(costs, "COLUMN_CHUNK", 2)
+  r = np.random.RandomState(3)
+  logits = jnp.asarray(r.randn(Q, 20).astype(np.float32) * 3)
+  tgt = jnp.asarray((r.rand(S, 20) > 0.5).astype(np.float32))
+  rows = jnp.asarray((r.rand(2, 20) > 0.2).astype(np.float32))
+  row_of = jnp.array([0, 1, 1, 0, 1], jnp.int32)
+  full = costs.mask_costs(logits, tgt, rows, row_of)
+  for n in (3, 5):
+    part = jax.jit(costs.mask_costs)(logits, tgt, rows, row_of, jnp.int32(n))
+    for name in ("bce", "dice", "inside", "mass"):
+      got, want = np.asarray(getattr(part, name)), np.asarray(getattr(full, name))
+      np.testing.assert_allclose(got[:, :n], want[:, :n], rtol=1e-6, atol=1e-6, err_msg=name)
+  part = costs.mask_costs(logits, tgt, rows, row_of, jnp.int32(3))
+  np.testing.assert_array_equal(np.asarray(part.inside)[:, 4], 0.0)  # not computed.
+
+
 # ---------------------------------------------------------------- losses
 
 

@@ -66,7 +66,11 @@ class MaskCosts(NamedTuple):
   mass: jax.Array  # sum_k w_tk sigmoid(l_qk): the dice's |p| on the kept points.
 
 
-def mask_costs(logits, targets, weight_rows, row_of_target) -> MaskCosts:
+# Target columns per while-loop iteration of mask_costs(num_valid=...).
+COLUMN_CHUNK = 8
+
+
+def mask_costs(logits, targets, weight_rows, row_of_target, num_valid=None) -> MaskCosts:
   """sigmoid_bce_cost and dice_cost (and the dice's sums) of every proposal and target.
 
   Args:
@@ -75,10 +79,15 @@ def mask_costs(logits, targets, weight_rows, row_of_target) -> MaskCosts:
     weight_rows: [R, K] the distinct 0/1 point-weight rows (R small: the matching's
       targets have two, merge.point_labels' instance and merged weights).
     row_of_target: [T] int32, target t's weights are weight_rows[row_of_target[t]].
+    num_valid: optional int scalar (may be traced): only targets [0, num_valid) are
+      needed; the [2Q, K] x [K, T] product is then taken COLUMN_CHUNK targets at a time in
+      a while loop that stops after the last needed chunk, and the other targets' inside
+      and bce are those of an empty target (no gradient: the matching's costs).
 
   Returns:
     MaskCosts; bce and dice equal the two functions above with weights
-    weight_rows[row_of_target] (up to float32 rounding of the sums).
+    weight_rows[row_of_target] (up to float32 rounding of the sums), for the needed
+    targets.
 
   How: with w the weights, bce(l, t) = softplus(l) - l t gives
   sum_k w bce = softplus(l) @ w.T - l @ (w t).T, and the dice needs sigmoid(l) @ (w t).T
@@ -92,13 +101,35 @@ def mask_costs(logits, targets, weight_rows, row_of_target) -> MaskCosts:
   q, k = logits.shape
   p = jax.nn.sigmoid(logits)
   wt = jnp.take(weight_rows, row_of_target, axis=0) * targets.astype(logits.dtype)  # [T, K]
-  by_target = jnp.concatenate([logits, p]) @ wt.T  # [2Q, T]
+  by_target = _product_of_columns(jnp.concatenate([logits, p]), wt, num_valid)  # [2Q, T]
   by_row = jnp.concatenate([jax.nn.softplus(logits), p]) @ weight_rows.T  # [2Q, R]
   by_row = jnp.take(by_row, row_of_target, axis=1)  # [2Q, T]
   inside, mass = by_target[q:], by_row[q:]
   bce = (by_row[:q] - by_target[:q]) / k
   dice = 1.0 - (2.0 * inside + 1.0) / (mass + jnp.sum(wt, axis=-1)[None, :] + 1.0)
   return MaskCosts(bce, dice, inside, mass)
+
+
+def _product_of_columns(a, b, num_valid):
+  """a @ b.T, [M, K] x [T, K] -> [M, T], columns from the first chunk past num_valid zero.
+
+  Why: the matching's targets are padded to a static T (max_segments, 100) and an image
+  has ~20; the product over all of them was the matching cost's largest op (issue 15).
+  """
+  t = b.shape[0]
+  chunk = min(COLUMN_CHUNK, t)
+  if num_valid is None or chunk == t:
+    return a @ b.T
+  num_chunks = jnp.minimum((jnp.asarray(num_valid, jnp.int32) + chunk - 1) // chunk, -(-t // chunk))
+
+  def body(carry):
+    i, out = carry
+    col0 = jnp.minimum(i * chunk, t - chunk)  # the last chunk may overlap the one before.
+    block = a @ jax.lax.dynamic_slice_in_dim(b, col0, chunk).T
+    return i + 1, jax.lax.dynamic_update_slice_in_dim(out, block, col0, 1)
+
+  out = jnp.zeros((a.shape[0], t), a.dtype)
+  return jax.lax.while_loop(lambda c: c[0] < num_chunks, body, (jnp.int32(0), out))[1]
 
 
 def projection_dice(pred: jax.Array, target: jax.Array, eps: float = 1e-5) -> jax.Array:

@@ -344,7 +344,12 @@ def assign(
     point_logits = points_lib.point_sample(mask_logits, coords)  # [Q, K]
     # Each slot's point weights are one of two rows (slot_masks: merged or instance).
     weight_rows = jnp.stack([labels.instance_weight, labels.merged_weight])
-    mask_costs = costs.mask_costs(point_logits, tmask, weight_rows, targets.union.astype(jnp.int32))
+    # The cost columns needed: matched targets and merged ones (soft_class_targets).
+    needed = targets.one_to_one | targets.merged
+    num_needed = jnp.max(jnp.where(needed, jnp.arange(1, num_slots + 1), 0))
+    mask_costs = costs.mask_costs(
+      point_logits, tmask, weight_rows, targets.union.astype(jnp.int32), num_needed
+    )
     cost += config.mask_bce_weight * mask_costs.bce
     cost += config.dice_weight * mask_costs.dice
   cost = jnp.where(targets.one_to_one[None], cost, 0.0)
