@@ -15,6 +15,7 @@ torch `--threads` (default 2).
 """
 
 import os
+import resource
 import sys
 import time
 
@@ -33,6 +34,7 @@ import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dataseg.objective import postprocess  # pylint: disable=wrong-import-position
 from dataseg.train import compile_cache  # pylint: disable=wrong-import-position
+from dataseg.train import host_memory  # pylint: disable=wrong-import-position
 from dataseg.train import trainer  # pylint: disable=wrong-import-position
 
 _SIZES = flags.DEFINE_list("sizes", "512,1024", "square image sides")
@@ -43,6 +45,13 @@ _MALLOC_RETAIN = flags.DEFINE_bool(
   "malloc_retain",
   False,
   "re-run with train_step.MALLOC_RETAIN_ENV (glibc keeps freed memory; both sides)",
+)
+_RETAIN = flags.DEFINE_enum(
+  "retain_freed_memory",
+  "cpu",
+  ["cpu", "true", "false"],
+  "ours with config.retain_freed_memory, as dataseg.main's evaluation (default 'cpu': when "
+  "jax runs on the host CPU; dataseg/train/host_memory.py); the reference keeps glibc's",
 )
 _REF_STEPS = flags.DEFINE_integer("ref_steps", 2, "timed steps of the reference")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch threads (reference)")
@@ -101,13 +110,16 @@ def time_ours(size, batch, steps=3, dtype="float32", profile_dir=""):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  times = []
+  times, cpu_times, usage = [], [], []
   with jax.transfer_guard_device_to_host("allow"), jax.transfer_guard_host_to_device("disallow"):
     for i in range(steps + 1):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
+      ru0 = resource.getrusage(resource.RUSAGE_SELF)
       out = jax.device_get(compiled(state, images, vocab))  # results on the host.
       if i:
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        usage.append(train_step.rusage_delta(ru0, resource.getrusage(resource.RUSAGE_SELF)))
     if profile_dir:  # as bench/train_step.py: trace + HLO for bench/profile_summary.py.
       os.makedirs(profile_dir, exist_ok=True)
       with open(os.path.join(profile_dir, "step.hlo.txt"), "w") as f:
@@ -125,6 +137,8 @@ def time_ours(size, batch, steps=3, dtype="float32", profile_dir=""):
     dtype=dtype,
     compile_s=compile_s,
     seconds=med,
+    cpu_seconds=float(np.median(cpu_times)),
+    **train_step.median_usage(usage),
     images_per_s=batch / med,
     all_seconds=times,
     flops_per_batch=flops,
@@ -140,6 +154,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_line = train_step.malloc_retain(_MALLOC_RETAIN.value)
+  retain = {"true": True, "false": False}.get(_RETAIN.value, "cpu")
+  if host_memory.apply(retain):  # before jax starts, as dataseg.main (its evaluation).
+    malloc_line += " (ours: freed memory retained, config.retain_freed_memory)"
   compile_cache.enable(_COMPILATION_CACHE.value)
   skip = set(_SKIP.value)
   print(
