@@ -48,10 +48,10 @@ _MALLOC_RETAIN = flags.DEFINE_bool(
 )
 _RETAIN = flags.DEFINE_enum(
   "retain_freed_memory",
-  "cpu",
+  "false",
   ["cpu", "true", "false"],
-  "ours with config.retain_freed_memory, as dataseg.main's evaluation (default 'cpu': when "
-  "jax runs on the host CPU; dataseg/train/host_memory.py); the reference keeps glibc's",
+  "ours with config.retain_freed_memory, as dataseg.main's evaluation (default false, as "
+  "the config's; dataseg/train/host_memory.py); the reference keeps glibc's defaults",
 )
 _REF_STEPS = flags.DEFINE_integer("ref_steps", 2, "timed steps of the reference")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch threads (reference)")
@@ -155,7 +155,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   malloc_line = train_step.malloc_retain(_MALLOC_RETAIN.value)
   retain = {"true": True, "false": False}.get(_RETAIN.value, "cpu")
-  if host_memory.apply(retain):  # before jax starts, as dataseg.main (its evaluation).
+  if host_memory.apply(retain):  # before jax starts, as in dataseg.main.
     malloc_line += " (ours: freed memory retained, config.retain_freed_memory)"
   compile_cache.enable(_COMPILATION_CACHE.value)
   skip = set(_SKIP.value)

@@ -99,11 +99,11 @@ flags.DEFINE_string(
 MALLOC_RETAIN_ENV = host_memory.ENV
 flags.DEFINE_enum(
   "retain_freed_memory",
-  "cpu",
+  "false",
   ["cpu", "true", "false"],
-  "ours with config.retain_freed_memory (its default 'cpu': when jax runs on the host CPU): "
-  "glibc keeps freed memory for the next step (dataseg/train/host_memory.py); the "
-  "reference's subprocess keeps glibc's defaults",
+  "ours with config.retain_freed_memory (default false, as the config's; 'cpu': when jax "
+  "runs on the host CPU): glibc keeps freed memory for the next step, and XLA compiles "
+  "slower (dataseg/train/host_memory.py); the reference's subprocess keeps glibc's defaults",
   flag_values=_FLAGS,
 )
 flags.DEFINE_bool(

@@ -136,8 +136,9 @@ def base_config():
   # glibc malloc keeps freed memory for the next step (one arena, no mmap'd blocks, no
   # trimming; dataseg/train/host_memory.py): True, False, or 'cpu' = when jax computes on
   # the host CPU (no GPU/TPU). XLA:CPU's per-step temporaries are otherwise page-faulted in
-  # anew every step (R50 512x512 step on 2 CPU cores: 8.7-9.1 s instead of 10.8-12.3 s; the
-  # demo: 3x less system time and a lower peak). The heap then never shrinks: a process
-  # keeps its peak (bench/train_step.py --sizes 256,512 in one process: 18.6 GB resident).
-  c.retain_freed_memory = "cpu"
+  # anew every step (R50 512x512 step on 2 CPU cores: 8.7-9.1 s instead of 10.8-12.3 s).
+  # Off by default: with one malloc arena XLA compiles ~35% slower (threads contend for it:
+  # 62 s instead of 46 s for bench/train_step.py's 128x128 step), which costs a debug run,
+  # the demo and the test suite more than the faults; and the heap never shrinks.
+  c.retain_freed_memory = False
   return c

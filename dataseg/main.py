@@ -121,8 +121,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   from dataseg.train import host_memory  # pylint: disable=g-import-not-at-top
 
-  # Before jax starts (configs/common.py): freed memory kept for the next step on a CPU.
-  host_memory.apply(_CONFIG.value.get("retain_freed_memory", "cpu"))
+  # Before jax starts (opt-in, configs/common.py): freed memory kept for the next step.
+  host_memory.apply(_CONFIG.value.get("retain_freed_memory", False))
   _maybe_initialize_distributed()
   from dataseg import config_lib  # pylint: disable=g-import-not-at-top
   from dataseg.train import compile_cache  # pylint: disable=g-import-not-at-top

@@ -10,15 +10,22 @@ one arena, the next step reuses the same pages: 0 faults, and that step took 8.7
 instead of 10.8-12.3 s (README, "Performance against Mask2Former").
 
 `retain_freed_memory()` sets them with mallopt(3) at run time; `apply(config value)` is what
-`dataseg.main` and bench/train_step.py call before jax starts. `config.retain_freed_memory`
-defaults to 'cpu': on when jax will compute on the host CPU (`computes_on_cpu`), off on GPU
-and TPU hosts (device memory there; one arena would serialise the input pipeline's threads).
-The price: the heap never shrinks, so a process keeps its peak. The demo's training
-(`python -m dataseg.main --config=configs/demo.py:steps=60`, one pinned core each, run side
-by side) peaked at 3.51 GB resident with it and 3.76 GB without, with 5.7 s of system time
-instead of 18.2 s and 1.78 instead of 1.68 steps/s (1 Dec 2026). Programs of several sizes
-in one process add up instead: `bench/train_step.py --sizes 256,512` peaked at 18.6 GB
-resident (it was once killed for memory on this 24 GiB machine while other jobs ran).
+`dataseg.main` and bench/train_step.py / inference.py call before jax starts.
+`config.retain_freed_memory`: False (default), True, or 'cpu' (on when jax will compute on
+the host CPU, `computes_on_cpu`; on GPU and TPU hosts the temporaries are device memory).
+Why off by default: with one arena XLA's compiler threads contend for it. A cold compile of
+`bench/train_step.py --side ours --sizes 128 --compilation_cache ''` took 62.2 s instead of
+46.1 s (init 33.8 instead of 25.9 s); MALLOC_ARENA_MAX=1 alone: 65.6 s; no mmap and no
+trimming alone: 39.8 s, but 0.21 M faults per step remain (XLA's threads allocate the
+temporaries from other arenas, whose large blocks are always mmap'd). With it as the
+default, the test suite (its dataseg.main runs compile cold) took 12.8 min, and the demo's
+run 5:49 instead of 4:56 (side by side, one core each, its programs compiled cold). Its gain is in long CPU runs:
+the demo's training steps, `python -m dataseg.main --config=configs/demo.py:steps=60`
+with it and without, peaked at 3.51 GB resident / 3.76 GB, with 5.7 s / 18.2 s of system
+time and 1.78 / 1.68 steps/s (1 Dec 2026). The heap never shrinks, so a process keeps its
+peak, and programs of several sizes in one process add up: `bench/train_step.py --sizes
+256,512 --retain_freed_memory true` peaked at 18.6 GB resident (once killed for memory on
+this 24 GiB machine while other jobs ran).
 No-op (False) where glibc's mallopt is not available. The same settings as environment
 variables for a process started with them: `ENV` (bench/train_step.py --malloc_retain,
 which gives them to the reference's subprocess too).
