@@ -31,7 +31,12 @@ from dataseg.train import sharding as sharding_lib
 # such a difference can swap a near-tied point of the 64 at a later step: the loss then
 # moves by a few 1e-4 relative (4.0e-4 at step 8 here). Parameters after 8 Adam steps: see
 # test_trainer.py for why a few elements with ~0 true gradient may move by up to lr per step
-# in either run (sum of lr here ~2e-3).
+# in either run (sum of lr here ~2e-3): every element within PARAM_ATOL_ALL, and 99% of
+# them (test_trainer.py's share) within PARAM_ATOL_BULK. Measured (8018362): losses equal to
+# 1e-7 relative up to step 5 and to 9e-6 at steps 6-8; 99.835% of the elements within 1e-5,
+# the other 4821 in backbone kernels (mostly layer4, where Adam's first updates of ~0
+# gradients follow the rounding), the largest 2.3e-4. A process's gradient left out of the
+# sum would move nearly every element by ~lr.
 LOSS_RTOL = 2e-3
 PARAM_ATOL_BULK = 1e-5
 PARAM_ATOL_ALL = 2e-3
@@ -200,7 +205,7 @@ def test_two_processes_train_like_one(pair, reference_run):
   for key in keys:
     np.testing.assert_allclose(a[key], b[key], rtol=0, atol=PARAM_ATOL_ALL, err_msg=key)
     diffs.append(np.abs(a[key] - b[key]).ravel())
-  assert np.mean(np.concatenate(diffs) <= PARAM_ATOL_BULK) >= 0.999
+  assert np.mean(np.concatenate(diffs) <= PARAM_ATOL_BULK) >= 0.99
   assert int(a["['step']"]) == STEPS
 
 
