@@ -36,7 +36,7 @@ from dataseg.train import sharding as sharding_lib
 # 1e-7 relative up to step 5 and to 9e-6 at steps 6-8; 99.835% of the elements within 1e-5,
 # the other 4821 in backbone kernels (mostly layer4, where Adam's first updates of ~0
 # gradients follow the rounding), the largest 2.3e-4. A process's gradient left out of the
-# sum would move nearly every element by ~lr.
+# sum would change nearly every element's update (another half-batch's gradient).
 LOSS_RTOL = 2e-3
 PARAM_ATOL_BULK = 1e-5
 PARAM_ATOL_ALL = 2e-3
