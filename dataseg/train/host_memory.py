@@ -19,13 +19,14 @@ Why off by default: with one arena XLA's compiler threads contend for it. A cold
 trimming alone: 39.8 s, but 0.21 M faults per step remain (XLA's threads allocate the
 temporaries from other arenas, whose large blocks are always mmap'd). With it as the
 default, the test suite (its dataseg.main runs compile cold) took 12.8 min, and the demo's
-run 5:49 instead of 4:56 (side by side, one core each, its programs compiled cold). Its gain is in long CPU runs:
-the demo's training steps, `python -m dataseg.main --config=configs/demo.py:steps=60`
-with it and without, peaked at 3.51 GB resident / 3.76 GB, with 5.7 s / 18.2 s of system
-time and 1.78 / 1.68 steps/s (1 Dec 2026). The heap never shrinks, so a process keeps its
-peak, and programs of several sizes in one process add up: `bench/train_step.py --sizes
-256,512 --retain_freed_memory true` peaked at 18.6 GB resident (once killed for memory on
-this 24 GiB machine while other jobs ran).
+run 5:49 instead of 4:56 (side by side, one core each, its programs compiled cold). Its
+gain is in long CPU runs. The demo's training steps
+(`python -m dataseg.main --config=configs/demo.py:steps=60`) with it and without peaked
+at 3.51 / 3.76 GB resident, with 5.7 / 18.2 s of system time and 1.78 / 1.68 steps/s
+(1 Dec 2026). The heap never shrinks, so a process keeps its peak, and programs of several
+sizes in one process add up: `bench/train_step.py --sizes 256,512 --retain_freed_memory
+true` peaked at 18.6 GB resident (once killed for memory on this 24 GiB machine while
+other jobs ran).
 No-op (False) where glibc's mallopt is not available. The same settings as environment
 variables for a process started with them: `ENV` (bench/train_step.py --malloc_retain,
 which gives them to the reference's subprocess too).
