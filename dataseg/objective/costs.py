@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dataseg.objective import points as points_lib
+
 
 def class_cost(probs: jax.Array, target_class: jax.Array) -> jax.Array:
   """-p_q(c_t). probs [Q, V+1] (softmax), target_class [T] (clipped into range) -> [Q, T]."""
@@ -120,16 +122,16 @@ def _product_of_columns(a, b, num_valid):
   chunk = min(COLUMN_CHUNK, t)
   if num_valid is None or chunk == t:
     return a @ b.T
-  num_chunks = jnp.minimum((jnp.asarray(num_valid, jnp.int32) + chunk - 1) // chunk, -(-t // chunk))
+  count = points_lib.num_chunks(num_valid, t, chunk)
 
   def body(carry):
     i, out = carry
-    col0 = jnp.minimum(i * chunk, t - chunk)  # the last chunk may overlap the one before.
+    col0, _ = points_lib.chunk_start(i, chunk, t)
     block = a @ jax.lax.dynamic_slice_in_dim(b, col0, chunk).T
     return i + 1, jax.lax.dynamic_update_slice_in_dim(out, block, col0, 1)
 
   out = jnp.zeros((a.shape[0], t), a.dtype)
-  return jax.lax.while_loop(lambda c: c[0] < num_chunks, body, (jnp.int32(0), out))[1]
+  return jax.lax.while_loop(lambda c: c[0] < count, body, (jnp.int32(0), out))[1]
 
 
 def projection_dice(pred: jax.Array, target: jax.Array, eps: float = 1e-5) -> jax.Array:

@@ -225,8 +225,7 @@ def mask_sums(maps, rows: Rows, img, targets, coords, config, has_merged=True):
     not computed (points.point_row_sums: padding rows cost nothing, forward or backward).
   """
   terms = functools.partial(_mask_terms, config=config, has_merged=has_merged)
-  row_ids = jnp.arange(1, rows.valid.shape[0] + 1)
-  num_valid = jnp.max(jnp.where(rows.valid, row_ids, 0))
+  num_valid = points_lib.num_needed(rows.valid)
   return points_lib.point_row_sums(
     terms, maps, coords, (rows.slot, rows.one_to_one, rows.valid), (img, targets), num_valid
   )

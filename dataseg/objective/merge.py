@@ -345,8 +345,7 @@ def assign(
     # Each slot's point weights are one of two rows (slot_masks: merged or instance).
     weight_rows = jnp.stack([labels.instance_weight, labels.merged_weight])
     # The cost columns needed: matched targets and merged ones (soft_class_targets).
-    needed = targets.one_to_one | targets.merged
-    num_needed = jnp.max(jnp.where(needed, jnp.arange(1, num_slots + 1), 0))
+    num_needed = points_lib.num_needed(targets.one_to_one | targets.merged)
     mask_costs = costs.mask_costs(
       point_logits, tmask, weight_rows, targets.union.astype(jnp.int32), num_needed
     )

@@ -349,27 +349,35 @@ def importance_points(
     return sample(maps, 0, row_flags=row_flags)
   n = maps.shape[0]
   chunk = max(1, min(chunk, n))
-  num_chunks = _num_row_chunks(num_valid, n, chunk)
+  count = num_chunks(num_valid, n, chunk)
 
   def body(carry):
     i, out = carry
-    row0, _ = _chunk_rows(i, chunk, n)
+    row0, _ = chunk_start(i, chunk, n)
     rows = jax.lax.dynamic_slice_in_dim(maps, row0, chunk)
     flags = None if row_flags is None else jax.lax.dynamic_slice_in_dim(row_flags, row0, chunk)
     pts = sample(rows, row0, row_flags=flags)
     return i + 1, jax.lax.dynamic_update_slice_in_dim(out, pts, row0, 0)
 
   out = jnp.full((n, num_points, 2), 0.5, jnp.float32)
-  _, out = jax.lax.while_loop(lambda c: c[0] < num_chunks, body, (jnp.int32(0), out))
+  _, out = jax.lax.while_loop(lambda c: c[0] < count, body, (jnp.int32(0), out))
   return out
 
 
-def _num_row_chunks(num_valid, n: int, chunk: int) -> jax.Array:
-  """Chunks of `chunk` rows that cover rows [0, num_valid) of n (the last may overlap)."""
+def num_needed(mask: jax.Array) -> jax.Array:
+  """1 + the index of the last True entry of mask [..., n] (0 if none), int32 [...]."""
+  ids = jnp.arange(1, mask.shape[-1] + 1, dtype=jnp.int32)
+  return jnp.max(jnp.where(mask, ids, 0), -1)
+
+
+def num_chunks(num_valid, n: int, chunk: int) -> jax.Array:
+  """Chunks of `chunk` rows that cover rows [0, num_valid) of n (the last may overlap).
+
+  The while loops over chunks of rows (or columns) here and in costs.mask_costs."""
   return jnp.minimum((jnp.asarray(num_valid, jnp.int32) + chunk - 1) // chunk, -(-n // chunk))
 
 
-def _chunk_rows(i, chunk: int, n: int):
+def chunk_start(i, chunk: int, n: int):
   """First row of chunk i, and which of its rows no earlier chunk had ([chunk] bool)."""
   row0 = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before.
   return row0, row0 + jnp.arange(chunk) >= i * chunk
@@ -409,8 +417,8 @@ def point_row_sums(fn, maps, coords, row_args, shared, num_valid, chunk: int = R
   """
   n, h, w = maps.shape
   chunk = max(1, min(chunk, n))
-  num_chunks = _num_row_chunks(num_valid, n, chunk)
-  return _row_sums(fn, chunk, (h, w), maps, coords, row_args, shared, num_chunks)
+  count = num_chunks(num_valid, n, chunk)
+  return _row_sums(fn, chunk, (h, w), maps, coords, row_args, shared, count)
 
 
 def _row_sums_loop(fn, chunk, maps, coords, row_args, shared, num_chunks, with_grad):
@@ -425,7 +433,7 @@ def _row_sums_loop(fn, chunk, maps, coords, row_args, shared, num_chunks, with_g
 
   def body(carry):
     i, sums, grads = carry
-    row0, fresh = _chunk_rows(i, chunk, n)
+    row0, fresh = chunk_start(i, chunk, n)
     pts, args = _slice_rows((coords, row_args), row0, chunk)
     values = point_sample(jax.lax.dynamic_slice_in_dim(maps, row0, chunk), pts, unfused=False)
     terms_of = lambda v: tuple(fn(v, pts, args, shared))
@@ -474,7 +482,7 @@ def _row_sums_bwd(fn, chunk, hw, res, cotangents):
 
   def body(carry):
     i, dmaps = carry
-    row0, _ = _chunk_rows(i, chunk, n)
+    row0, _ = chunk_start(i, chunk, n)
     pts = jax.lax.dynamic_slice_in_dim(coords, row0, chunk)
     dvalues = jnp.einsum("t,tck->ck", weights, jax.lax.dynamic_slice_in_dim(grads, row0, chunk, 1))
     sample = functools.partial(point_sample, coords=pts, unfused=False)
